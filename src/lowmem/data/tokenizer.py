@@ -1,0 +1,203 @@
+"""A small sentencepiece tokenizer: train (BPE, byte fallback), cache by content, batch-encode."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from lowmem.data.corpus import file_sha256, read_documents
+
+# Bump when the training recipe below changes what a given (corpus, vocab_size) produces.
+TOKENIZER_FORMAT_VERSION = 1
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+N_BYTE_PIECES = 256  # byte_fallback adds <0x00>..<0xFF>
+MIN_VOCAB_SIZE = 4 + N_BYTE_PIECES + 64  # specials + bytes + room for some characters and merges
+
+# sentencepiece skips training sentences longer than max_sentence_length bytes, so documents are cut
+# into pieces of at most this many characters (at whitespace, which BPE never merges across anyway).
+TRAIN_PIECE_CHARS = 2048
+
+
+class Tokenizer:
+    """A sentencepiece model with batched, multithreaded encoding.
+
+    Args:
+        path: a sentencepiece `.model` file.
+        num_threads: threads for batch encode; -1 lets sentencepiece use all hardware threads.
+    """
+
+    def __init__(self, path: str | Path, *, num_threads: int = -1):
+        self.path = Path(path)
+        model_bytes = self.path.read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.num_threads = num_threads
+        # Content key: identifies the model whatever file it was loaded from (used by pack caches).
+        self.key = hashlib.sha256(model_bytes).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills padding: the model's pad piece, or 0 when it has none (padding is masked anyway)."""
+        pad = self._sp.pad_id()
+        return pad if pad >= 0 else 0
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no bos/eos), encoded by sentencepiece's thread pool."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings; wrap a single text as [text]")
+        return self._sp.encode(texts, out_type=int, num_threads=self.num_threads)
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """Text of one sequence of ids."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(
+    documents: Iterable[str],
+    vocab_size: int,
+    out_path: str | Path,
+    seed: int = 0,
+    *,
+    max_sentences: int = 300_000,
+) -> Tokenizer:
+    """Train a BPE sentencepiece model on `documents` and write it atomically to `out_path`.
+
+    Byte fallback is on, so any text encodes (no unk for unseen characters); normalization is identity, so
+    `decode(encode(text)) == text`. Documents are cut into training pieces of at most TRAIN_PIECE_CHARS
+    characters; if there are more than `max_sentences` pieces, a uniform sample of that many (seeded by
+    `seed`) is used. The same inputs give the same model bytes.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte fallback alone needs {N_BYTE_PIECES} + 4 pieces; "
+            f"use vocab_size >= {MIN_VOCAB_SIZE}"
+        )
+    sentences = _sample_pieces(documents, max_sentences, seed)
+    if not sentences:
+        raise ValueError("train_tokenizer got no documents; pass a non-empty corpus")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            input_sentence_size=0,  # we sampled already; sentencepiece must not resample
+            shuffle_input_sentence=False,
+            max_sentence_length=4 * TRAIN_PIECE_CHARS,  # bytes; a UTF-8 character is at most 4
+            num_threads=max(1, os.cpu_count() or 1),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"sentencepiece could not train a {vocab_size}-piece model on {len(sentences)} pieces of text: {e}; "
+            "use more text or a smaller vocab_size"
+        ) from None
+    write_bytes_atomic(Path(out_path), model.getvalue())
+    return Tokenizer(out_path)
+
+
+def load_or_train_tokenizer(
+    corpus_path: str | Path, vocab_size: int, cache_dir: str | Path, *, text_field: str = "text"
+) -> Tokenizer:
+    """The tokenizer for (corpus content, vocab_size), trained once and then loaded from the cache.
+
+    The cache key covers the corpus file's bytes, `vocab_size`, `text_field`, TOKENIZER_FORMAT_VERSION and the
+    sentencepiece version; the model lives at `cache_dir/tokenizers/<key>/tokenizer.model`.
+    """
+    key = tokenizer_cache_key(corpus_path, vocab_size, text_field=text_field)
+    model_path = Path(cache_dir) / "tokenizers" / key / "tokenizer.model"
+    if model_path.is_file():
+        return Tokenizer(model_path)
+    return train_tokenizer(read_documents(corpus_path, text_field), vocab_size, model_path)
+
+
+def tokenizer_cache_key(corpus_path: str | Path, vocab_size: int, *, text_field: str = "text") -> str:
+    """Content key of the tokenizer `load_or_train_tokenizer` makes for these inputs."""
+    parts = [
+        f"corpus={file_sha256(corpus_path)}",
+        f"vocab_size={vocab_size}",
+        f"text_field={text_field}",
+        f"format={TOKENIZER_FORMAT_VERSION}",
+        f"sentencepiece={spm.__version__}",
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split_piece(text: str) -> Iterator[str]:
+    """Cut a text into lines, and lines into pieces of at most TRAIN_PIECE_CHARS characters at whitespace."""
+    for line in text.split("\n"):
+        while len(line) > TRAIN_PIECE_CHARS:
+            cut = line.rfind(" ", 0, TRAIN_PIECE_CHARS)
+            cut = cut if cut > 0 else TRAIN_PIECE_CHARS
+            yield line[:cut]
+            line = line[cut:]
+        if line.strip():
+            yield line
+
+
+def _sample_pieces(documents: Iterable[str], max_sentences: int, seed: int) -> list[str]:
+    """All training pieces, or a seeded uniform sample of `max_sentences` of them (reservoir, in order)."""
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences={max_sentences}; use a positive number")
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[int, str]] = []
+    n_seen = 0
+    for doc in documents:
+        for piece in _split_piece(doc):
+            if len(kept) < max_sentences:
+                kept.append((n_seen, piece))
+            else:
+                slot = int(rng.integers(0, n_seen + 1))
+                if slot < max_sentences:
+                    kept[slot] = (n_seen, piece)
+            n_seen += 1
+    kept.sort()
+    return [piece for _, piece in kept]

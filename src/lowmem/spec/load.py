@@ -1,0 +1,278 @@
+"""Reading and writing spec files (TOML, JSON, YAML), `--set a.b=c` overrides, and error messages.
+
+Decoding is two steps: the file is parsed into plain data, overrides are applied to that data, then
+`msgspec.convert` validates it into a `RunSpec`. Errors from either step are re-raised as `SpecError`
+naming the file, the ``$.path``, the value found there and what is allowed.
+"""
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+import yaml
+
+from lowmem.spec.structs import RunSpec
+
+FORMATS = {".toml": "toml", ".json": "json", ".yaml": "yaml", ".yml": "yaml"}
+_MISSING = object()
+
+
+class SpecError(ValueError):
+    """A spec that cannot be read: the message says where, what was found and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Read a spec file (format from its suffix) and apply `key.path=value` overrides."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SpecError(f"{path}: unknown spec format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    return decode_spec(data, fmt, source=str(path), overrides=overrides)
+
+
+def decode_spec(
+    data: bytes | str, fmt: str, *, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()
+) -> RunSpec:
+    """Decode spec text in `fmt` ("toml", "json" or "yaml") into a validated RunSpec."""
+    raw = parse_raw(data, fmt, source)
+    for override in overrides:
+        apply_override(raw, override, source)
+    return convert_spec(raw, source)
+
+
+def parse_raw(data: bytes | str, fmt: str, source: str) -> dict:
+    """Parse spec text into plain data (no validation yet)."""
+    try:
+        if fmt == "toml":
+            raw = msgspec.toml.decode(data)
+        elif fmt == "json":
+            raw = msgspec.json.decode(data)
+        elif fmt == "yaml":
+            raw = msgspec.yaml.decode(data)
+        else:
+            raise SpecError(f"{source}: unknown spec format {fmt!r}; use toml, json or yaml")
+    except msgspec.DecodeError as err:
+        raise SpecError(f"{source}: not valid {fmt.upper()}: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the top level must be a table/object, found {type(raw).__name__}")
+    return raw
+
+
+def convert_spec(raw: dict, source: str) -> RunSpec:
+    """Validate plain data into a RunSpec, turning msgspec's errors into SpecErrors."""
+    try:
+        return msgspec.convert(raw, RunSpec)
+    except msgspec.ValidationError as err:
+        raise SpecError(_explain(str(err), raw, source)) from None
+
+
+def encode_spec(spec: RunSpec, fmt: str = "toml") -> bytes:
+    """Encode a spec; `decode_spec(encode_spec(s, f), f) == s` for every format."""
+    if fmt == "toml":
+        return msgspec.toml.encode(_drop_none(msgspec.to_builtins(spec)))
+    if fmt == "json":
+        return msgspec.json.format(msgspec.json.encode(spec), indent=2)
+    if fmt == "yaml":
+        return msgspec.yaml.encode(spec)
+    raise ValueError(f"unknown spec format {fmt!r}; use toml, json or yaml")
+
+
+def _drop_none(obj: Any) -> Any:
+    # TOML has no null; an absent optional field decodes to its default, which is None for every
+    # optional field of the spec.
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+
+def apply_override(raw: dict, override: str, source: str = "<spec>") -> None:
+    """Apply one `a.b.c=value` override to plain spec data, in place.
+
+    The value is converted by the type of the field it lands on: text for string fields, otherwise
+    JSON (`3e-4`, `true`, `["wq", "wv"]`) or YAML flow syntax (`[wq, wv]`); `none`/`null` unsets an
+    optional field.
+    """
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SpecError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    parts = key.split(".")
+    node, type_ = raw, mi.type_info(RunSpec)
+    for depth, part in enumerate(parts):
+        here = "$." + ".".join(parts[:depth]) if depth else "$"
+        struct = _struct_of(type_, node)
+        if struct is None:
+            raise SpecError(f"--set {key}: `{here}` is a value, not a table; it has no field {part!r}")
+        if depth == len(parts) - 1 and struct.tag_field == part:
+            node[part] = text.strip()  # choosing a tagged-union variant, e.g. method.kind=lora
+            return
+        field = next((f for f in struct.fields if f.name == part), None)
+        if field is None:
+            raise SpecError(f"--set {key}: {_unknown_field_hint(part, struct, here)}")
+        if depth == len(parts) - 1:
+            node[part] = _parse_value(text.strip(), field.type)
+            return
+        child = node.get(part, _MISSING)
+        if child is _MISSING or not isinstance(child, dict):
+            child = _default_as_raw(field)
+            node[part] = child
+        node, type_ = child, field.type
+
+
+def _default_as_raw(field: mi.Field) -> dict:
+    if field.default is not mi.NODEFAULT and field.default is not None:
+        value = msgspec.to_builtins(field.default)
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def _parse_value(text: str, type_: mi.Type) -> Any:
+    if text.lower() in ("none", "null") and _accepts(type_, mi.NoneType):
+        return None
+    if _accepts(type_, mi.StrType) or _literal_of_str(type_):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _accepts(type_: mi.Type, kind: type) -> bool:
+    if isinstance(type_, mi.UnionType):
+        return any(isinstance(t, kind) for t in type_.types)
+    return isinstance(type_, kind)
+
+
+def _literal_of_str(type_: mi.Type) -> bool:
+    types = type_.types if isinstance(type_, mi.UnionType) else (type_,)
+    return any(isinstance(t, mi.LiteralType) and all(isinstance(v, str) for v in t.values) for t in types)
+
+
+# ------------------------------------------------------------------------------------- error messages
+
+
+def _struct_of(type_: mi.Type, raw_here: Any) -> mi.StructType | None:
+    """The Struct type that describes `raw_here`, choosing a tagged-union variant by its tag."""
+    if isinstance(type_, mi.StructType):
+        return type_
+    if isinstance(type_, mi.UnionType):
+        structs = [t for t in type_.types if isinstance(t, mi.StructType)]
+        if len(structs) == 1:
+            return structs[0]
+        if structs and isinstance(raw_here, dict):
+            tag = raw_here.get(structs[0].tag_field)
+            for s in structs:
+                if s.tag == tag:
+                    return s
+    return None
+
+
+def _walk(raw: Any, type_: mi.Type, parts: list[str | int]) -> tuple[Any, mi.Type | None]:
+    """Follow a parsed ``$.path`` through the data and the type tree together."""
+    node: Any = raw
+    for part in parts:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else _MISSING
+            type_ = getattr(type_, "item_type", None) if type_ is not None else None
+            continue
+        struct = _struct_of(type_, node) if type_ is not None else None
+        field = next((f for f in struct.fields if f.name == part), None) if struct else None
+        type_ = field.type if field else None
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+    return node, type_
+
+
+def _split_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path[1:]):
+        parts.append(int(index) if index else name)
+    return parts
+
+
+def _describe_allowed(type_: mi.Type | None) -> str | None:
+    if type_ is None:
+        return None
+    if isinstance(type_, mi.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in type_.values)
+    if isinstance(type_, mi.UnionType):
+        tags = [t.tag for t in type_.types if isinstance(t, mi.StructType) and t.tag]
+        if tags:
+            return "a table with kind = " + " | ".join(repr(t) for t in tags)
+        parts = [_describe_allowed(t) for t in type_.types]
+        return " or ".join(p for p in parts if p)
+    names = {
+        mi.IntType: "an integer",
+        mi.FloatType: "a number",
+        mi.StrType: "a string",
+        mi.BoolType: "true or false",
+        mi.NoneType: "nothing (leave it out)",
+    }
+    for kind, text in names.items():
+        if isinstance(type_, kind):
+            return text
+    if isinstance(type_, mi.StructType):
+        return "a table with fields " + ", ".join(f.name for f in type_.fields)
+    return None
+
+
+def _unknown_field_hint(name: str, struct: mi.StructType, where: str) -> str:
+    allowed = [f.name for f in struct.fields]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    kind = f" (kind = {struct.tag!r})" if struct.tag else ""
+    if not allowed:
+        return f"unknown field {name!r} at `{where}`{kind}, which has no fields; choose another kind first"
+    return f"unknown field {name!r} at `{where}`{kind}; allowed: {', '.join(allowed)}{hint}"
+
+
+def _explain(message: str, raw: dict, source: str) -> str:
+    match = re.match(r"^(.*?)(?: - at `(\$[^`]*)`)?$", message, re.S)
+    reason, path = match.group(1), match.group(2) or "$"
+    root = mi.type_info(RunSpec)
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+    if unknown:
+        node, type_ = _walk(raw, root, _split_path(path))
+        struct = _struct_of(type_, node)
+        if struct is not None:
+            return f"{source}: {_unknown_field_hint(unknown.group(1), struct, path)}"
+    missing = re.match(r"Object missing required field `([^`]+)`", reason)
+    if missing:
+        where = path if path != "$" else "$"
+        return f"{source}: `{where}.{missing.group(1)}` is required but missing; add it to the spec"
+    node, type_ = _walk(raw, root, _split_path(path))
+    if isinstance(type_, mi.StructType) or path == "$":
+        return f"{source}: invalid `{path}`: {reason}"  # a cross-field rule: its message says what to do
+    found = "missing" if node is _MISSING else repr(node)
+    lines = [f"{source}: invalid value at `{path}`: {found}", f"  {reason}"]
+    if path.endswith(".kind"):
+        union = _walk(raw, root, _split_path(path)[:-1])[1]
+        tags = [t.tag for t in getattr(union, "types", ()) if isinstance(t, mi.StructType) and t.tag]
+        allowed = "one of " + ", ".join(repr(t) for t in tags) if tags else None
+    else:
+        allowed = _describe_allowed(type_)
+    if allowed:
+        lines.append(f"  allowed: {allowed}")
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""The run spec: what to train, declared as frozen msgspec Structs.
+
+The tree mirrors the spec file::
+
+    RunSpec
+      model      ModelSpec           a preset (random init) or a local HF-format directory
+      data       DataSpec            corpus, tokenizer, cache
+      method     Full | Lora | QLora | Dora            (tag field "kind")
+      optimizer  AdamW | SGD | Adafactor | AdamW8bit | AdamW4bit   (tag field "kind")
+      train      TrainSpec           steps/epochs, batch, seq_len, schedule, clipping, seed, eval
+      memory     MemorySpec          budget and a per-strategy auto | on | off override
+      output     OutputSpec          where the run writes
+
+Validation happens while decoding: types by msgspec, cross-field rules in ``__post_init__``; both end up as
+a `msgspec.ValidationError` naming the ``$.path``. This module imports no torch.
+"""
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from lowmem.spec.units import parse_bytes
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+Toggle = Literal["auto", "on", "off"]
+
+_STRUCT = {"frozen": True, "kw_only": True, "forbid_unknown_fields": True}
+
+
+class Spec(Struct, **_STRUCT):
+    """Base of every spec Struct: frozen, keyword-only, unknown fields rejected."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class ModelSpec(Spec, kw_only=True):
+    """Which model to train: exactly one of `preset` (random init) or `path` (HF-format directory).
+
+    A preset is built from its config with random weights; its `vocab_size` follows the tokenizer when the
+    tokenizer is trained by lowmem.
+    """
+
+    preset: str | None = None
+    path: str | None = None
+    init_seed: int = 0
+
+    def __post_init__(self):
+        if (self.preset is None) == (self.path is None):
+            raise ValueError(
+                "set exactly one of `preset` (e.g. preset = \"quickstart-5m\") or `path` "
+                "(a local Hugging Face model directory)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class TrainTokenizer(Spec, kw_only=True, tag="train", tag_field="kind"):
+    """Train a sentencepiece BPE tokenizer on the corpus (cached by content)."""
+
+    vocab_size: Annotated[int, Meta(ge=259, le=262144)] = 4096
+
+
+class FileTokenizer(Spec, kw_only=True, tag="file", tag_field="kind"):
+    """Use an existing sentencepiece `.model` file."""
+
+    path: str
+
+
+TokenizerSpec = TrainTokenizer | FileTokenizer
+
+
+class DataSpec(Spec, kw_only=True):
+    """The training text and how it becomes token rows.
+
+    `source` is a `.jsonl`, `.jsonl.gz` or `.txt` file, or `builtin:kjv` for the corpus lowmem ships.
+    """
+
+    source: str = "builtin:kjv"
+    text_field: str = "text"
+    tokenizer: TokenizerSpec = TrainTokenizer()
+    cache_dir: str = ".lowmem_cache"
+    eval_rows: NonNegInt = 0
+
+
+# --------------------------------------------------------------------------------------------- method
+
+LoraTarget = Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
+
+
+class Full(Spec, kw_only=True, tag="full", tag_field="kind"):
+    """Full fine-tuning: every parameter trainable."""
+
+
+class Lora(Spec, kw_only=True, tag="lora", tag_field="kind"):
+    """LoRA adapters on the chosen projections; base weights frozen."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.0
+    targets: tuple[LoraTarget, ...] = ("wq", "wk", "wv", "wo")
+
+
+class QLora(Spec, kw_only=True, tag="qlora", tag_field="kind"):
+    """LoRA over a 4-bit (NF4) quantized, frozen base."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.0
+    targets: tuple[LoraTarget, ...] = ("wq", "wk", "wv", "wo")
+    quant_block_size: PositiveInt = 64
+
+
+class Dora(Spec, kw_only=True, tag="dora", tag_field="kind"):
+    """Weight-decomposed LoRA (magnitude vector plus a LoRA direction)."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.0
+    targets: tuple[LoraTarget, ...] = ("wq", "wk", "wv", "wo")
+
+
+MethodSpec = Full | Lora | QLora | Dora
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+class AdamW(Spec, kw_only=True, tag="adamw", tag_field="kind"):
+    lr: PositiveFloat = 3e-4
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class SGD(Spec, kw_only=True, tag="sgd", tag_field="kind"):
+    lr: PositiveFloat = 1e-2
+    momentum: Fraction = 0.9
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class Adafactor(Spec, kw_only=True, tag="adafactor", tag_field="kind"):
+    lr: PositiveFloat = 1e-2
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class AdamW8bit(Spec, kw_only=True, tag="adamw8bit", tag_field="kind"):
+    lr: PositiveFloat = 3e-4
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+    backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"
+
+
+class AdamW4bit(Spec, kw_only=True, tag="adamw4bit", tag_field="kind"):
+    lr: PositiveFloat = 3e-4
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+
+
+OptimizerSpec = AdamW | SGD | Adafactor | AdamW8bit | AdamW4bit
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class ScheduleSpec(Spec, kw_only=True):
+    """Learning-rate schedule: linear warmup, then `kind` decay to `min_lr_ratio` × lr."""
+
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Fraction = 0.1
+
+
+class TrainSpec(Spec, kw_only=True):
+    """How long and how: optimizer steps (or epochs), batch shape, schedule, clipping, seed, eval."""
+
+    steps: PositiveInt | None = None
+    epochs: PositiveFloat | None = None
+    micro_batch: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    seq_len: PositiveInt = 512
+    schedule: ScheduleSpec = ScheduleSpec()
+    clip_grad_norm: PositiveFloat | None = 1.0
+    seed: int = 0
+    eval_every: NonNegInt = 0
+    eval_batches: PositiveInt = 4
+    log_every: PositiveInt = 1
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of `steps` (optimizer steps) or `epochs` (passes over the data)")
+        if self.steps is not None and self.schedule.warmup_steps > self.steps:
+            raise ValueError(
+                f"schedule.warmup_steps = {self.schedule.warmup_steps} exceeds steps = {self.steps}; "
+                "lower the warmup or raise the steps"
+            )
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+class StrategySpec(Spec, kw_only=True):
+    """Per-strategy override: `auto` lets the planner decide, `on`/`off` force it."""
+
+    activation_checkpointing: Toggle = "auto"
+    activation_offloading: Toggle = "auto"
+    chunked_cross_entropy: Toggle = "auto"
+    fused_cross_entropy: Toggle = "auto"
+    optimizer_in_backward: Toggle = "auto"
+    compile: Toggle = "auto"
+
+
+class MemorySpec(Spec, kw_only=True):
+    """The memory budget and the strategy overrides.
+
+    `budget` is a size like "8GiB"; unset means "the device's memory". `safety_margin` is the fraction of the
+    budget the planner keeps free for what it cannot see (allocator fragmentation, library workspaces).
+    """
+
+    budget: str | None = None
+    safety_margin: Annotated[float, Meta(ge=0, lt=1)] = 0.1
+    precision: Literal["auto", "fp32", "bf16", "mixed-bf16", "fp16"] = "auto"
+    strategies: StrategySpec = StrategySpec()
+
+    def __post_init__(self):
+        if self.budget is not None:
+            try:
+                parse_bytes(self.budget)
+            except ValueError as err:
+                raise ValueError(f"budget: {err}") from None
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget is None else parse_bytes(self.budget)
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+class OutputSpec(Spec, kw_only=True):
+    """Where the run writes (relative paths are relative to the working directory)."""
+
+    dir: str = "runs/{name}"
+    save_final: bool = True
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+class RunSpec(Spec, kw_only=True):
+    """A whole run: the one object a spec file decodes into."""
+
+    name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    method: MethodSpec = Full()
+    optimizer: OptimizerSpec = AdamW()
+    train: TrainSpec
+    memory: MemorySpec = MemorySpec()
+    output: OutputSpec = OutputSpec()
+
+    @property
+    def out_dir(self) -> str:
+        return self.output.dir.format(name=self.name)
+
+
+def replace(spec: Struct, **changes) -> Struct:
+    """A copy of a frozen Struct with some fields changed (validation re-run)."""
+    return msgspec.convert(msgspec.to_builtins(msgspec.structs.replace(spec, **changes)), type(spec))
