@@ -23,7 +23,9 @@ def shipped_corpus(name: str = "kjv") -> Path:
     path = Path(str(resource))
     if not path.is_file():
         # Only happens if lowmem is imported from a zip; the readers here need a real file.
-        raise ValueError(f"shipped corpus {name!r} is not a file on disk ({resource}); install lowmem unzipped")
+        raise ValueError(
+            f"shipped corpus {name!r} is not a file on disk ({resource}); install lowmem unzipped"
+        )
     return path
 
 

@@ -47,7 +47,9 @@ def pack_token_lists(
     return pad_rows(flat_tokens, flat_doc_ids, seq_len, pad_id)
 
 
-def concat_documents(token_lists: Sequence[Sequence[int]], first_doc_id: int) -> tuple[np.ndarray, np.ndarray]:
+def concat_documents(
+    token_lists: Sequence[Sequence[int]], first_doc_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """All documents end to end as flat int32 tokens and their doc ids."""
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     if not len(token_lists):
@@ -173,6 +175,8 @@ def write_packed_arrow(
     final_tmp = _temp_path(path, "final")
     try:
         stats = _write_rows(rows_tmp, row_blocks, seq_len)
+        if not stats["n_rows"]:
+            raise ValueError(f"{path}: no rows to write; the corpus has no documents")
         full_metadata = {"format_version": PACK_FORMAT_VERSION, "seq_len": seq_len, **metadata, **stats}
         with pa.memory_map(str(rows_tmp)) as source, pa.OSFile(str(final_tmp), "wb") as sink:
             reader = pa.ipc.open_file(source)
@@ -186,7 +190,9 @@ def write_packed_arrow(
         final_tmp.unlink(missing_ok=True)
 
 
-def _write_rows(path: Path, row_blocks: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[str, int]:
+def _write_rows(
+    path: Path, row_blocks: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int
+) -> dict[str, int]:
     """Write row blocks in record batches of about TOKENS_PER_RECORD_BATCH tokens; return the counts."""
     rows_per_batch = max(1, TOKENS_PER_RECORD_BATCH // seq_len)
     schema = packed_schema(seq_len)
@@ -199,13 +205,15 @@ def _write_rows(path: Path, row_blocks: Iterable[tuple[np.ndarray, np.ndarray]],
         def flush() -> None:
             nonlocal n_pending
             if n_pending:
-                writer.write_batch(_record_batch(np.concatenate(pending_t), np.concatenate(pending_d), schema))
+                writer.write_batch(
+                    _record_batch(np.concatenate(pending_t), np.concatenate(pending_d), schema)
+                )
                 pending_t.clear()
                 pending_d.clear()
                 n_pending = 0
 
         for tokens, doc_ids in row_blocks:
-            assert tokens.shape == doc_ids.shape and tokens.shape[1:] == (seq_len,), (tokens.shape, doc_ids.shape)
+            assert tokens.shape == doc_ids.shape == (len(tokens), seq_len), (tokens.shape, doc_ids.shape)
             n_real = int(np.count_nonzero(doc_ids))
             stats["n_rows"] += len(tokens)
             stats["n_tokens"] += n_real

@@ -1,0 +1,155 @@
+"""The `lowmem` command: a thin typer layer over load_spec / plan / execute. It holds no logic of its own."""
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+
+from lowmem.spec import SpecError, load_spec
+
+app = typer.Typer(
+    name="lowmem",
+    help=(
+        "Fine-tune LLMs in as little memory as the job allows, and see the cost before the run.\n\n"
+        "Write a spec (TOML/YAML/JSON), then: `lowmem plan SPEC` shows the strategies chosen and the "
+        "memory they need; `lowmem execute SPEC` runs it. Start from examples/quickstart.toml."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SpecArg = Annotated[Path, typer.Argument(help="Spec file (.toml, .yaml, .json).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a spec field: --set train.steps=100 (repeatable).",
+                 show_default=False),
+]
+HardwareOpt = Annotated[
+    str | None,
+    typer.Option("--hardware", help="Plan for a named profile (h100-80gb, a100-40gb, a100-80gb, rtx4090-24gb, "
+                 "a6000-48gb, cpu) instead of this machine.", show_default=False),
+]
+
+
+class _UserError(Exception):
+    """Raised for bad input; printed as one line without a traceback."""
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors(fn):
+    """Run a command, turning bad-input errors into one clear message and exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from lowmem.plan import PlanError
+
+        try:
+            return fn(*args, **kwargs)
+        except (_UserError, SpecError, PlanError, ValueError, FileNotFoundError, msgspec.ValidationError) as err:
+            _fail(str(err))
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def validate(spec: SpecArg, set_: SetOpt = None) -> None:
+    """Check a spec file: types, ranges and cross-field rules. Prints the spec with defaults filled in."""
+    from lowmem.spec import encode_spec
+
+    run = load_spec(spec, set_ or [])
+    typer.echo(encode_spec(run, "toml").decode())
+    typer.secho(f"{spec}: valid", fg=typer.colors.GREEN, err=True)
+
+
+@app.command("plan")
+@_user_errors
+def plan_cmd(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    hardware: HardwareOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (execute accepts it back).")] = False,
+) -> None:
+    """Choose the memory strategies for a spec and print the dry-run memory report. Allocates nothing."""
+    from lowmem.plan import plan, render_plan
+
+    p = plan(load_spec(spec, set_ or []), hardware)
+    if json_:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(p), indent=2).decode() + "\n")
+    else:
+        typer.echo(render_plan(p))
+
+
+@app.command()
+@_user_errors
+def execute(
+    spec_or_plan: Annotated[Path, typer.Argument(help="A spec file, or a plan.json from `lowmem plan --json`.",
+                                                 show_default=False)],
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: the spec's output.dir).",
+                                             show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
+) -> None:
+    """Run a spec (planned for this machine first) or a saved plan, and write the run directory."""
+    import json
+
+    from lowmem.plan import plan, render_plan
+    from lowmem.train import describe_memory
+    from lowmem.train import execute as run
+
+    p = _load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan) else plan(load_spec(spec_or_plan, set_ or []))
+    if not quiet:
+        typer.echo(render_plan(p))
+        typer.echo("")
+    result = run(p, out, progress=not quiet)
+    typer.echo("")
+    typer.echo(f"done: {result.steps} steps, loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
+               + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else "")
+               + f", {result.tokens_per_s:,.0f} tokens/s")
+    typer.echo(describe_memory(json.loads((Path(result.out_dir) / "memory.json").read_text())))
+    typer.echo(f"run directory: {result.out_dir}" + (f"  (model: {result.model_dir})" if result.model_dir else ""))
+
+
+def _is_plan(path: Path) -> bool:
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        head = msgspec.json.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return False
+    return isinstance(head, dict) and "format" in head and "strategies" in head
+
+
+def _load_plan(path: Path, overrides: list[str]):
+    from lowmem.plan import PLAN_FORMAT, Plan
+
+    if overrides:
+        raise _UserError(f"{path}: --set cannot change a saved plan; re-plan the spec with --set instead")
+    try:
+        p = msgspec.json.decode(path.read_bytes(), type=Plan)
+    except msgspec.ValidationError as err:
+        raise ValueError(f"{path}: not a lowmem plan ({err}); make one with `lowmem plan SPEC --json`") from None
+    if p.format != PLAN_FORMAT:
+        raise ValueError(f"{path}: plan format {p.format!r}; this lowmem reads {PLAN_FORMAT!r}. Re-plan the spec.")
+    return p
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except _UserError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

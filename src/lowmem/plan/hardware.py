@@ -1,0 +1,112 @@
+"""Hardware profiles: the machine a plan is made for, detected or named.
+
+Figures for named GPUs are from the vendors' public spec sheets (dense, no sparsity). CPU figures are
+per-core estimates for an AVX2/FMA core (2 FMA units x 8 fp32 lanes x ~3 GHz = 96 GFLOP/s peak); the
+machine this project is developed on measured 97 GFLOP/s fp32 on 2 cores and 0.3 GFLOP/s bf16 (no
+AVX512-BF16/AMX), see shared/DESIGN.md.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+GiB = 1024**3
+
+
+class HardwareProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the planner needs to know about a device."""
+
+    name: str
+    device: Literal["cpu", "cuda"]
+    memory_bytes: int  # device memory (for a CPU: the RAM the run may use)
+    host_ram_bytes: int
+    n_cores: int
+    peak_flops_fp32: float
+    peak_flops_bf16: float
+    bf16_compute: bool  # bf16 matmuls run at (at least) fp32 speed
+    pcie_bytes_per_s: float = 0.0
+    compute_capability: str | None = None
+
+
+def _gpu(name, memory_gib, fp32_tflops, bf16_tflops, pcie_gbps, cc, host_gib=256) -> HardwareProfile:
+    return HardwareProfile(
+        name=name, device="cuda", memory_bytes=int(memory_gib * GiB), host_ram_bytes=host_gib * GiB, n_cores=16,
+        peak_flops_fp32=fp32_tflops * 1e12, peak_flops_bf16=bf16_tflops * 1e12, bf16_compute=True,
+        pcie_bytes_per_s=pcie_gbps * 1e9, compute_capability=cc,
+    )
+
+
+# name -> profile. H100 SXM: 80 GB, 67 TF fp32, 989 TF bf16 dense, PCIe 5 (64 GB/s); A100: 19.5 / 312 TF,
+# PCIe 4 (32 GB/s); RTX 4090: 24 GB, 82.6 TF fp32, 165 TF bf16 (fp32 accumulate); RTX A6000: 48 GB,
+# 38.7 TF fp32, 155 TF bf16 (tensor), PCIe 4.
+PROFILES: dict[str, HardwareProfile] = {
+    "h100-80gb": _gpu("h100-80gb", 80, 67, 989, 64, "9.0"),
+    "h200-141gb": _gpu("h200-141gb", 141, 67, 989, 64, "9.0"),
+    "a100-80gb": _gpu("a100-80gb", 80, 19.5, 312, 32, "8.0"),
+    "a100-40gb": _gpu("a100-40gb", 40, 19.5, 312, 32, "8.0"),
+    "rtx4090-24gb": _gpu("rtx4090-24gb", 24, 82.6, 165, 32, "8.9", host_gib=64),
+    "a6000-48gb": _gpu("a6000-48gb", 48, 38.7, 155, 32, "8.6", host_gib=128),
+    "cpu": HardwareProfile(
+        name="cpu", device="cpu", memory_bytes=16 * GiB, host_ram_bytes=16 * GiB, n_cores=8,
+        peak_flops_fp32=8 * 48e9, peak_flops_bf16=8 * 0.15e9, bf16_compute=False,
+    ),
+}
+
+CPU_FLOPS_PER_CORE_FP32 = 48e9
+CPU_FLOPS_PER_CORE_BF16_NATIVE = 96e9  # AVX512-BF16 / AMX
+CPU_FLOPS_PER_CORE_BF16_EMULATED = 0.15e9
+
+
+def resolve_hardware(name: str | None) -> HardwareProfile:
+    """A named profile, or the local machine for None / "local"."""
+    if name is None or name == "local":
+        return detect_local()
+    if name not in PROFILES:
+        raise ValueError(f"unknown hardware profile {name!r}; known: local, {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def detect_local() -> HardwareProfile:
+    """The machine this process runs on: the first CUDA device if torch sees one, else the CPU."""
+    import torch
+
+    host_ram = _host_ram_bytes()
+    n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        cc = f"{props.major}.{props.minor}"
+        known = next((p for p in PROFILES.values() if p.device == "cuda" and p.compute_capability == cc), None)
+        return HardwareProfile(
+            name=props.name, device="cuda", memory_bytes=props.total_memory, host_ram_bytes=host_ram,
+            n_cores=n_cores, peak_flops_fp32=known.peak_flops_fp32 if known else 20e12,
+            peak_flops_bf16=known.peak_flops_bf16 if known else 150e12, bf16_compute=props.major >= 8,
+            pcie_bytes_per_s=known.pcie_bytes_per_s if known else 16e9, compute_capability=cc,
+        )
+    bf16 = cpu_has_bf16()
+    return HardwareProfile(
+        name=f"local-cpu-{n_cores}c", device="cpu", memory_bytes=host_ram, host_ram_bytes=host_ram,
+        n_cores=n_cores, peak_flops_fp32=n_cores * CPU_FLOPS_PER_CORE_FP32,
+        peak_flops_bf16=n_cores * (CPU_FLOPS_PER_CORE_BF16_NATIVE if bf16 else CPU_FLOPS_PER_CORE_BF16_EMULATED),
+        bf16_compute=bf16,
+    )
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def _host_ram_bytes() -> int:
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        kib = int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1))
+        return kib * 1024
+    except (OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

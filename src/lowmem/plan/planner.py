@@ -1,0 +1,242 @@
+"""plan(spec, hardware) -> Plan: resolve every strategy so the run fits the budget at the best speed.
+
+Pure and deterministic: reads the model's config (a preset, or config.json of a local model) and never
+allocates device memory. The search enumerates the strategies left `auto` (the user's `on`/`off` are kept),
+estimates each candidate's peak memory and tokens/s, and picks the fastest that fits the usable budget.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+import msgspec
+
+from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
+from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE
+from lowmem.plan.estimate import estimate_memory, estimate_tokens_per_s
+from lowmem.plan.hardware import HardwareProfile, resolve_hardware
+from lowmem.plan.structs import Alternative, Decision, Plan, Strategies
+from lowmem.spec.structs import SGD, AdamW, Full, RunSpec, TrainTokenizer
+from lowmem.spec.units import format_bytes
+
+SUPPORTED_METHODS = (Full,)
+SUPPORTED_OPTIMIZERS = (AdamW, SGD)
+
+
+class PlanError(ValueError):
+    """The spec cannot be planned: the message names the spec fields involved and what would work."""
+
+
+def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
+    """Compile a spec into a Plan for `hardware` (a profile, a profile name, or None for this machine)."""
+    hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
+    _check_supported(spec)
+    cfg = resolve_model(spec)
+    if spec.train.seq_len > cfg.max_seq_len:
+        raise PlanError(
+            f"train.seq_len = {spec.train.seq_len} exceeds the model's max_seq_len = {cfg.max_seq_len}; "
+            "lower train.seq_len"
+        )
+    shapes = param_shapes(cfg)
+    trainable = list(shapes.values())  # full fine-tuning: everything trains
+    budget = spec.memory.budget_bytes or hw.memory_bytes
+    usable = int(budget * (1 - spec.memory.safety_margin))
+
+    candidates = []
+    for strategies in _candidates(spec, hw):
+        memory = estimate_memory(cfg, strategies, spec.train, spec.optimizer, trainable)
+        tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw)
+        candidates.append((strategies, memory, tps))
+    fitting = [c for c in candidates if c[1].peak_bytes <= usable]
+    if not fitting:
+        raise PlanError(_nothing_fits(spec, budget, usable, candidates))
+    # fastest first; among equals the smaller peak
+    chosen = max(fitting, key=lambda c: (c[2], -c[1].peak_bytes))
+    strategies, memory, tps = chosen
+
+    warnings = []
+    if budget > hw.memory_bytes:
+        warnings.append(
+            f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
+        )
+    return Plan(
+        spec=spec,
+        hardware=hw,
+        model=cfg,
+        strategies=strategies,
+        decisions=_explain(spec, hw, chosen, candidates, usable),
+        n_params=count_params(cfg),
+        n_trainable=sum(_numel(s) for s in trainable),
+        tokens_per_step=spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len,
+        total_steps=spec.train.steps,
+        budget_bytes=budget,
+        usable_bytes=usable,
+        memory=memory,
+        tokens_per_s=tps,
+        alternatives=tuple(
+            Alternative(strategies=s, peak_bytes=m.peak_bytes, tokens_per_s=t, fits=m.peak_bytes <= usable,
+                        chosen=s == strategies)
+            for s, m, t in candidates
+        ),
+        warnings=tuple(warnings),
+    )
+
+
+def resolve_model(spec: RunSpec) -> ModelConfig:
+    """The model's config: a preset (vocab following a tokenizer lowmem trains) or a local config.json."""
+    if spec.model.preset is not None:
+        try:
+            cfg = preset(spec.model.preset)
+        except ValueError as err:
+            raise PlanError(f"model.preset: {err}") from None
+        tok = spec.data.tokenizer
+        if isinstance(tok, TrainTokenizer):
+            return msgspec.structs.replace(cfg, vocab_size=tok.vocab_size)
+        return msgspec.structs.replace(cfg, vocab_size=_sentencepiece_vocab(tok.path))
+    config_path = Path(spec.model.path) / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise PlanError(
+            f"model.path = {spec.model.path!r}: no config.json there; point it at a Hugging Face model "
+            "directory (with config.json and *.safetensors)"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{config_path}: not valid JSON ({err})") from None
+    try:
+        cfg = ModelConfig.from_hf_config(raw, source=str(config_path))
+    except (ValueError, msgspec.ValidationError) as err:
+        raise PlanError(str(err)) from None
+    if isinstance(spec.data.tokenizer, TrainTokenizer):
+        raise PlanError(
+            "data.tokenizer.kind = 'train' cannot be used with model.path: a pretrained model needs its own "
+            "tokenizer; set data.tokenizer = { kind = \"file\", path = \"<model dir>/tokenizer.model\" }"
+        )
+    vocab = _sentencepiece_vocab(spec.data.tokenizer.path)
+    if vocab > cfg.vocab_size:
+        raise PlanError(
+            f"data.tokenizer.path has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}; "
+            "use the tokenizer that came with the model"
+        )
+    return cfg
+
+
+def _sentencepiece_vocab(path: str) -> int:
+    import sentencepiece
+
+    if not Path(path).is_file():
+        raise PlanError(f"data.tokenizer.path = {path!r}: no such file; give a sentencepiece .model file")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=path).vocab_size()
+    except (RuntimeError, OSError) as err:
+        raise PlanError(f"data.tokenizer.path = {path!r}: not a sentencepiece model ({err})") from None
+
+
+def _check_supported(spec: RunSpec) -> None:
+    if not isinstance(spec.method, SUPPORTED_METHODS):
+        raise PlanError(
+            f"method.kind = {spec.method.__struct_config__.tag!r} is not available in this version yet; "
+            "use method.kind = 'full'"
+        )
+    if not isinstance(spec.optimizer, SUPPORTED_OPTIMIZERS):
+        raise PlanError(
+            f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r} is not available in this version yet; "
+            "use optimizer.kind = 'adamw' or 'sgd'"
+        )
+    for name, info in CATALOGUE.items():
+        if name == "precision":
+            continue
+        if getattr(spec.memory.strategies, name) == "on" and not info.available:
+            raise PlanError(
+                f"memory.strategies.{name} = 'on': {info.unavailable_reason}; set it to 'auto' or 'off'"
+            )
+    if spec.memory.precision not in ("auto", *AVAILABLE_PRECISIONS):
+        raise PlanError(
+            f"memory.precision = {spec.memory.precision!r} is not available in this version yet; "
+            f"use one of auto, {', '.join(AVAILABLE_PRECISIONS)}"
+        )
+
+
+def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
+    precisions = AVAILABLE_PRECISIONS if spec.memory.precision == "auto" else (spec.memory.precision,)
+    ckpt = {"auto": ("off", "full"), "on": ("full",), "off": ("off",)}[spec.memory.strategies.activation_checkpointing]
+    return [
+        Strategies(precision=p, activation_checkpointing=c, cross_entropy="standard")
+        for p, c in itertools.product(precisions, ckpt)
+    ]
+
+
+def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates) -> str:
+    smallest = min(candidates, key=lambda c: c[1].peak_bytes)
+    need = int(smallest[1].peak_bytes / (1 - spec.memory.safety_margin)) + 1
+    s = smallest[0]
+    return (
+        f"nothing fits memory.budget = {format_bytes(budget)} ({format_bytes(usable)} usable after the "
+        f"{spec.memory.safety_margin:.0%} safety margin). The smallest plan (precision {s.precision}, "
+        f"activation checkpointing {s.activation_checkpointing}) needs {format_bytes(smallest[1].peak_bytes)} "
+        f"at its peak ({smallest[1].peak_phase}). Set memory.budget to at least {format_bytes(need)}, or lower "
+        f"train.micro_batch ({spec.train.micro_batch}) or train.seq_len ({spec.train.seq_len})."
+    )
+
+
+def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int) -> tuple[Decision, ...]:
+    strategies, memory, tps = chosen
+    overrides = spec.memory.strategies
+
+    def others(field: str):
+        return [c for c in candidates if getattr(c[0], field) != getattr(strategies, field)]
+
+    decisions = []
+    # precision
+    if spec.memory.precision != "auto":
+        decisions.append(Decision(strategy="precision", value=strategies.precision, source="user",
+                                  reason="forced by memory.precision"))
+    else:
+        decisions.append(Decision(strategy="precision", value=strategies.precision, source="auto",
+                                  reason=_why(strategies, "precision", others("precision"), usable, hw)))
+    # activation checkpointing
+    value = strategies.activation_checkpointing
+    if overrides.activation_checkpointing != "auto":
+        decisions.append(Decision(strategy="activation_checkpointing", value=value, source="user",
+                                  reason="forced by memory.strategies.activation_checkpointing"))
+    else:
+        decisions.append(Decision(strategy="activation_checkpointing", value=value, source="auto",
+                                  reason=_why(strategies, "activation_checkpointing",
+                                              others("activation_checkpointing"), usable, hw)))
+    for name, info in CATALOGUE.items():
+        if name in ("precision", "activation_checkpointing"):
+            continue
+        decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
+    accum = spec.train.grad_accum
+    decisions.append(Decision(
+        strategy="gradient_accumulation", value=str(accum), source="user",
+        reason=f"{accum} micro-batch(es) of {spec.train.micro_batch} x {spec.train.seq_len} tokens per step; "
+               "gradients normalized by the total count of target tokens",
+    ))
+    return tuple(decisions)
+
+
+def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwareProfile) -> str:
+    value = getattr(strategies, field)
+    if not rivals:
+        return "the only option"
+    reasons = []
+    for alt in dict.fromkeys(getattr(s, field) for s, _, _ in rivals):
+        group = [r for r in rivals if getattr(r[0], field) == alt]
+        fitting = [r for r in group if r[1].peak_bytes <= usable]
+        if fitting:
+            best = max(fitting, key=lambda r: r[2])
+            reasons.append(f"{alt} is slower (est. {best[2]:,.0f} tokens/s at best)")
+        else:
+            low = min(r[1].peak_bytes for r in group)
+            reasons.append(f"{alt} would not fit (at least {format_bytes(low)} > {format_bytes(usable)} usable)")
+    if field == "precision" and value == "fp32" and not hw.bf16_compute:
+        reasons.append(f"{hw.name} has no native bf16 arithmetic")
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

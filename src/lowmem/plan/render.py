@@ -1,0 +1,61 @@
+"""A plan as people read it: decisions, a per-component memory table and a stacked bar."""
+
+from lowmem.plan.structs import Plan
+from lowmem.spec.units import format_bytes
+
+BAR_WIDTH = 60
+# one fill character per component, so the stacked bar reads without colour
+FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activations": "A", "logits": "L",
+        "batch": "b", "temporaries": "t"}
+
+
+def render_plan(p: Plan) -> str:
+    """The plan as a terminal report."""
+    cfg, spec, hw = p.model, p.spec, p.hardware
+    lines = [
+        f"lowmem plan · {spec.name}",
+        f"  model      {spec.model.preset or spec.model.path}: {p.n_params / 1e6:,.2f}M parameters "
+        f"({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size:,}), {p.n_trainable / 1e6:,.2f}M trainable",
+        f"  method     {spec.method.__struct_config__.tag}, optimizer {spec.optimizer.__struct_config__.tag}",
+        f"  batch      {spec.train.micro_batch} x {spec.train.seq_len} tokens x {spec.train.grad_accum} accumulation "
+        f"= {p.tokens_per_step:,} tokens/step, "
+        + (f"{p.total_steps} steps" if p.total_steps else f"{spec.train.epochs} epochs"),
+        f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)})",
+        f"  budget     {format_bytes(p.budget_bytes)}, {format_bytes(p.usable_bytes)} usable "
+        f"({spec.memory.safety_margin:.0%} margin)",
+        "",
+        "strategies",
+    ]
+    width = max(len(d.strategy) for d in p.decisions)
+    for d in p.decisions:
+        lines.append(f"  {d.strategy:<{width}}  {d.value:<6} [{d.source}] {d.reason}")
+    lines += ["", f"memory at peak ({p.memory.peak_phase})"]
+    for c in p.memory.components:
+        share = c.bytes / p.memory.peak_bytes if p.memory.peak_bytes else 0
+        lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
+    lines.append(f"  {'total':<16} {format_bytes(p.memory.peak_bytes):>12}  "
+                 f"{p.memory.peak_bytes / p.usable_bytes:6.1%} of usable budget")
+    lines += ["", "  " + stacked_bar(p), "  " + _legend(p), ""]
+    lines.append(f"estimated speed  {p.tokens_per_s:,.0f} tokens/s on {hw.name}")
+    if len(p.alternatives) > 1:
+        lines += ["", "alternatives considered"]
+        for a in sorted(p.alternatives, key=lambda a: -a.tokens_per_s):
+            mark = "*" if a.chosen else ("fits" if a.fits else "over")
+            s = a.strategies
+            lines.append(f"  {mark:>4}  precision {s.precision:<5} checkpointing {s.activation_checkpointing:<4} "
+                         f"{format_bytes(a.peak_bytes):>12}  {a.tokens_per_s:>12,.0f} tokens/s")
+    for w in p.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def stacked_bar(p: Plan, width: int = BAR_WIDTH) -> str:
+    """One line: each component's share of the usable budget as a run of its letter; '.' is headroom."""
+    scale = width / max(p.usable_bytes, p.memory.peak_bytes)
+    bar = "".join(FILL[c.name] * round(c.bytes * scale) for c in p.memory.components)
+    bar = bar[:width]
+    return "[" + bar + "." * (width - len(bar)) + "]"
+
+
+def _legend(p: Plan) -> str:
+    return "  ".join(f"{FILL[c.name]}={c.name}" for c in p.memory.components if c.bytes) + "  .=headroom"

@@ -1,0 +1,83 @@
+"""What the planner produces: a Plan with every strategy resolved, its reasons, and a memory report."""
+
+from typing import Literal
+
+import msgspec
+
+from lowmem.nn.config import ModelConfig
+from lowmem.plan.hardware import HardwareProfile
+from lowmem.spec.structs import RunSpec
+
+_STRUCT = {"frozen": True, "kw_only": True, "forbid_unknown_fields": True}
+
+PLAN_FORMAT = "lowmem.plan/1"
+
+
+class Strategies(msgspec.Struct, **_STRUCT):
+    """The concrete strategy values `execute` applies; nothing here is left to decide at run time."""
+
+    precision: Literal["fp32", "bf16", "mixed-bf16", "fp16"]
+    activation_checkpointing: Literal["off", "full"]
+    cross_entropy: Literal["standard", "chunked", "fused"]
+    activation_offloading: bool = False
+    optimizer_in_backward: bool = False
+    compile: bool = False
+
+
+class Decision(msgspec.Struct, **_STRUCT):
+    """One strategy's resolved value and why: `source` is "user" (forced in the spec), "auto" or "fixed"."""
+
+    strategy: str
+    value: str
+    source: Literal["user", "auto", "fixed"]
+    reason: str
+
+
+class Component(msgspec.Struct, **_STRUCT):
+    """Bytes of one memory component at the predicted peak."""
+
+    name: Literal["parameters", "gradients", "optimizer_state", "activations", "logits", "batch", "temporaries"]
+    bytes: int
+    note: str = ""
+
+
+class MemoryReport(msgspec.Struct, **_STRUCT):
+    """Predicted peak memory by component, and the phase of the step where the peak falls."""
+
+    components: tuple[Component, ...]
+    peak_bytes: int
+    peak_phase: str
+
+    def by_name(self) -> dict[str, int]:
+        return {c.name: c.bytes for c in self.components}
+
+
+class Alternative(msgspec.Struct, **_STRUCT):
+    """A candidate strategy set the search considered."""
+
+    strategies: Strategies
+    peak_bytes: int
+    tokens_per_s: float
+    fits: bool
+    chosen: bool
+
+
+class Plan(msgspec.Struct, **_STRUCT):
+    """A compiled run: the spec, the hardware it is planned for, and every derived number with its reason."""
+
+    format: str = PLAN_FORMAT
+    spec: RunSpec
+    hardware: HardwareProfile
+    model: ModelConfig
+    strategies: Strategies
+    decisions: tuple[Decision, ...]
+    n_params: int
+    n_trainable: int
+    tokens_per_step: int
+    total_steps: int | None  # None: an epoch count, resolved from the prepared dataset's length
+    budget_bytes: int
+    usable_bytes: int  # budget less the safety margin
+    memory: MemoryReport
+    tokens_per_s: float
+    alternatives: tuple[Alternative, ...] = ()
+    warnings: tuple[str, ...] = ()

@@ -1,0 +1,68 @@
+"""Shared builders for tests/nn: tiny transformers Llama models used as the parity oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so that the smoothing band covers some of head_dim 16's frequencies.
+    "original_max_position_embeddings": 16,
+}
+
+# name → LlamaConfig kwargs on top of the common tiny ones. All use GQA (4 query heads, 2 kv heads).
+HF_VARIANTS = {
+    "gqa": {},
+    "tied": {"tie_word_embeddings": True},
+    "llama3_rope": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING},
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    """A tiny random LlamaForCausalLM in eval mode, with weights large enough to make attention peaked.
+
+    transformers' init (std 0.02, norms 1) leaves attention near uniform and norms trivial, which would
+    hide RoPE and norm-loading mistakes; so every matrix is redrawn with std 1/sqrt(fan_in) and every
+    norm weight perturbed around 1.
+    """
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-5, attn_implementation="eager", **HF_VARIANTS[variant],
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(HF_VARIANTS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(variant, HF model, directory of its save_pretrained safetensors checkpoint)."""
+    model = make_hf_model(request.param)
+    path = tmp_path_factory.mktemp(f"hf-{request.param}")
+    model.save_pretrained(path, safe_serialization=True)
+    return request.param, model, path
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory():
+    """`make_hf_model` as a fixture, for tests that build their own oracle."""
+    return make_hf_model
+
+
+@pytest.fixture(scope="session")
+def llama3_scaling():
+    return dict(LLAMA3_SCALING)

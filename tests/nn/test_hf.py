@@ -1,0 +1,203 @@
+import json
+
+import msgspec
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lowmem.nn.hf as hf_module
+from lowmem.nn.config import param_shapes, preset
+from lowmem.nn.hf import from_hf_name, load_hf, save_hf, to_hf_name
+from lowmem.nn.llama import forward, init_params, logits
+
+
+def tiny(**overrides):
+    return msgspec.structs.replace(preset("tiny"), **overrides)
+
+
+def test_name_map_roundtrip_and_hf_names():
+    cfg = tiny()
+    names = list(param_shapes(cfg))
+    assert [from_hf_name(to_hf_name(n)) for n in names] == names
+    assert to_hf_name("layers.1.attn.wq") == "model.layers.1.self_attn.q_proj.weight"
+    assert to_hf_name("layers.0.mlp.w1") == "model.layers.0.mlp.gate_proj.weight"
+    assert to_hf_name("layers.0.mlp.w2") == "model.layers.0.mlp.down_proj.weight"
+    assert to_hf_name("layers.0.mlp_norm") == "model.layers.0.post_attention_layernorm.weight"
+    assert to_hf_name("output") == "lm_head.weight"
+    with pytest.raises(KeyError):
+        to_hf_name("layers.0.attn.wz")
+    with pytest.raises(KeyError):
+        from_hf_name("model.layers.0.self_attn.q_proj.bias")
+
+
+def test_hf_checkpoint_names_are_the_mapped_names(hf_checkpoint):
+    variant, _, path = hf_checkpoint
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    cfg, _ = load_hf(path)
+    expected = {to_hf_name(n) for n in param_shapes(cfg)}
+    # a tied transformers checkpoint stores no lm_head, and still loads
+    assert stored == expected
+    assert ("lm_head.weight" in stored) is (variant != "tied")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_roundtrip(tmp_path, tied):
+    cfg = tiny(tie_embeddings=tied)
+    params = init_params(cfg, seed=0)
+    out = save_hf(params, cfg, tmp_path / "ckpt")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "ckpt"]  # no temp dirs left behind
+    stored = load_file(out / "model.safetensors")
+    assert ("lm_head.weight" in stored) is not tied
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg and list(params2) == list(params)
+    assert all(torch.equal(params2[n], params[n]) for n in params)
+
+
+def test_save_makes_views_contiguous_and_keeps_dtype(tmp_path):
+    cfg = tiny()
+    params = init_params(cfg, seed=0, dtype=torch.bfloat16)
+    params["layers.0.attn.wq"] = params["layers.0.attn.wq"].T.contiguous().T  # a non-contiguous view
+    out = save_hf(params, cfg, tmp_path / "ckpt")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    _, loaded = load_hf(out, dtype=torch.bfloat16)
+    assert torch.equal(loaded["layers.0.attn.wq"], params["layers.0.attn.wq"])
+    _, as_fp32 = load_hf(out)
+    assert as_fp32["norm"].dtype == torch.float32
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+    cfg = tiny()
+    out = save_hf(init_params(cfg, seed=0), cfg, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError):
+        save_hf(init_params(cfg, seed=1), cfg, out)
+    assert torch.equal(load_hf(out)[1]["norm"], init_params(cfg, seed=0)["norm"])
+    save_hf(init_params(cfg, seed=1), cfg, out, overwrite=True)
+    assert torch.equal(load_hf(out)[1]["output"], init_params(cfg, seed=1)["output"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_failed_save_leaves_no_partial_directory(tmp_path, monkeypatch):
+    cfg = tiny()
+    out = save_hf(init_params(cfg, seed=0), cfg, tmp_path / "ckpt")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(init_params(cfg, seed=1), cfg, tmp_path / "new")
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(init_params(cfg, seed=1), cfg, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert torch.equal(load_hf(out)[1]["output"], init_params(cfg, seed=0)["output"])
+
+
+def test_save_checks_params_against_config(tmp_path):
+    cfg = tiny()
+    params = init_params(cfg, seed=0)
+    params["layers.1.mlp.w3"] = params["layers.1.mlp.w3"][:-1]
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.w3"):
+        save_hf(params, cfg, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("variant_cfg", [{}, {"tie_embeddings": True}, {"rope_theta": 500000.0, "rope_scaling": {
+    "kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16}}])
+def test_saved_checkpoint_loads_in_transformers(tmp_path, variant_cfg):
+    transformers = pytest.importorskip("transformers")
+    cfg = msgspec.convert(msgspec.to_builtins(tiny()) | variant_cfg, type(tiny()))
+    # weights about 1/sqrt(fan_in) and norms away from 1, so attention is peaked and norms matter
+    g = torch.Generator().manual_seed(1)
+    params = {n: t / (0.02 * t.shape[1] ** 0.5) if t.ndim == 2 else t + 0.2 * torch.randn(t.shape, generator=g)
+              for n, t in init_params(cfg, seed=0).items()}
+    out = save_hf(params, cfg, tmp_path / "ckpt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.tie_word_embeddings is cfg.tie_embeddings
+    tok = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(tok).logits
+    got = logits(params, forward(params, tok, cfg), cfg)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path, hf_model_factory):
+    model = hf_model_factory("gqa")
+    model.save_pretrained(tmp_path / "single", safe_serialization=True)
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    cfg_a, a = load_hf(tmp_path / "single")
+    cfg_b, b = load_hf(tmp_path / "sharded")
+    assert cfg_a == cfg_b and list(a) == list(b)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ------------------------------------------------------------------------------------ bad checkpoints
+
+
+def write_checkpoint(tmp_path, tensors, cfg):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+@pytest.fixture
+def good_tensors():
+    cfg = tiny()
+    return cfg, {to_hf_name(n): t for n, t in init_params(cfg, seed=0).items()}
+
+
+def test_renamed_tensor_is_named(tmp_path, good_tensors):
+    cfg, tensors = good_tensors
+    tensors["model.layers.1.self_attn.query.weight"] = tensors.pop("model.layers.1.self_attn.q_proj.weight")
+    path = write_checkpoint(tmp_path / "ckpt", tensors, cfg)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.query\.weight") as e:
+        load_hf(path)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_missing_tensor_is_named(tmp_path, good_tensors):
+    cfg, tensors = good_tensors
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_hf(write_checkpoint(tmp_path / "ckpt", tensors, cfg))
+
+
+def test_wrong_shape_names_tensor_and_shapes(tmp_path, good_tensors):
+    cfg, tensors = good_tensors
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)
+    with pytest.raises(ValueError) as e:
+        load_hf(write_checkpoint(tmp_path / "ckpt", tensors, cfg))
+    msg = str(e.value)
+    assert "model.layers.1.self_attn.k_proj.weight" in msg and "(64, 64)" in msg and "(32, 64)" in msg
+    assert "model.safetensors" in msg
+
+
+def test_config_that_disagrees_with_weights(tmp_path, good_tensors):
+    cfg, tensors = good_tensors
+    path = write_checkpoint(tmp_path / "ckpt", tensors, tiny(n_layers=3))
+    with pytest.raises(ValueError, match=r"model\.layers\.2\."):
+        load_hf(path)
+
+
+def test_unsupported_config_names_config_file(tmp_path, good_tensors):
+    cfg, tensors = good_tensors
+    path = write_checkpoint(tmp_path / "ckpt", tensors, cfg)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_config() | {"model_type": "gemma"}))
+    with pytest.raises(ValueError, match="config.json") as e:
+        load_hf(path)
+    assert "'gemma'" in str(e.value)
+
+
+def test_no_safetensors_is_a_clear_error(tmp_path):
+    cfg = tiny()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_hf(tmp_path)
