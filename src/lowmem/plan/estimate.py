@@ -4,14 +4,13 @@ Memory is counted as live tensor bytes (what `LiveTensorTracker` measures on CPU
 `torch.cuda.max_memory_allocated` on CUDA), derived from the tensors autograd saves in lowmem's own
 functional Llama block (`lowmem.nn.llama.block`), not from a generic GPT formula:
 
-per block, N = tokens in the micro-batch, D = dim, Q = n_heads*head_dim, F = ffn_dim, a = activation bytes
-    2 RMSNorms      each saves its input and its normalized output     2 x 2 N D a   (+ fp32 copies in bf16)
-    attention       q after RoPE, k and v repeated to all query heads,
-                    the SDPA output and its (B,T,Q) re-layout for wo   5 N Q a   + N H 4 (logsumexp)
-    SwiGLU          w1 x, silu(w1 x), w3 x, their product              4 N F a
-Full activation checkpointing keeps only each block's input (N D a) and recomputes one block at a time
-in backward. The loss computes logits in fp32: at the start of backward three (N, V) fp32 tensors are
-alive (log-probabilities, their gradient and the logits' gradient).
+per block (see `block_activation_bytes`), N = tokens in the micro-batch, D = dim, Q = n_heads*head_dim,
+F = ffn_dim, a = bytes of the compute dtype: N (6 D + 4 Q + 4 F) a, plus fp32 norm statistics, and the
+additive document mask SDPA keeps when documents are packed. Full activation checkpointing keeps only each
+block's input and recomputes one block at a time in backward. The loss computes logits in fp32: at the start
+of backward three (N, V) fp32 tensors are alive (log-probabilities, their gradient, the logits' gradient).
+Checked against `LiveTensorTracker` on the tiny preset: within 2.5% for fp32/bf16 x checkpointing x
+accumulation (tests/plan/test_estimate.py).
 """
 
 from lowmem.nn.config import ModelConfig, count_params
@@ -54,30 +53,46 @@ def optimizer_state_bytes(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]
     raise AssertionError(f"unhandled optimizer {type(optimizer).__name__}")
 
 
-def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str) -> int:
-    """Bytes autograd saves for one transformer block without checkpointing."""
+def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str, packed: bool) -> int:
+    """Bytes autograd saves for one transformer block without checkpointing (input included).
+
+    Counted from the block's saved tensors (verified with saved_tensors_hooks): per token the block input and
+    the attention residual (2 D), per RMSNorm its normalized output and the scaled output fed to the
+    projections (2 D, plus an fp32 upcast when not fp32), q after RoPE, k and v expanded to all query heads
+    and the attention output re-laid out for wo (4 Q), the four SwiGLU (N, F) tensors, two fp32 rstd and the
+    per-head logsumexp. With packed documents SDPA also keeps the mask as an additive (B, 1, T, T) tensor.
+    """
     a = DTYPE_BYTES[precision]
-    D, Q, F = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
-    norm = 2 * D * a + (D * FP32 if a != FP32 else 0)  # input, normalized; an fp32 upcast when not fp32
-    attention = 5 * Q * a  # q_rot, k and v at query-head width, SDPA output, its re-layout
-    mlp = 4 * F * a
-    per_token = 2 * norm + attention + mlp + 2 * FP32  # + two rstd vectors
-    logsumexp = batch * cfg.n_heads * (n_tokens // batch) * FP32
-    return n_tokens * per_token + logsumexp
+    D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
+    upcast = D * FP32 if a != FP32 else 0
+    per_token = 2 * D * a + 2 * (2 * D * a + upcast) + 4 * Q * a + 4 * F * a + 2 * FP32 + H * FP32
+    seq_len = n_tokens // batch
+    mask = batch * seq_len * seq_len * a if packed else 0
+    return n_tokens * per_token + mask
 
 
-def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int) -> int:
-    """Saved activations of the whole forward, at the start of backward."""
+def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True) -> int:
+    """Activations alive at the start of backward (with checkpointing, the larger of that and a recompute)."""
     a = DTYPE_BYTES[strategies.precision]
-    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision)
-    if strategies.activation_checkpointing == "full":
-        blocks = cfg.n_layers * n_tokens * cfg.dim * a + block  # inputs kept + one block recomputed
-    else:
-        blocks = cfg.n_layers * block
-    final_norm = n_tokens * (2 * cfg.dim * a + FP32)  # final RMSNorm: input and normalized output
+    seq_len = n_tokens // batch
+    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed)
+    # final RMSNorm (input, normalized, scaled) + the bool document mask + the fp32 RoPE tables
+    shared = n_tokens * (3 * cfg.dim * a + FP32) + (batch * seq_len * seq_len if packed else 0)
+    shared += 2 * n_tokens * cfg.head_dim * FP32
     if a != FP32:
-        final_norm += n_tokens * cfg.dim * FP32  # hidden upcast to fp32 for the loss
-    return blocks + final_norm
+        shared += n_tokens * cfg.dim * FP32  # hidden upcast to fp32 for the loss
+    if strategies.activation_checkpointing == "full":
+        return cfg.n_layers * n_tokens * cfg.dim * a + shared  # only block inputs are saved
+    return cfg.n_layers * block + shared
+
+
+def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True) -> int:
+    """Extra bytes while one checkpointed block is recomputed in backward (zero without checkpointing)."""
+    if strategies.activation_checkpointing != "full":
+        return 0
+    a = DTYPE_BYTES[strategies.precision]
+    # the recomputed block's activations plus the gradient flowing through it
+    return block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed) + 2 * n_tokens * cfg.dim * a
 
 
 def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> int:
@@ -86,12 +101,9 @@ def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> int
     return 3 * n_tokens * cfg.vocab_size * FP32 + extra
 
 
-def batch_bytes(cfg: ModelConfig, n_tokens: int, batch: int, seq_len: int) -> int:
-    """The batch tensors (tokens, labels, positions, doc ids), the document mask and the RoPE tables."""
-    int64 = 8
-    mask = batch * seq_len * seq_len  # bool (B, 1, T, T)
-    rope = 2 * n_tokens * cfg.head_dim * FP32
-    return 4 * n_tokens * int64 + mask + rope
+def batch_bytes(n_tokens: int) -> int:
+    """The batch tensors: token ids, labels, positions and document ids, int64."""
+    return 4 * n_tokens * 8
 
 
 def estimate_memory(
@@ -113,14 +125,28 @@ def estimate_memory(
     opt = optimizer_state_bytes(optimizer, trainable_shapes, wb)
     acts = activation_bytes(cfg, strategies, n_tokens, train.micro_batch)
     loss = logits_bytes(cfg, strategies, n_tokens)
-    batch = batch_bytes(cfg, n_tokens, train.micro_batch, train.seq_len)
+    batch = batch_bytes(n_tokens)
+    recompute = recompute_bytes(cfg, strategies, n_tokens, train.micro_batch)
     # gradients of earlier micro-batches are alive while later ones run forward
     grads_in_backward = grads if train.grad_accum > 1 else 0
     # torch's single-tensor AdamW makes one parameter-sized temporary (the denominator) at a time
     update_temp = max((_numel(s) for s in trainable_shapes), default=0) * wb
 
     backward_start = params + opt + grads_in_backward + acts + loss + batch
+    # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
+    # output head's gradient exists
+    head_grad = cfg.vocab_size * cfg.dim * wb
+    in_recompute = params + opt + max(grads_in_backward, head_grad) + acts + recompute + batch
     optimizer_step = params + grads + opt + update_temp
+    if recompute and in_recompute > max(backward_start, optimizer_step):
+        components = (
+            Component(name="parameters", bytes=params, note=f"{n_params:,} x {wb} B"),
+            Component(name="gradients", bytes=max(grads_in_backward, head_grad), note="output head and accumulated"),
+            Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
+            Component(name="activations", bytes=acts + recompute, note=_acts_note(cfg, strategies)),
+            Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
+        )
+        return MemoryReport(components=components, peak_bytes=in_recompute, peak_phase="block recompute in backward")
     if backward_start >= optimizer_step:
         components = (
             Component(name="parameters", bytes=params, note=f"{n_params:,} x {wb} B"),
@@ -129,7 +155,7 @@ def estimate_memory(
             Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
             Component(name="activations", bytes=acts, note=_acts_note(cfg, strategies)),
             Component(name="logits", bytes=loss, note=f"3 x {n_tokens:,} tokens x {cfg.vocab_size:,} vocab x fp32"),
-            Component(name="batch", bytes=batch, note="token ids, labels, positions, document mask, RoPE tables"),
+            Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
         )
         return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward")
     components = (

@@ -7,6 +7,7 @@ estimates each candidate's peak memory and tokens/s, and picks the fastest that 
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import msgspec
@@ -174,9 +175,17 @@ def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates) -> str:
         f"nothing fits memory.budget = {format_bytes(budget)} ({format_bytes(usable)} usable after the "
         f"{spec.memory.safety_margin:.0%} safety margin). The smallest plan (precision {s.precision}, "
         f"activation checkpointing {s.activation_checkpointing}) needs {format_bytes(smallest[1].peak_bytes)} "
-        f"at its peak ({smallest[1].peak_phase}). Set memory.budget to at least {format_bytes(need)}, or lower "
+        f"at its peak ({smallest[1].peak_phase}). Set memory.budget to at least {_size_rounded_up(need)}, or lower "
         f"train.micro_batch ({spec.train.micro_batch}) or train.seq_len ({spec.train.seq_len})."
     )
+
+
+def _size_rounded_up(n_bytes: int) -> str:
+    """A size for a budget: like format_bytes, but rounded up so that the figure shown is enough."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n_bytes >= scale:
+            return f"{math.ceil(n_bytes / scale * 100) / 100:.2f} {unit}"
+    return f"{n_bytes} B"
 
 
 def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int) -> tuple[Decision, ...]:

@@ -122,7 +122,7 @@ def apply_override(raw: dict, override: str, source: str = "<spec>") -> None:
         if struct is None:
             raise SpecError(f"--set {key}: `{here}` is a value, not a table; it has no field {part!r}")
         if depth == len(parts) - 1 and struct.tag_field == part:
-            node[part] = text.strip()  # choosing a tagged-union variant, e.g. method.kind=lora
+            _switch_variant(node, type_, part, text.strip())  # e.g. method.kind=lora
             return
         field = next((f for f in struct.fields if f.name == part), None)
         if field is None:
@@ -135,6 +135,17 @@ def apply_override(raw: dict, override: str, source: str = "<spec>") -> None:
             child = _default_as_raw(field)
             node[part] = child
         node, type_ = child, field.type
+
+
+def _switch_variant(node: dict, union: mi.Type, tag_field: str, tag: str) -> None:
+    """Choose another tagged-union variant, keeping only the fields the new variant also has."""
+    variants = [t for t in getattr(union, "types", ()) if isinstance(t, mi.StructType)]
+    target = next((t for t in variants if t.tag == tag), None)
+    if target is not None and node.get(tag_field) != tag:
+        keep = {f.name for f in target.fields}
+        for key in [k for k in node if k != tag_field and k not in keep]:
+            del node[key]
+    node[tag_field] = tag  # an unknown tag is reported, with the allowed ones, by validation
 
 
 def _default_as_raw(field: mi.Field) -> dict:
@@ -267,12 +278,9 @@ def _explain(message: str, raw: dict, source: str) -> str:
         return f"{source}: invalid `{path}`: {reason}"  # a cross-field rule: its message says what to do
     found = "missing" if node is _MISSING else repr(node)
     lines = [f"{source}: invalid value at `{path}`: {found}", f"  {reason}"]
-    if path.endswith(".kind"):
-        union = _walk(raw, root, _split_path(path)[:-1])[1]
-        tags = [t.tag for t in getattr(union, "types", ()) if isinstance(t, mi.StructType) and t.tag]
-        allowed = "one of " + ", ".join(repr(t) for t in tags) if tags else None
-    else:
-        allowed = _describe_allowed(type_)
+    union = _walk(raw, root, _split_path(path)[:-1])[1] if path.endswith(".kind") else None
+    tags = [t.tag for t in getattr(union, "types", ()) if isinstance(t, mi.StructType) and t.tag]
+    allowed = "one of " + ", ".join(repr(t) for t in tags) if tags else _describe_allowed(type_)
     if allowed:
         lines.append(f"  allowed: {allowed}")
     return "\n".join(lines)

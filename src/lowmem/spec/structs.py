@@ -187,7 +187,7 @@ class TrainSpec(Spec, kw_only=True):
     grad_accum: PositiveInt = 1
     seq_len: PositiveInt = 512
     schedule: ScheduleSpec = ScheduleSpec()
-    clip_grad_norm: PositiveFloat | None = 1.0
+    clip_grad_norm: Annotated[float, Meta(ge=0)] = 1.0  # global-norm clipping; 0 turns it off
     seed: int = 0
     eval_every: NonNegInt = 0
     eval_batches: PositiveInt = 4

@@ -80,15 +80,17 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     optimizer = build_optimizer(spec.optimizer, trainable)
     run_block = block_runner(p.strategies)
 
+    tracker = LiveTensorTracker()
+
     def loss_of(batch):
         hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"],
                          doc_ids=batch["doc_ids"], run_block=run_block)
-        return cross_entropy_sum(hidden, output_weight(params, p.model), batch["labels"])
+        with tracker.category("logits"):
+            return cross_entropy_sum(hidden, output_weight(params, p.model), batch["labels"])
 
     loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
     metrics = open(out / "metrics.jsonl", "w")
     printer = _Progress(total_steps, enabled=progress)
-    tracker = LiveTensorTracker()
     tracker.add_existing(trainable, "parameters")
     losses, measured, eval_loss = [], None, None
     start = time.perf_counter()
@@ -224,8 +226,9 @@ def _initial_params(p: Plan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return init_params(p.model, seed=p.spec.model.init_seed, dtype=dtype)
 
 
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
-    if max_norm is None:
+def _clip(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip to the global norm `max_norm` (0: no clipping) and return the norm before clipping."""
+    if max_norm == 0:
         norms = torch.stack([t.grad.float().norm() for t in params])
         return float(norms.norm())
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -1,0 +1,102 @@
+"""The planner's search, explanations, refusals and the plan's JSON form."""
+
+import msgspec
+import pytest
+
+from lowmem.plan import PROFILES, Plan, PlanError, plan, render_plan
+from lowmem.spec.units import parse_bytes
+
+
+def test_unconstrained_plan_picks_the_fastest_and_records_alternatives(tiny_spec):
+    p = plan(tiny_spec("memory.precision=auto"), "cpu")
+    # the named 'cpu' profile has no native bf16, so fp32 compute is faster there
+    assert p.strategies.precision == "fp32"
+    assert p.strategies.activation_checkpointing == "off"
+    assert len(p.alternatives) == 4 and sum(a.chosen for a in p.alternatives) == 1
+    chosen = next(a for a in p.alternatives if a.chosen)
+    assert chosen.tokens_per_s == max(a.tokens_per_s for a in p.alternatives if a.fits)
+    reasons = {d.strategy: d.reason for d in p.decisions}
+    assert "no native bf16" in reasons["precision"]
+
+
+def test_gpu_profile_prefers_bf16(tiny_spec):
+    p = plan(tiny_spec("memory.precision=auto"), "h100-80gb")
+    assert p.strategies.precision == "bf16"
+
+
+def test_tight_budget_turns_on_checkpointing(tiny_spec):
+    spec = tiny_spec("train.seq_len=512", "train.micro_batch=8")
+    off = plan(spec, "cpu")
+    on = plan(tiny_spec("train.seq_len=512", "train.micro_batch=8", "memory.strategies.activation_checkpointing=on"), "cpu")
+    assert on.memory.peak_bytes < off.memory.peak_bytes
+    budget = (on.memory.peak_bytes + off.memory.peak_bytes) // 2 / 0.9  # between the two, before the margin
+    p = plan(tiny_spec("train.seq_len=512", "train.micro_batch=8", f"memory.budget={int(budget)}"), "cpu")
+    assert p.strategies.activation_checkpointing == "full"
+    assert p.memory.peak_bytes <= p.usable_bytes
+    decision = next(d for d in p.decisions if d.strategy == "activation_checkpointing")
+    assert decision.source == "auto" and "off would not fit" in decision.reason
+
+
+def test_nothing_fits_names_the_smallest_budget(tiny_spec):
+    with pytest.raises(PlanError) as err:
+        plan(tiny_spec("memory.budget=1MiB"), "cpu")
+    message = str(err.value)
+    assert "memory.budget" in message and "at least" in message
+    need = message.split("at least ")[1].split(",")[0]
+    # the named budget really is enough
+    assert plan(tiny_spec(f"memory.budget={need.replace(' ', '')}"), "cpu").memory.peak_bytes > 0
+
+
+def test_forced_choices_are_respected(tiny_spec):
+    p = plan(tiny_spec("memory.strategies.activation_checkpointing=on", "memory.precision=bf16"), "cpu")
+    assert p.strategies.activation_checkpointing == "full" and p.strategies.precision == "bf16"
+    assert {d.strategy: d.source for d in p.decisions}["activation_checkpointing"] == "user"
+
+
+@pytest.mark.parametrize("override,field", [
+    ("memory.strategies.fused_cross_entropy=on", "memory.strategies.fused_cross_entropy"),
+    ("memory.precision=fp16", "memory.precision"),
+    ("method.kind=lora", "method.kind"),
+    ("optimizer.kind=adamw8bit", "optimizer.kind"),
+])
+def test_unavailable_requests_are_refused_by_name(tiny_spec, override, field):
+    with pytest.raises(PlanError, match=field.replace(".", r"\.")):
+        plan(tiny_spec(override), "cpu")
+
+
+def test_seq_len_beyond_model_is_refused(tiny_spec):
+    with pytest.raises(PlanError, match="max_seq_len"):
+        plan(tiny_spec("train.seq_len=100000"), "cpu")
+
+
+def test_model_path_needs_a_config(tiny_spec, tmp_path):
+    with pytest.raises(PlanError, match="config.json"):
+        plan(tiny_spec("model.preset=none", f"model.path={tmp_path}"), "cpu")
+
+
+def test_plan_json_round_trip(tiny_spec):
+    p = plan(tiny_spec(), "rtx4090-24gb")
+    again = msgspec.json.decode(msgspec.json.encode(p), type=Plan)
+    assert again == p
+
+
+def test_render_shows_components_and_decisions(tiny_spec):
+    text = render_plan(plan(tiny_spec(), "cpu"))
+    for word in ("parameters", "optimizer_state", "activations", "logits", "activation_checkpointing",
+                 "estimated speed", "alternatives considered"):
+        assert word in text
+
+
+def test_real_size_preset_plans_without_weights(tiny_spec):
+    spec = tiny_spec("model.preset=llama3.1-8b", "data.tokenizer.vocab_size=128256", "train.seq_len=2048",
+                     "train.micro_batch=1", "memory.precision=bf16")
+    p = plan(spec, "h100-80gb")
+    assert 8.0e9 < p.n_params < 8.1e9
+    # bf16 weights + grads + AdamW states in bf16: 8 bytes per parameter at the optimizer step at least
+    assert p.memory.peak_bytes > 8 * p.n_params * 0.75
+    assert p.memory.peak_bytes < PROFILES["h100-80gb"].memory_bytes
+
+
+def test_budget_parsing_used(tiny_spec):
+    p = plan(tiny_spec("memory.budget=3GiB"), "cpu")
+    assert p.budget_bytes == parse_bytes("3GiB") and p.usable_bytes == int(p.budget_bytes * 0.9)
