@@ -104,8 +104,10 @@ def execute(
     from lowmem.plan import plan, render_plan
     from lowmem.train import describe_memory
     from lowmem.train import execute as run
+    from lowmem.train.loop import check_executable
 
     p = _load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan) else plan(load_spec(spec_or_plan, set_ or []))
+    check_executable(p)
     if not quiet:
         typer.echo(render_plan(p))
         typer.echo("")

@@ -149,11 +149,13 @@ def _switch_variant(node: dict, union: mi.Type, tag_field: str, tag: str) -> Non
 
 
 def _default_as_raw(field: mi.Field) -> dict:
-    if field.default is not mi.NODEFAULT and field.default is not None:
-        value = msgspec.to_builtins(field.default)
-        if isinstance(value, dict):
-            return value
-    return {}
+    """The table to create for an absent field: only the default's variant tag, so that the fields the user
+    did not write keep their defaults even if a later override switches the variant."""
+    default = field.default
+    if default is mi.NODEFAULT or default is None or not isinstance(default, msgspec.Struct):
+        return {}
+    config = default.__struct_config__
+    return {config.tag_field: config.tag} if config.tag_field else {}
 
 
 def _parse_value(text: str, type_: mi.Type) -> Any:

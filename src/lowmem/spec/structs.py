@@ -232,9 +232,11 @@ class MemorySpec(Spec, kw_only=True):
     def __post_init__(self):
         if self.budget is not None:
             try:
-                parse_bytes(self.budget)
+                n_bytes = parse_bytes(self.budget)
             except ValueError as err:
                 raise ValueError(f"budget: {err}") from None
+            if n_bytes == 0:
+                raise ValueError("budget = '0': a budget must be more than 0 bytes; leave it out to use the device's memory")
 
     @property
     def budget_bytes(self) -> int | None:

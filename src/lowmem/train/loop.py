@@ -57,11 +57,7 @@ class RunResult(msgspec.Struct, frozen=True, kw_only=True):
 def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True) -> RunResult:
     """Run a plan (a RunSpec is planned for this machine first) and write the run directory."""
     p = plan_or_spec if isinstance(plan_or_spec, Plan) else plan(plan_or_spec)
-    if p.hardware.device != "cpu":
-        raise ValueError(
-            f"this plan was made for {p.hardware.name} ({p.hardware.device}); this version executes on CPU "
-            "only. Re-plan for this machine: lowmem plan SPEC (no --hardware)"
-        )
+    check_executable(p)
     spec = p.spec
     out = Path(out_dir if out_dir is not None else spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +162,15 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
         tokens_per_s=tokens_done / elapsed, planned_peak_bytes=p.memory.peak_bytes,
         measured_peak_bytes=report["measured_peak_bytes"], model_dir=str(model_dir) if model_dir else None,
     )
+
+
+def check_executable(p: Plan) -> None:
+    """Refuse, before anything runs, a plan this version cannot execute here."""
+    if p.hardware.device != "cpu":
+        raise ValueError(
+            f"this plan was made for {p.hardware.name} ({p.hardware.device}); this version executes on CPU "
+            "only. Re-plan for this machine: lowmem plan SPEC (no --hardware)"
+        )
 
 
 def prepare_data(spec: RunSpec) -> tuple[Tokenizer, PackedDataset]:

@@ -1,0 +1,294 @@
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+from typer.testing import CliRunner
+
+from lowmem.cli import app
+from lowmem.plan import PLAN_FORMAT, Plan
+from lowmem.spec import RunSpec, load_spec, parse_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "examples" / "quickstart.toml"
+COMPONENTS = ("parameters", "gradients", "optimizer_state", "activations", "logits", "batch")
+STRATEGIES = ("precision", "activation_checkpointing")
+
+
+def tiny_overrides(cache_dir: Path) -> list[str]:
+    """`--set` arguments that make the quickstart run in a few seconds on one CPU core."""
+    sets = {
+        "model.preset": "tiny",
+        "data.tokenizer.vocab_size": "512",
+        "data.eval_rows": "0",
+        "data.cache_dir": str(cache_dir),
+        "train.steps": "2",
+        "train.schedule.warmup_steps": "0",
+        "train.micro_batch": "2",
+        "train.seq_len": "64",
+        "train.eval_every": "0",
+        "memory.precision": "fp32",
+    }
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def assert_clean_error(result, *parts: str, quiet_stdout: bool = True) -> str:
+    """Exit code 2, exactly one `error:` line on stderr that contains every part, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    if quiet_stdout:
+        assert result.stdout == ""
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for part in parts:
+        assert part in result.stderr
+    return result.stderr
+
+
+# ------------------------------------------------------------------------------------------- surface
+
+
+def test_top_level_help_lists_the_commands(runner):
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
+    assert commands == ["validate", "plan", "execute"]
+
+
+def test_no_arguments_shows_help(runner):
+    result = runner.invoke(app, [])
+    assert "validate" in result.output and "execute" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("validate", {"--set", "-s", "--help"}),
+        ("plan", {"--set", "-s", "--hardware", "--json", "--help"}),
+        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--help"}),
+    ],
+)
+def test_each_command_has_exactly_its_options(runner, command, options):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", result.stdout.split("Options")[1])) >= options
+    found = set(re.findall(r"^│ (--[\w-]+)", result.stdout, re.M))
+    assert found == {o for o in options if o.startswith("--")}
+
+
+# ------------------------------------------------------------------------------------------ validate
+
+
+def test_validate_prints_the_full_spec(runner):
+    result = runner.invoke(app, ["validate", str(QUICKSTART)])
+    assert result.exit_code == 0, result.output
+    printed = msgspec.toml.decode(result.stdout)
+    # defaults are filled in: sections absent from the file are printed too
+    assert printed["method"] == {"kind": "full"}
+    assert printed["memory"]["strategies"]["compile"] == "auto"
+    assert msgspec.convert(printed, RunSpec) == load_spec(QUICKSTART)
+    assert "valid" in result.stderr
+
+
+def test_validate_applies_overrides(runner):
+    result = runner.invoke(app, ["validate", str(QUICKSTART), "--set", "train.steps=70", "-s", "method.kind=lora"])
+    assert result.exit_code == 0, result.output
+    printed = msgspec.toml.decode(result.stdout)
+    assert printed["train"]["steps"] == 70
+    assert printed["method"]["kind"] == "lora" and printed["method"]["rank"] == 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "parts"),
+    [
+        (["train.steps=0"], ["$.train.steps", ": 0", "allowed: an integer"]),
+        (["train.stepz=3"], ["--set train.stepz", "did you mean 'steps'?"]),
+        (["train.steps"], ["--set 'train.steps'", "KEY=VALUE"]),
+        (["method.kind=lorax"], ["$.method.kind", "'lorax'", "'full', 'lora', 'qlora', 'dora'"]),
+    ],
+)
+def test_validate_bad_override_is_one_clean_error(runner, overrides, parts):
+    args = ["validate", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)]
+    assert_clean_error(runner.invoke(app, args), *parts)
+
+
+def test_validate_bad_file_is_one_clean_error(runner, tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("model: {preset: tiny}\ntrain: {steps: 10, micro_batch: -2}\n")
+    assert_clean_error(runner.invoke(app, ["validate", str(spec)]),
+                       str(spec), "`$.train.micro_batch`: -2", ">= 1")
+
+
+@pytest.mark.parametrize(("name", "part"), [("absent.toml", "no such spec file"), ("spec.ini", "unknown spec format")])
+def test_validate_unreadable_spec_is_one_clean_error(runner, tmp_path, name, part):
+    if name.endswith(".ini"):
+        (tmp_path / name).write_text("x = 1\n")
+    assert_clean_error(runner.invoke(app, ["validate", str(tmp_path / name)]), name, part)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def test_plan_prints_strategies_and_memory_table(runner):
+    result = runner.invoke(app, ["plan", str(QUICKSTART)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "lowmem plan · quickstart" in out
+    strategies, memory = out.split("\nstrategies\n")[1].split("\nmemory at peak")
+    for name in STRATEGIES:
+        assert re.search(rf"^  {name}\s+\S+\s+\[(auto|user|fixed)\]", strategies, re.M), name
+    for name in COMPONENTS:
+        assert re.search(rf"^  {name}\s+[\d.]+ (B|KiB|MiB|GiB)\s", memory, re.M), name
+    assert re.search(r"^  total\s+[\d.]+ (KiB|MiB|GiB)\s+[\d.]+% of usable budget", memory, re.M)
+
+
+def test_plan_for_a_named_gpu(runner):
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--hardware", "rtx4090-24gb",
+                                 "--set", "memory.budget=4GiB"])
+    assert result.exit_code == 0, result.output
+    assert "hardware   rtx4090-24gb (cuda, 24.00 GiB)" in result.stdout
+    assert "budget     4.00 GiB" in result.stdout
+
+
+def test_plan_unknown_hardware_is_one_clean_error(runner):
+    assert_clean_error(runner.invoke(app, ["plan", str(QUICKSTART), "--hardware", "nope"]),
+                       "unknown hardware profile 'nope'", "rtx4090-24gb", "h100-80gb")
+
+
+def test_plan_json_decodes_into_a_plan_of_the_loaded_spec(runner):
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--json", "--hardware", "a100-40gb",
+                                 "--set", "train.micro_batch=4", "--set", "train.seq_len=128"])
+    assert result.exit_code == 0, result.output
+    p = msgspec.json.decode(result.stdout, type=Plan)
+    assert p.format == PLAN_FORMAT
+    assert p.spec == load_spec(QUICKSTART, ["train.micro_batch=4", "train.seq_len=128"])
+    assert p.hardware.name == "a100-40gb"
+    assert p.tokens_per_step == 4 * 128
+    assert {c.name for c in p.memory.components} >= set(COMPONENTS)
+    assert p.memory.peak_bytes <= p.usable_bytes
+
+
+def test_plan_over_budget_names_the_smallest_budget_that_works(runner):
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--hardware", "cpu", "--set", "memory.budget=1MiB"])
+    stderr = assert_clean_error(result, "nothing fits memory.budget = 1.00 MiB", "Set memory.budget to at least")
+    need = re.search(r"at least ([\d.]+ [KMGT]iB)", stderr).group(1)
+    assert parse_bytes(need) > 1024**2
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--hardware", "cpu", "--set", f"memory.budget={need}"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(("micro_batch", "seq_len"), [(1, 256), (4, 64), (8, 32), (8, 64), (2, 128)])
+def test_plan_suggested_budget_is_never_rounded_down(runner, micro_batch, seq_len):
+    sets = ["--hardware", "cpu", "--set", f"train.micro_batch={micro_batch}", "--set", f"train.seq_len={seq_len}"]
+    result = runner.invoke(app, ["plan", str(QUICKSTART), *sets, "--set", "memory.budget=1KiB"])
+    assert result.exit_code == 2
+    need = re.search(r"at least ([\d.]+ [KMGT]iB)", result.stderr).group(1)
+    result = runner.invoke(app, ["plan", str(QUICKSTART), *sets, "--set", f"memory.budget={need}"])
+    assert result.exit_code == 0, result.stderr
+    # and it is the smallest such figure at two decimals
+    unit = need.split()[1]
+    smaller = f"{float(need.split()[0]) - 0.01:.2f} {unit}"
+    result = runner.invoke(app, ["plan", str(QUICKSTART), *sets, "--set", f"memory.budget={smaller}"])
+    assert result.exit_code == 2, smaller
+
+
+# ------------------------------------------------------------------------------------------- execute
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny `lowmem execute` of the quickstart, shared by the tests below."""
+    root = tmp_path_factory.mktemp("execute")
+    run_dir = root / "run"
+    args = ["execute", str(QUICKSTART), *tiny_overrides(root / "cache"), "--out", str(run_dir)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"run directory: {run_dir}" in result.stdout
+    assert "done: 2 steps" in result.stdout
+    return run_dir
+
+
+def test_execute_writes_the_run_directory(tiny_run):
+    for name in ("plan.json", "metrics.jsonl", "memory.json", "model/config.json", "model/model.safetensors",
+                 "model/tokenizer.model"):
+        assert (tiny_run / name).is_file(), name
+        assert (tiny_run / name).stat().st_size > 0, name
+    p = msgspec.json.decode((tiny_run / "plan.json").read_bytes(), type=Plan)
+    assert p.spec.model.preset == "tiny" and p.spec.train.steps == 2
+    assert p.strategies.precision == "fp32"
+    assert json.loads((tiny_run / "model" / "config.json").read_text())["vocab_size"] == 512
+    memory = json.loads((tiny_run / "memory.json").read_text())
+    assert memory["measured_peak_bytes"] > 0
+
+
+def test_execute_logs_one_json_object_per_step(tiny_run):
+    records = read_metrics(tiny_run)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert isinstance(r["loss"], float) and math.isfinite(r["loss"])
+        # an untrained model predicts about uniformly over the 512-token vocabulary
+        assert abs(r["loss"] - math.log(512)) < 1.0
+
+
+def test_execute_of_the_saved_plan_repeats_the_losses_exactly(tiny_run, tmp_path, runner):
+    other = tmp_path / "again"
+    result = runner.invoke(app, ["execute", str(tiny_run / "plan.json"), "--out", str(other), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "strategies" not in result.stdout  # --quiet skips the plan report
+    assert (other / "model" / "model.safetensors").is_file()
+    first, again = read_metrics(tiny_run), read_metrics(other)
+    assert [r["step"] for r in again] == [r["step"] for r in first]
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]  # bitwise: CPU fp32 is deterministic
+    assert (other / "model" / "model.safetensors").read_bytes() == (
+        tiny_run / "model" / "model.safetensors").read_bytes()
+
+
+def test_execute_saved_plan_refuses_overrides(tiny_run, tmp_path, runner):
+    result = runner.invoke(app, ["execute", str(tiny_run / "plan.json"), "--out", str(tmp_path / "x"),
+                                 "--set", "train.steps=3"])
+    assert_clean_error(result, "--set cannot change a saved plan")
+    assert not (tmp_path / "x").exists()
+
+
+def test_execute_plan_for_other_hardware_is_one_clean_error(runner, tmp_path):
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--json", "--hardware", "h100-80gb"])
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(result.stdout)
+    result = runner.invoke(app, ["execute", str(plan_path), "--out", str(tmp_path / "run")])
+    # the plan report is printed before the run starts, the error after it
+    assert_clean_error(result, "h100-80gb", "CPU only", quiet_stdout=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------- subprocess
+
+
+def test_module_entry_point_plans_the_quickstart():
+    result = subprocess.run([sys.executable, "-m", "lowmem.cli", "plan", "examples/quickstart.toml"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "memory at peak" in result.stdout
+
+
+def test_console_script_reports_a_bad_spec_without_traceback():
+    script = Path(sys.executable).with_name("lowmem")
+    result = subprocess.run([str(script), "validate", "examples/quickstart.toml", "--set", "train.steps=-1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: examples/quickstart.toml: invalid value at `$.train.steps`: -1")
