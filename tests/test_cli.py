@@ -75,7 +75,7 @@ def test_no_arguments_shows_help(runner):
     [
         ("validate", {"--set", "-s", "--help"}),
         ("plan", {"--set", "-s", "--hardware", "--json", "--help"}),
-        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--help"}),
+        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
     ],
 )
 def test_each_command_has_exactly_its_options(runner, command, options):

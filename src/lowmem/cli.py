@@ -91,14 +91,20 @@ def plan_cmd(
 @app.command()
 @_user_errors
 def execute(
-    spec_or_plan: Annotated[Path, typer.Argument(help="A spec file, or a plan.json from `lowmem plan --json`.",
-                                                 show_default=False)],
+    spec_or_plan: Annotated[Path, typer.Argument(
+        help="A spec file, a plan.json from `lowmem plan --json`, or a run directory (with --resume).",
+        show_default=False)],
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: the spec's output.dir).",
                                              show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's newest checkpoint.")]
+    = False,
 ) -> None:
-    """Run a spec (planned for this machine first) or a saved plan, and write the run directory."""
+    """Run a spec (planned for this machine first) or a saved plan, and write the run directory.
+
+    Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and stops; `--resume` continues it.
+    """
     import json
 
     from lowmem.plan import plan, render_plan
@@ -106,13 +112,22 @@ def execute(
     from lowmem.train import execute as run
     from lowmem.train.loop import check_executable
 
+    if spec_or_plan.is_dir():
+        if not (spec_or_plan / "plan.json").is_file():
+            raise _UserError(f"{spec_or_plan} is a directory without plan.json; give a spec file or a run directory")
+        out = out or spec_or_plan
+        spec_or_plan = spec_or_plan / "plan.json"
     p = _load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan) else plan(load_spec(spec_or_plan, set_ or []))
     check_executable(p)
     if not quiet:
         typer.echo(render_plan(p))
         typer.echo("")
-    result = run(p, out, progress=not quiet)
+    result = run(p, out, progress=not quiet, resume=resume)
     typer.echo("")
+    if result.interrupted:
+        typer.echo(f"interrupted after step {result.steps}: checkpoint written; continue with "
+                   f"`lowmem execute {result.out_dir} --resume`")
+        raise typer.Exit(code=130)
     typer.echo(f"done: {result.steps} steps, loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
                + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else "")
                + f", {result.tokens_per_s:,.0f} tokens/s")

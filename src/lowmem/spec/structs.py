@@ -155,6 +155,7 @@ class AdamW8bit(Spec, kw_only=True, tag="adamw8bit", tag_field="kind"):
     eps: PositiveFloat = 1e-8
     weight_decay: Annotated[float, Meta(ge=0)] = 0.0
     backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"
+    paged: bool = False  # bitsandbytes PagedAdamW8bit: states in CUDA unified memory, paged out under pressure
 
 
 class AdamW4bit(Spec, kw_only=True, tag="adamw4bit", tag_field="kind"):
@@ -251,6 +252,8 @@ class OutputSpec(Spec, kw_only=True):
 
     dir: str = "runs/{name}"
     save_final: bool = True
+    save_every: NonNegInt = 0  # a resumable checkpoint every N optimizer steps (0: only on SIGINT/SIGTERM)
+    keep: PositiveInt = 2  # checkpoints kept; older ones are deleted after a new one is complete
 
 
 # ------------------------------------------------------------------------------------------------ run

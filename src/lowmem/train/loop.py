@@ -6,12 +6,17 @@ A run directory holds::
     metrics.jsonl    one JSON record per logged step and per evaluation
     memory.json      planned versus measured peak memory, by component
     model/           final weights in Hugging Face format (config.json, model.safetensors, tokenizer.model)
+    checkpoints/     step-NNNNNNNN/ resumable checkpoints (see lowmem.train.checkpoint), newest `output.keep`
 """
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +36,8 @@ from lowmem.nn import cross_entropy_sum, forward, init_params, load_hf, output_w
 from lowmem.plan import Plan, plan
 from lowmem.spec.structs import FileTokenizer, RunSpec
 from lowmem.spec.units import format_bytes
-from lowmem.train.memory import LiveTensorTracker, measure_cuda_peak  # noqa: F401  (CUDA path: issue 5)
+from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
+from lowmem.train.memory import LiveTensorTracker
 from lowmem.train.optim import build_optimizer, lr_at
 from lowmem.train.strategies import block_runner, param_dtype
 
@@ -44,7 +50,7 @@ class RunResult(msgspec.Struct, frozen=True, kw_only=True):
     """What a finished run reports back to a caller."""
 
     out_dir: str
-    steps: int
+    steps: int  # tokens_per_s below is over the steps after the first MEASURE_STEPS (memory-tracked) ones
     first_loss: float
     final_loss: float
     eval_loss: float | None
@@ -52,15 +58,72 @@ class RunResult(msgspec.Struct, frozen=True, kw_only=True):
     planned_peak_bytes: int
     measured_peak_bytes: int
     model_dir: str | None
+    interrupted: bool = False
+    resumed_from_step: int = 0
 
 
-def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True) -> RunResult:
-    """Run a plan (a RunSpec is planned for this machine first) and write the run directory."""
+class StepStats(msgspec.Struct, frozen=True):
+    """What one optimizer step reports."""
+
+    loss: float
+    n_tokens: int
+    grad_norm: float
+    lr: float
+
+
+def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trainable: list[torch.Tensor],
+               optimizer: torch.optim.Optimizer, tracker: LiveTensorTracker | None) -> StepStats:
+    """One optimizer step over `train.grad_accum` micro-batches; `tracker` (if given) is active throughout."""
+    lr = lr_at(step, total_steps, spec.optimizer.lr, spec.train.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, n_tokens = 0.0, 0
+    for _ in range(spec.train.grad_accum):
+        batch = next(loader)
+        if tracker:
+            tracker.add_existing(batch.values(), "batch")
+        micro_loss, micro_n = loss_of(batch)
+        micro_loss.backward()
+        loss_sum += micro_loss.item()
+        n_tokens += int(micro_n)
+        if tracker:
+            tracker.reclassify((t.grad for t in trainable), "gradients")
+    # normalize by the target tokens of the whole step, not per micro-batch (torchtune #1875)
+    scale = 1.0 / max(n_tokens, 1)
+    for t in trainable:
+        t.grad.mul_(scale)
+    grad_norm = _clip(trainable, spec.train.clip_grad_norm)
+    with tracker.category("optimizer_state") if tracker else contextlib.nullcontext():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_sum / max(n_tokens, 1)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} at step {step + 1}; lower optimizer.lr ({spec.optimizer.lr}) or use precision fp32"
+        )
+    return StepStats(loss=loss, n_tokens=n_tokens, grad_norm=grad_norm, lr=lr)
+
+
+def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True,
+            resume: bool = False) -> RunResult:
+    """Run a plan (a RunSpec is planned for this machine first) and write the run directory.
+
+    With `resume`, continue from the newest complete checkpoint in the run directory (same plan required);
+    the resumed run's losses equal those of a run never stopped. SIGINT/SIGTERM finish the current step,
+    write a checkpoint and return with `interrupted=True`.
+    """
     p = plan_or_spec if isinstance(plan_or_spec, Plan) else plan(plan_or_spec)
     check_executable(p)
     spec = p.spec
     out = Path(out_dir if out_dir is not None else spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = plan_fingerprint(p)
+    resume_from = latest_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out}/checkpoints; run without --resume to start")
+    if not resume and latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose "
+                         "another --out so nothing is overwritten")
     (out / "plan.json").write_bytes(msgspec.json.format(msgspec.json.encode(p), indent=2))
 
     torch.manual_seed(spec.train.seed)
@@ -68,14 +131,18 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     train_rows, eval_rows = split_rows(len(dataset), spec.data.eval_rows, spec.train.seed)
     total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows))
 
-    dtype = param_dtype(p.strategies)
-    params = _initial_params(p, dtype)
+    params = _initial_params(p, param_dtype(p.strategies))
     trainable = list(params.values())
     for t in trainable:
         t.requires_grad_(True)
     optimizer = build_optimizer(spec.optimizer, trainable)
+    loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
+    first_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, params, optimizer, fingerprint)
+        loader.load_state_dict(state["loader"])
+        first_step = state["step"]
     run_block = block_runner(p.strategies)
-
     tracker = LiveTensorTracker()
 
     def loss_of(batch):
@@ -84,84 +151,110 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
         with tracker.category("logits"):
             return cross_entropy_sum(hidden, output_weight(params, p.model), batch["labels"])
 
-    loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
-    metrics = open(out / "metrics.jsonl", "w")
+    def save(step: int) -> None:
+        save_checkpoint(out, step, params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
+
+    metrics = _open_metrics(out / "metrics.jsonl", first_step)
     printer = _Progress(total_steps, enabled=progress)
     tracker.add_existing(trainable, "parameters")
-    losses, measured, eval_loss = [], None, None
+    tracker.add_existing(_state_tensors(optimizer), "optimizer_state")
+    losses, measured, eval_loss, interrupted = [], None, None, False
     start = time.perf_counter()
-    tokens_done = 0
-    try:
-        for step in range(total_steps):
-            measuring = step < MEASURE_STEPS
-            if measuring:
-                tracker.__enter__()
-            lr = lr_at(step, total_steps, spec.optimizer.lr, spec.train.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, n_tokens = 0.0, 0
-            for _ in range(spec.train.grad_accum):
-                batch = next(loader)
+    tokens_done, steady_start, steady_tokens = 0, None, 0
+    with _StopOnSignal() as stop:
+        try:
+            for step in range(first_step, total_steps):
+                measuring = step - first_step < MEASURE_STEPS
                 if measuring:
-                    tracker.add_existing(batch.values(), "batch")
-                micro_loss, micro_n = loss_of(batch)
-                micro_loss.backward()
-                loss_sum += micro_loss.item()
-                n_tokens += int(micro_n)
-                if measuring:
-                    tracker.reclassify((t.grad for t in trainable), "gradients")
-            # normalize by the target tokens of the whole step, not per micro-batch (torchtune #1875)
-            scale = 1.0 / max(n_tokens, 1)
-            for t in trainable:
-                t.grad.mul_(scale)
-            grad_norm = _clip(trainable, spec.train.clip_grad_norm)
-            if measuring:
-                with tracker.category("optimizer_state"):
-                    optimizer.step()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if measuring:
-                tracker.__exit__(None, None, None)
-                measured = tracker.snapshot()
-            loss = loss_sum / max(n_tokens, 1)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss} at step {step + 1}; lower optimizer.lr ({spec.optimizer.lr}) or use "
-                    "precision fp32"
-                )
-            losses.append(loss)
-            tokens_done += p.tokens_per_step
-            elapsed = time.perf_counter() - start
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_done,
-                      "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed}
-            if spec.train.eval_every and len(eval_rows) >= spec.train.micro_batch and (
-                (step + 1) % spec.train.eval_every == 0 or step + 1 == total_steps
-            ):
-                eval_loss = evaluate(loss_of, dataset, eval_rows, spec)
-                record["eval_loss"] = eval_loss
-            if (step + 1) % spec.train.log_every == 0 or step + 1 == total_steps or "eval_loss" in record:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                printer.update(record)
-    finally:
-        loader.close()
-        metrics.close()
-        printer.close()
-    elapsed = time.perf_counter() - start
+                    with tracker:
+                        stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, tracker)
+                    measured = tracker.snapshot()
+                else:
+                    stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, None)
+                losses.append(stats.loss)
+                tokens_done += p.tokens_per_step
+                elapsed = time.perf_counter() - start
+                if step - first_step + 1 == MEASURE_STEPS:  # steady speed excludes the slower, measured steps
+                    steady_start, steady_tokens = time.perf_counter(), tokens_done
+                record = {"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                          "tokens": (step + 1) * p.tokens_per_step, "tokens_per_s": tokens_done / elapsed,
+                          "elapsed_s": elapsed}
+                if spec.train.eval_every and len(eval_rows) >= spec.train.micro_batch and (
+                    (step + 1) % spec.train.eval_every == 0 or step + 1 == total_steps
+                ):
+                    eval_loss = evaluate(loss_of, dataset, eval_rows, spec)
+                    record["eval_loss"] = eval_loss
+                if (step + 1) % spec.train.log_every == 0 or step + 1 == total_steps or "eval_loss" in record:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    printer.update(record, done_before=first_step)
+                if stop.requested:
+                    save(step + 1)
+                    interrupted = True
+                    break
+                if spec.output.save_every and (step + 1) % spec.output.save_every == 0 and step + 1 < total_steps:
+                    save(step + 1)
+        finally:
+            loader.close()
+            metrics.close()
+            printer.close()
+    end = time.perf_counter()
+    if steady_start is not None and tokens_done > steady_tokens:
+        tokens_per_s = (tokens_done - steady_tokens) / (end - steady_start)
+    else:
+        tokens_per_s = tokens_done / max(end - start, 1e-9)
 
     report = memory_report(p, measured)
     (out / "memory.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
     model_dir = None
-    if spec.output.save_final:
+    if spec.output.save_final and not interrupted:
         model_dir = out / "model"
-        save_hf({k: v.detach() for k, v in params.items()}, p.model, model_dir)
+        save_hf({k: v.detach() for k, v in params.items()}, p.model, model_dir, overwrite=True)
         shutil.copyfile(tokenizer.path, model_dir / "tokenizer.model")
     return RunResult(
-        out_dir=str(out), steps=total_steps, first_loss=losses[0], final_loss=losses[-1], eval_loss=eval_loss,
-        tokens_per_s=tokens_done / elapsed, planned_peak_bytes=p.memory.peak_bytes,
-        measured_peak_bytes=report["measured_peak_bytes"], model_dir=str(model_dir) if model_dir else None,
+        out_dir=str(out), steps=first_step + len(losses), first_loss=losses[0] if losses else math.nan,
+        final_loss=losses[-1] if losses else math.nan, eval_loss=eval_loss, tokens_per_s=tokens_per_s,
+        planned_peak_bytes=p.memory.peak_bytes, measured_peak_bytes=report["measured_peak_bytes"],
+        model_dir=str(model_dir) if model_dir else None, interrupted=interrupted, resumed_from_step=first_step,
     )
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _open_metrics(path: Path, first_step: int):
+    """metrics.jsonl for appending: on resume, records after the checkpoint's step are dropped (they re-run)."""
+    if first_step == 0 or not path.exists():
+        return open(path, "w")
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= first_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to checkpoint after the current step and stop (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def check_executable(p: Plan) -> None:
@@ -252,11 +345,11 @@ class _Progress:
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
 
-    def update(self, r: dict) -> None:
+    def update(self, r: dict, done_before: int = 0) -> None:
         if not self.enabled:
             return
         elapsed = r["elapsed_s"]
-        left = elapsed / r["step"] * (self.total - r["step"])
+        left = elapsed / max(r["step"] - done_before, 1) * (self.total - r["step"])
         line = (f"step {r['step']:>{len(str(self.total))}}/{self.total}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
                 f"{r['tokens_per_s']:,.0f} tok/s  {_clock(elapsed)} elapsed, {_clock(left)} left")
         if "eval_loss" in r:

@@ -1,21 +1,94 @@
-"""Optimizers from the spec, and the learning-rate schedule."""
+"""Optimizers from the spec, and the learning-rate schedule.
 
+Which tensors the low-bit optimizers quantize (read from the installed sources; `optimizer_state_bytes` in
+`lowmem.plan.estimate` counts the same way and tests/train/test_optim.py measures it):
+
+- bitsandbytes 0.50 `AdamW8bit` / `PagedAdamW8bit` (bitsandbytes/optim/optimizer.py, `Optimizer2State.init_state`):
+  a tensor with fewer than `min_8bit_size` = 4096 elements keeps both moments in fp32 (whatever the
+  parameter's dtype); a larger one gets two uint8 moments, one fp32 absmax per 256-element block each (the last
+  block may be partial) and the two 256-entry fp32 quantization maps, which every parameter of the optimizer
+  shares. `step` is a Python int. On CPU the update is plain torch ops (bitsandbytes/backends/cpu/ops.py,
+  `_optimizer_update_8bit_blockwise_cpu`), so it is deterministic; paged buffers are CUDA-only
+  (`get_state_buffer` falls back to ordinary tensors on CPU, with a warning).
+- torchao 0.18 `AdamW8bit` / `AdamW4bit` (torchao/optim/adam.py, `_AdamBase._new_buffer`): a tensor is
+  quantized only if it has at least 4096 elements *and* its element count is a multiple of the block size
+  (256 for 8-bit, 128 for 4-bit); otherwise both moments are plain tensors in the parameter's dtype. A
+  quantized moment holds its codes (uint8, two 4-bit codes per byte for 4-bit), one fp32 scale per block and its
+  own fp32 quantization map (256 or 16 entries; torchao/optim/subclass_8bit.py, subclass_4bit.py). Each
+  parameter also has a 0-d fp32 `step`. The update runs under `torch.compile(dynamic=False)`, so every new
+  parameter shape compiles once (about 10-25 s each on a CPU).
+"""
+
+import importlib
 import math
 
 import torch
 
-from lowmem.spec.structs import SGD, AdamW, OptimizerSpec, ScheduleSpec
+from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, ScheduleSpec
 
 
 def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """The torch optimizer the spec names, over `params` (all trainable)."""
+    """The torch optimizer the spec names, over `params` (all trainable).
+
+    The learning rate of every optimizer returned can be changed between steps by assigning a float to
+    `param_groups[i]["lr"]`, which is how the training loop applies its schedule.
+    """
     if isinstance(spec, AdamW):
         return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
                                  weight_decay=spec.weight_decay)
     if isinstance(spec, SGD):
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    # the planner rejects every other optimizer before a run starts
-    raise AssertionError(f"optimizer {type(spec).__name__} reached the executor unplanned")
+    if isinstance(spec, Adafactor):
+        # torch's Adafactor (Shazeer & Stern 2018, no first moment): a factored second moment for
+        # tensors with 2+ dims, relative step size min(lr, 1/sqrt(step)), decoupled weight decay
+        return torch.optim.Adafactor(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if isinstance(spec, AdamW8bit):
+        if spec.backend == "bitsandbytes":
+            return _bitsandbytes_adamw8bit(spec, params)
+        if spec.paged:
+            raise ValueError("optimizer.paged = true needs optimizer.backend = 'bitsandbytes' (torchao has no "
+                             "paged optimizers); set optimizer.paged = false or switch the backend")
+        optim = _import_backend("torchao.optim", "optimizer.backend = 'torchao'", "torchao")
+        return _torchao(optim.AdamW8bit, spec, params)
+    if isinstance(spec, AdamW4bit):
+        optim = _import_backend("torchao.optim", "optimizer.kind = 'adamw4bit'", "torchao")
+        return _torchao(optim.AdamW4bit, spec, params)
+    raise AssertionError(f"unhandled optimizer {type(spec).__name__}")
+
+
+def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (paged when `spec.paged`; on CPU tensors paging is a no-op)."""
+    optim = _import_backend("bitsandbytes.optim", "optimizer.backend = 'bitsandbytes'", "bitsandbytes")
+    cls = optim.PagedAdamW8bit if spec.paged else optim.AdamW8bit
+    return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+
+
+def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW8bit | AdamW4bit,
+             params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """A torchao low-bit AdamW that also accepts a float `lr` assigned between steps."""
+    optimizer = cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    optimizer.register_step_pre_hook(_lr_as_tensor)
+    return optimizer
+
+
+def _import_backend(module: str, where: str, package: str):
+    """Import an optional optimizer backend, or say which spec field needs it and how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"{where} needs the {package} package, which does not import here ({e}); "
+                         f"install it (pip install {package}) or choose another optimizer") from e
+
+
+def _lr_as_tensor(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Step pre-hook: turn a float `lr` in any param group into the 0-d fp32 tensor torchao requires.
+
+    torchao's low-bit AdamW keeps `lr` as a tensor so that its compiled step does not recompile when the
+    value changes, and raises on a float (torchao/optim/adam.py, `_AdamBase.step`); the loop assigns floats.
+    """
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: ScheduleSpec) -> float:

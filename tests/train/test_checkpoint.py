@@ -1,0 +1,112 @@
+"""Checkpoints: atomic, rotated, and a run killed or interrupted resumes to the same losses (bitwise, CPU fp32)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lowmem.plan import plan
+from lowmem.spec import encode_spec
+from lowmem.train import execute
+from lowmem.train.checkpoint import latest_checkpoint
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_checkpoints_are_written_and_rotated(tiny_spec, tmp_path):
+    spec = tiny_spec("train.steps=7", "output.save_every=2", "output.keep=2")
+    execute(plan(spec, "cpu"), tmp_path, progress=False)
+    names = sorted(d.name for d in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000004", "step-00000006"]  # 2 kept; none at the final step (the model is saved)
+    for name in ("model.safetensors", "optimizer.safetensors", "trainer.json"):
+        assert (tmp_path / "checkpoints/step-00000006" / name).is_file()
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tiny_spec, tmp_path):
+    full = tiny_spec("train.steps=6")
+    execute(plan(full, "cpu"), tmp_path / "full", progress=False)
+    # same run, checkpointing every 2 steps; drop the newest checkpoint and the final model to "go back in time"
+    spec = tiny_spec("train.steps=6", "output.save_every=2", "output.keep=5")
+    execute(plan(spec, "cpu"), tmp_path / "part", progress=False)
+    import shutil
+
+    shutil.rmtree(tmp_path / "part/checkpoints/step-00000004")
+    result = execute(plan(spec, "cpu"), tmp_path / "part", progress=False, resume=True)
+    assert result.resumed_from_step == 2
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")  # bitwise
+
+
+def test_resume_refuses_a_different_plan(tiny_spec, tmp_path):
+    spec = tiny_spec("train.steps=3", "output.save_every=1")
+    execute(plan(spec, "cpu"), tmp_path, progress=False)
+    other = tiny_spec("train.steps=3", "output.save_every=1", "optimizer.lr=1e-2")
+    with pytest.raises(ValueError, match="different plan"):
+        execute(plan(other, "cpu"), tmp_path, progress=False, resume=True)
+
+
+def test_a_new_run_never_overwrites_a_runs_checkpoints(tiny_spec, tmp_path):
+    spec = tiny_spec("train.steps=2", "output.save_every=1")
+    execute(plan(spec, "cpu"), tmp_path, progress=False)
+    before = latest_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="--resume"):
+        execute(plan(spec, "cpu"), tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path) == before
+
+
+def _spawn(spec_file, run_dir):
+    return subprocess.Popen([sys.executable, "-m", "lowmem.cli", "execute", str(spec_file), "--out", str(run_dir),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_same_losses(tiny_spec, tmp_path):
+    spec = tiny_spec("train.steps=12", "output.save_every=2", "output.keep=3")
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_bytes(encode_spec(spec))
+    execute(plan(spec, "cpu"), tmp_path / "reference", progress=False)
+
+    run_dir = tmp_path / "killed"
+    proc = _spawn(spec_file, run_dir)
+    _wait_for(run_dir / "checkpoints/step-00000004", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model").exists()
+    # whatever the kill interrupted, only complete checkpoints are visible
+    ckpt = latest_checkpoint(run_dir)
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.safetensors", "trainer.json"}
+    result = subprocess.run([sys.executable, "-m", "lowmem.cli", "execute", str(run_dir), "--resume", "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _losses(run_dir) == _losses(tmp_path / "reference")
+    assert not [d for d in (run_dir / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_spec, tmp_path):
+    spec = tiny_spec("train.steps=400", "output.save_every=1", "output.keep=1")
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_bytes(encode_spec(spec))
+    run_dir = tmp_path / "run"
+    proc = _spawn(spec_file, run_dir)
+    _wait_for(run_dir / "checkpoints/step-00000002", proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out
+    step = int(latest_checkpoint(run_dir).name.split("-")[1])
+    assert 2 <= step < 400
+    assert _losses(run_dir)[-1] == _losses(run_dir)[step - 1]
