@@ -12,7 +12,7 @@ def test_unconstrained_plan_picks_the_fastest_and_records_alternatives(tiny_spec
     # the named 'cpu' profile has no native bf16, so fp32 compute is faster there
     assert p.strategies.precision == "fp32"
     assert p.strategies.activation_checkpointing == "off"
-    assert len(p.alternatives) == 4 and sum(a.chosen for a in p.alternatives) == 1
+    assert len(p.alternatives) == 12 and sum(a.chosen for a in p.alternatives) == 1  # 2 x 2 x 3 losses
     chosen = next(a for a in p.alternatives if a.chosen)
     assert chosen.tokens_per_s == max(a.tokens_per_s for a in p.alternatives if a.fits)
     reasons = {d.strategy: d.reason for d in p.decisions}
@@ -25,12 +25,14 @@ def test_gpu_profile_prefers_bf16(tiny_spec):
 
 
 def test_tight_budget_turns_on_checkpointing(tiny_spec):
-    spec = tiny_spec("train.seq_len=512", "train.micro_batch=8")
-    off = plan(spec, "cpu")
-    on = plan(tiny_spec("train.seq_len=512", "train.micro_batch=8", "memory.strategies.activation_checkpointing=on"), "cpu")
+    # the loss strategies are held off, so checkpointing is the only lever
+    fixed = ("train.seq_len=512", "train.micro_batch=8", "memory.strategies.chunked_cross_entropy=off",
+             "memory.strategies.fused_cross_entropy=off")
+    off = plan(tiny_spec(*fixed), "cpu")
+    on = plan(tiny_spec(*fixed, "memory.strategies.activation_checkpointing=on"), "cpu")
     assert on.memory.peak_bytes < off.memory.peak_bytes
     budget = (on.memory.peak_bytes + off.memory.peak_bytes) // 2 / 0.9  # between the two, before the margin
-    p = plan(tiny_spec("train.seq_len=512", "train.micro_batch=8", f"memory.budget={int(budget)}"), "cpu")
+    p = plan(tiny_spec(*fixed, f"memory.budget={int(budget)}"), "cpu")
     assert p.strategies.activation_checkpointing == "full"
     assert p.memory.peak_bytes <= p.usable_bytes
     decision = next(d for d in p.decisions if d.strategy == "activation_checkpointing")
@@ -54,10 +56,10 @@ def test_forced_choices_are_respected(tiny_spec):
 
 
 @pytest.mark.parametrize("override,field", [
-    ("memory.strategies.fused_cross_entropy=on", "memory.strategies.fused_cross_entropy"),
+    ("memory.strategies.optimizer_in_backward=on", "memory.strategies.optimizer_in_backward"),
     ("memory.precision=fp16", "memory.precision"),
-    ("method.kind=lora", "method.kind"),
-    ("optimizer.kind=adamw8bit", "optimizer.kind"),
+    ("method.kind=qlora", "method.kind"),
+    ("optimizer.kind=adamw4bit", "optimizer.kind"),
 ])
 def test_unavailable_requests_are_refused_by_name(tiny_spec, override, field):
     with pytest.raises(PlanError, match=field.replace(".", r"\.")):
@@ -100,3 +102,36 @@ def test_real_size_preset_plans_without_weights(tiny_spec):
 def test_budget_parsing_used(tiny_spec):
     p = plan(tiny_spec("memory.budget=3GiB"), "cpu")
     assert p.budget_bytes == parse_bytes("3GiB") and p.usable_bytes == int(p.budget_bytes * 0.9)
+
+
+def test_both_losses_forced_on_is_an_error_naming_both(tiny_spec):
+    with pytest.raises(PlanError) as err:
+        plan(tiny_spec("memory.strategies.chunked_cross_entropy=on", "memory.strategies.fused_cross_entropy=on"), "cpu")
+    assert "chunked_cross_entropy" in str(err.value) and "fused_cross_entropy" in str(err.value)
+
+
+def test_tight_budget_picks_a_loss_without_full_logits(tiny_spec):
+    standard = plan(tiny_spec("memory.strategies.chunked_cross_entropy=off",
+                              "memory.strategies.fused_cross_entropy=off",
+                              "memory.strategies.activation_checkpointing=off"), "cpu")
+    budget = int(standard.memory.peak_bytes * 0.9 / 0.9)  # just under the standard plan's need
+    p = plan(tiny_spec("memory.strategies.activation_checkpointing=off", f"memory.budget={budget - 1}"), "cpu")
+    assert p.strategies.cross_entropy in ("chunked", "fused")
+    # with room to spare the faster standard loss is kept
+    assert plan(tiny_spec(), "cpu").strategies.cross_entropy == "standard"
+
+
+def test_lora_trains_only_adapters_and_plans_less_memory(tiny_spec):
+    full = plan(tiny_spec(), "cpu")
+    lora = plan(tiny_spec("method.kind=lora", "method.rank=4", "method.targets=[wq,wv]"), "cpu")
+    cfg = lora.model
+    expected = cfg.n_layers * 2 * (4 * cfg.dim + cfg.n_heads * cfg.head_dim * 4)  # wq: A (4, D), B (Q, 4)
+    expected = cfg.n_layers * ((4 * cfg.dim + cfg.n_heads * cfg.head_dim * 4)
+                               + (4 * cfg.dim + cfg.n_kv_heads * cfg.head_dim * 4))
+    assert lora.n_trainable == expected
+    assert lora.memory.by_name()["optimizer_state"] < full.memory.by_name()["optimizer_state"] / 10
+
+
+def test_lora_on_the_output_head_is_refused_by_name(tiny_spec):
+    with pytest.raises(PlanError, match="method.targets"):
+        plan(tiny_spec("method.kind=lora", "method.targets=[wq,output]"), "cpu")

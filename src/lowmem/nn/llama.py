@@ -11,20 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from lowmem.nn.config import ModelConfig, param_shapes
 
+if TYPE_CHECKING:
+    from lowmem.nn.lora import LoraSettings
+
 __all__ = [
+    "ADAPTER_SUFFIXES",
     "BLOCK_PARAM_NAMES",
+    "AdaptedWeight",
     "apply_rope",
     "attention",
     "block",
     "doc_mask",
     "forward",
     "init_params",
+    "linear",
     "logits",
     "mlp",
     "output_weight",
@@ -41,6 +48,10 @@ BLOCK_PARAM_NAMES = (
 )
 
 INIT_STD = 0.02
+
+# Adapter tensors live in params next to the weight they adapt: `{name}.lora_a` (r, in),
+# `{name}.lora_b` (out, r) and, for DoRA, `{name}.dora_m` (out,). See `lowmem.nn.lora`.
+ADAPTER_SUFFIXES = (".lora_a", ".lora_b", ".dora_m")
 
 
 def init_params(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
@@ -122,7 +133,58 @@ def doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same_doc)[:, None]  # (B, 1, T, T)
 
 
-def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+class AdaptedWeight(NamedTuple):
+    """A frozen weight (out, in) with its LoRA (or DoRA) adapter: a leaf type that `linear` dispatches on.
+
+    `forward` builds these from params holding `{name}.lora_a` etc.; plain weights stay plain tensors.
+    """
+
+    weight: torch.Tensor  # (out, in)
+    lora_a: torch.Tensor  # (r, in)
+    lora_b: torch.Tensor  # (out, r)
+    dora_m: torch.Tensor | None  # (out,) DoRA magnitude, None for plain LoRA
+    scale: float  # alpha / r
+    dropout: float  # probability applied to the adapter's input; 0.0 outside training
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+
+Weight = torch.Tensor | AdaptedWeight
+
+
+def dora_row_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """||W + scale * B @ A|| over the input dim, one value per output row (out,), without gradient.
+
+    DoRA (arXiv 2402.09353, section 4.3) treats this norm as a constant in backprop; PEFT detaches it too.
+    """
+    with torch.no_grad():
+        return torch.linalg.norm(weight + scale * (lora_b @ lora_a), dim=1).to(weight.dtype)  # (out,)
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x (..., in) → (..., out) through a plain weight (out, in) or an `AdaptedWeight`.
+
+    LoRA:  W x + s B A d(x), with d dropout on the adapter's input only.
+    DoRA:  W x + (g - 1) W d(x) + g s B A d(x), g = m / ||W + s B A||_row (detached); without dropout this
+    is g (W + s B A) x, the DoRA weight m (W + s B A) / ||W + s B A||_row. Same grouping as PEFT's
+    `DoraLinearVariant.forward`, so the two agree to rounding.
+    """
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    y = F.linear(x, w.weight)
+    xd = F.dropout(x, w.dropout) if w.dropout > 0 else x
+    lora = F.linear(F.linear(xd, w.lora_a), w.lora_b) * w.scale  # (..., out)
+    if w.dora_m is None:
+        return y + lora
+    g = w.dora_m / dora_row_norm(w.weight, w.lora_a, w.lora_b, w.scale)  # (out,)
+    yd = y if xd is x else F.linear(xd, w.weight)
+    return y + (g - 1) * yd + g * lora
+
+
+def attention(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
               n_heads: int, n_kv_heads: int) -> torch.Tensor:
     """Causal grouped-query self-attention with RoPE. x (B, T, D) → (B, T, D).
@@ -132,9 +194,9 @@ def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Ten
     """
     B, T, _ = x.shape
     hd = wq.shape[0] // n_heads
-    q = F.linear(x, wq).view(B, T, n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
-    k = F.linear(x, wk).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-    v = F.linear(x, wv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+    q = linear(x, wq).view(B, T, n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
+    k = linear(x, wk).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+    v = linear(x, wv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if n_kv_heads != n_heads:
         # Query head h reads kv head h // (H / KV), as in HF `repeat_kv`. Expanded by hand rather than
@@ -147,17 +209,17 @@ def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Ten
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     y = y.transpose(1, 2).reshape(B, T, n_heads * hd)  # (B, T, H*hd)
-    return F.linear(y, wo)  # (B, T, D)
+    return linear(y, wo)  # (B, T, D)
 
 
-def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+def mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight) -> torch.Tensor:
     """SwiGLU: w2(silu(w1 x) * w3 x). x (B, T, D) → (B, T, D); w1, w3 (F, D), w2 (D, F)."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
-def block(h: torch.Tensor, attn_norm: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
-          wo: torch.Tensor, mlp_norm: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-          cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *, cfg: ModelConfig) -> torch.Tensor:
+def block(h: torch.Tensor, attn_norm: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
+          mlp_norm: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, cos: torch.Tensor, sin: torch.Tensor,
+          mask: torch.Tensor | None, *, cfg: ModelConfig) -> torch.Tensor:
     """One pre-norm transformer block. h (B, T, D) → (B, T, D)."""
     h = h + attention(rms_norm(h, attn_norm, cfg.norm_eps), wq, wk, wv, wo, cos, sin, mask,
                       cfg.n_heads, cfg.n_kv_heads)
@@ -170,7 +232,8 @@ def _call(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) 
 
 def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-            run_block: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+            run_block: Callable[..., torch.Tensor] | None = None,
+            adapters: LoraSettings | None = None, training: bool = False) -> torch.Tensor:
     """Hidden states after the final norm.
 
     Args:
@@ -186,7 +249,12 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             a tensor, except `mask`, which is None when `doc_ids` is None. `h` is (B, T, D) in the
             params' dtype, cos/sin are (B, T, hd) fp32, mask is (B, 1, T, T) bool. So
             `lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)` works.
-            Default: call `block_fn(*args)` directly.
+            Default: call `block_fn(*args)` directly. A weight that carries an adapter arrives as an
+            `AdaptedWeight` (a NamedTuple of tensors and floats) instead of a tensor.
+        adapters: the LoRA/DoRA settings (`lowmem.nn.lora.LoraSettings`) that params' adapter tensors
+            were made with; its `scale` and `dropout` reach each adapted linear through `AdaptedWeight`.
+            Required when params hold adapter tensors (`*.lora_a`), ignored otherwise.
+        training: apply the adapters' dropout (as PEFT does in train mode); False for evaluation.
 
     Returns:
         (B, T, D) hidden states in the params' dtype.
@@ -202,9 +270,24 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
     block_fn = partial(block, cfg=cfg)
     h = F.embedding(tokens, params["tok_embeddings"])  # (B, T, D)
     for i in range(cfg.n_layers):
-        layer = [params[f"layers.{i}.{n}"] for n in BLOCK_PARAM_NAMES]
+        layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in BLOCK_PARAM_NAMES]
         h = run_block(block_fn, h, *layer, cos, sin, mask)
     return rms_norm(h, params["norm"], cfg.norm_eps)
+
+
+def _weight(params: Params, name: str, adapters: LoraSettings | None, training: bool) -> Weight:
+    """params[name], or an `AdaptedWeight` when params hold `{name}.lora_a`."""
+    lora_a = params.get(name + ".lora_a")
+    if lora_a is None:
+        return params[name]
+    if adapters is None:
+        raise ValueError(
+            f"params hold a LoRA adapter ({name}.lora_a) but forward got adapters=None; pass the "
+            "LoraSettings the adapters were made with (adapters=...), or merge them first "
+            "(lowmem.nn.lora.merge_adapters)"
+        )
+    return AdaptedWeight(params[name], lora_a, params[name + ".lora_b"], params.get(name + ".dora_m"),
+                         adapters.scale, adapters.dropout if training else 0.0)
 
 
 def output_weight(params: Params, cfg: ModelConfig) -> torch.Tensor:

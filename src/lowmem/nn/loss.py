@@ -1,14 +1,59 @@
 """Losses over final hidden states: the output projection and the cross-entropy in one call, so that
-chunked or fused variants with the same signature can replace it without materialising (N, V) logits."""
+chunked or fused variants with the same signature can replace it without materialising (N, V) logits.
+
+Three drop-in implementations, all `(hidden, weight, labels, ignore_index) -> (loss_sum, n_tokens)`:
+
+- `cross_entropy_sum`: the reference. Projects every token to fp32 (N, V) logits at once.
+- `chunked_cross_entropy_sum` (torchtune's chunked CE): drops ignored tokens, then projects and
+  takes the CE chunk by chunk under non-reentrant activation checkpointing, so one chunk's logits
+  are alive at a time in forward and backward (backward recomputes them).
+- `fused_linear_cross_entropy_sum` (Liger's fused linear CE): a custom autograd function that
+  computes, chunk by chunk in forward, the loss *and* the gradients wrt hidden and weight, and
+  saves only those gradients; backward scales them. Logits are never saved nor recomputed.
+
+`loss_peak_bytes` gives what each one holds at its peak, for the planner.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["IGNORE_INDEX", "cross_entropy_sum"]
+__all__ = [
+    "CE_IMPLEMENTATIONS",
+    "IGNORE_INDEX",
+    "chunked_cross_entropy_sum",
+    "cross_entropy_sum",
+    "default_chunk_tokens",
+    "fused_linear_cross_entropy_sum",
+    "loss_peak_bytes",
+]
 
 IGNORE_INDEX = -100  # the value HF and torch use for "no label here"
+FP32_BYTES = 4
+INDEX_BYTES = 8  # int64 labels and row indices
+
+
+def _flatten_checked(hidden: torch.Tensor, weight: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) hidden and (N,) labels from (N, D)/(B, T, D) and (N,)/(B, T), after checking shapes."""
+    D = hidden.shape[-1]
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: labels must have "
+            "hidden's shape without its last dim"
+        )
+    if weight.ndim != 2 or weight.shape[-1] != D:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (V, {D}) to match hidden {tuple(hidden.shape)}")
+    return hidden.reshape(-1, D), labels.reshape(-1)
+
+
+def _kept_rows(y: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(K,) int64 indices of the positions that have a target. Syncs with the device (`nonzero`)."""
+    return (y != ignore_index).nonzero().squeeze(1)
 
 
 def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -28,17 +73,252 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         loss_sum: 0-d fp32 tensor, the CE summed over non-ignored positions (0 when there are none).
         n_tokens: 0-d int64 tensor, the number of non-ignored positions.
     """
-    D = hidden.shape[-1]
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: labels must have "
-            "hidden's shape without its last dim"
-        )
-    if weight.shape[-1] != D:
-        raise ValueError(f"weight {tuple(weight.shape)} must be (V, {D}) to match hidden {tuple(hidden.shape)}")
-    h = hidden.reshape(-1, D)  # (N, D)
-    y = labels.reshape(-1)  # (N,)
+    h, y = _flatten_checked(hidden, weight, labels)  # (N, D), (N,)
     logits = F.linear(h.float(), weight.float())  # (N, V) fp32
     loss_sum = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
     n_tokens = (y != ignore_index).sum()
     return loss_sum, n_tokens
+
+
+# -- chunked: checkpointed projection + CE per chunk --------------------------------------------
+
+
+def _projected_ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE summed over a chunk whose labels are all targets: (C, D), (V, D), (C,) -> 0-d fp32."""
+    logits = F.linear(h.float(), weight.float())  # (C, V) fp32
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              ignore_index: int = IGNORE_INDEX, *,
+                              n_chunks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy_sum` with one chunk of fp32 logits alive at a time (torchtune's chunked CE).
+
+    Ignored positions are dropped before projecting (their logits are never computed). The kept
+    tokens are split into `n_chunks` chunks; each chunk's projection and CE run under
+    non-reentrant `torch.utils.checkpoint`, so forward keeps only the chunk inputs and backward
+    recomputes one chunk's logits at a time. Costs one extra projection (forward recompute).
+
+    Args:
+        hidden, weight, labels, ignore_index: as `cross_entropy_sum`.
+        n_chunks: how many token chunks (fewer when there are fewer kept tokens).
+
+    Returns:
+        (loss_sum, n_tokens) as `cross_entropy_sum`.
+    """
+    if n_chunks < 1:
+        raise ValueError(f"n_chunks={n_chunks}: must be >= 1 (8 is torchtune's default)")
+    h, y = _flatten_checked(hidden, weight, labels)  # (N, D), (N,)
+    rows = _kept_rows(y, ignore_index)  # (K,)
+    if rows.numel() < y.numel():
+        h, y = h.index_select(0, rows), y.index_select(0, rows)  # (K, D), (K,)
+    loss_sum = sum(
+        checkpoint(_projected_ce_sum, h_c, weight, y_c, use_reentrant=False)
+        for h_c, y_c in zip(h.chunk(n_chunks), y.chunk(n_chunks), strict=True)
+    )
+    return loss_sum, rows.new_tensor(rows.numel())
+
+
+# -- fused: loss and gradients in forward, chunk by chunk ---------------------------------------
+
+
+def default_chunk_tokens(n_tokens: int, vocab: int, dim: int) -> int:
+    """Tokens per chunk such that a chunk's (C, V) logits tile is about the size of the (N, D) hidden.
+
+    Liger's rule (`LigerFusedLinearCrossEntropyFunction`): C = N * D / V, rounded *up* to a power of
+    two, so the tile holds between 1x and 2x the hidden states' element count, and the number of
+    chunks is about V / D (32 for Llama 3 8B's 128256 x 4096 head). At least 1.
+    """
+    target = max(1, (n_tokens * dim) // vocab)
+    return 1 << (target - 1).bit_length()
+
+
+def _ce_chunk_loss_and_dlogits(h: torch.Tensor, w: torch.Tensor,
+                               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE summed over one chunk and its gradient wrt the logits, using one (C, V) fp32 buffer.
+
+    Args:
+        h: (C, D) fp32 hidden rows; w: (V, D) fp32 weight; y: (C,) int64 targets (none ignored).
+
+    Returns:
+        loss: 0-d fp32, sum_i logsumexp(z_i) - z_i[y_i] with z = h @ w.T.
+        d_logits: (C, V) fp32, softmax(z) - onehot(y), the gradient of `loss` wrt z.
+    """
+    z = h @ w.T  # (C, V) fp32
+    target = z.gather(1, y[:, None])  # (C, 1)
+    z_max = z.amax(1, keepdim=True)  # (C, 1)
+    p = z.sub_(z_max).exp_()  # (C, V) unnormalised softmax, in place: the only (C, V) buffer
+    total = p.sum(1, keepdim=True)  # (C, 1)
+    loss = (z_max + total.log() - target).sum()
+    p.div_(total).scatter_add_(1, y[:, None], torch.full_like(target, -1.0))
+    return loss, p
+
+
+def _fused_ce_forward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, ignore_index: int,
+                      chunk_tokens: int | None, need_h: bool, need_w: bool):
+    """Loss, count and (if asked) the gradients of loss_sum wrt h and weight, chunk by chunk.
+
+    Args:
+        h: (N, D) hidden; weight: (V, D); y: (N,) labels.
+
+    Returns:
+        loss_sum (0-d fp32), n_tokens (0-d int64), grad_h ((N, D) in h's dtype, zero rows where
+        ignored; or None), grad_w ((V, D) in weight's dtype, accumulated in fp32; or None).
+    """
+    rows = _kept_rows(y, ignore_index)  # (K,)
+    K, (V, D) = rows.numel(), weight.shape
+    C = chunk_tokens or default_chunk_tokens(K, V, D)
+    w32 = weight.float()  # (V, D); a copy only for low-precision weights
+    grad_h = torch.zeros_like(h) if need_h else None  # (N, D)
+    grad_w32 = torch.zeros_like(w32) if need_w else None  # (V, D) fp32 accumulator
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, K, C):
+        r = rows[start:start + C]  # (C,)
+        h_c = h.index_select(0, r).float()  # (C, D) fp32
+        loss_c, d_logits = _ce_chunk_loss_and_dlogits(h_c, w32, y.index_select(0, r))
+        loss_sum += loss_c
+        if need_h:
+            grad_h.index_copy_(0, r, (d_logits @ w32).to(h.dtype))  # (C, D)
+        if need_w:
+            grad_w32.addmm_(d_logits.T, h_c)  # (V, C) @ (C, D)
+        del d_logits  # free the tile before the next chunk allocates its own
+    del w32
+    grad_w = grad_w32.to(weight.dtype) if need_w else None
+    return loss_sum, rows.new_tensor(K), grad_h, grad_w
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """(h (N, D), weight (V, D), y (N,)) -> (loss_sum, n_tokens), gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, ignore_index, chunk_tokens):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_sum, n_tokens, grad_h, grad_w = _fused_ce_forward(
+            h, weight, y, ignore_index, chunk_tokens, need_h, need_w)
+        # Plain attributes, not save_for_backward: these are results, not inputs to recompute
+        # from, and backward hands them over (below), which saved tensors would not allow.
+        ctx.grads = (grad_h, grad_w)
+        ctx.mark_non_differentiable(n_tokens)
+        return loss_sum, n_tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_n):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy_sum: backward ran a second time through the same loss; "
+                "its gradients are computed in forward and handed over on the first backward. "
+                "Recompute the loss instead of using retain_graph=True, or use chunked_cross_entropy_sum")
+        grad_h, grad_w = ctx.grads
+        # Handing the only reference over lets the engine (AccumulateGrad) adopt the tensors as
+        # `.grad` and lets us scale in place: no second (N, D) or (V, D) copy at backward time.
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h.mul_(grad_loss)
+        if grad_w is not None:
+            grad_w.mul_(grad_loss)
+        return grad_h, grad_w, None, None, None
+
+
+def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                   ignore_index: int = IGNORE_INDEX, *,
+                                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy_sum` without ever holding (N, V) logits, forward or backward (Liger's fused CE).
+
+    Ignored positions are dropped first. For each chunk of kept tokens, forward computes the fp32
+    logits, the loss and at once d(loss)/d(logits) = softmax - onehot in the same buffer, and
+    accumulates grad_hidden (its chunk rows) and grad_weight ((V, D), fp32); only those gradients
+    are kept for backward, which scales them by the incoming gradient. So forward costs the
+    gradient FLOPs even when no backward follows (it is skipped when nothing requires grad), and
+    backward may run only once per forward (no `retain_graph=True` reuse).
+
+    Args:
+        hidden, weight, labels, ignore_index: as `cross_entropy_sum`.
+        chunk_tokens: tokens per chunk; default `default_chunk_tokens(n_kept, V, D)` (a logits
+            tile about the size of the hidden states).
+
+    Returns:
+        (loss_sum, n_tokens) as `cross_entropy_sum`; gradients arrive in hidden's and weight's dtypes.
+    """
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1, or None for the default")
+    h, y = _flatten_checked(hidden, weight, labels)  # (N, D), (N,)
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        loss_sum, n_tokens, _, _ = _fused_ce_forward(h, weight, y, ignore_index, chunk_tokens, False, False)
+        return loss_sum, n_tokens
+    return _FusedLinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_tokens)
+
+
+CE_IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "standard": cross_entropy_sum,
+    "chunked": chunked_cross_entropy_sum,
+    "fused": fused_linear_cross_entropy_sum,
+}
+
+
+def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes: int,
+                    n_kept: int | None = None, *, n_chunks: int = 8,
+                    chunk_tokens: int | None = None) -> int:
+    """Peak bytes one `CE_IMPLEMENTATIONS[kind]` call holds over its forward and backward.
+
+    Counts what the loss allocates beyond its inputs (hidden, weight, labels), with both hidden
+    and weight requiring grad, including the gradients it returns when they are alive at the peak.
+    Leaves out index vectors and row temporaries where they are small beside the rest. Matches
+    `LiveTensorTracker` on CPU (torch 2.13, within 2% on the shapes in tests/nn/test_loss.py;
+    the CUDA allocator rounds blocks up, and kernels' scratch space is not counted). Derivation (N tokens, K kept, V vocab, D dim, b dtype bytes,
+    L = fp32 logits, "upcast" = b != 4, when fp32 copies of hidden/weight are made):
+
+    - standard: the peak is in backward at log_softmax, which holds its saved output, the incoming
+      gradient from nll_loss and its result: 3 (N, V) L, and the linear has saved the fp32 casts
+      of hidden and weight when upcast. Ignored tokens are projected too: N, not K.
+      When (V, D) outweighs (N, V), the peak is later, at the matmul's backward: one L plus the
+      fp32 gradients (N + V) x D (and the saved casts when upcast).
+    - chunked (C = ceil(K / n_chunks)): the same 3 tiles but (C, V); the peak is at the last chunk
+      backward visits, when the weight gradient accumulated so far ((V, D) fp32; when upcast a
+      recomputed fp32 weight copy, the chunk's fp32 rows and a dtype accumulator instead) and the
+      other chunks' hidden gradients ((K - C, D), dtype, held until the split's backward) are
+      alive, plus the gathered kept rows (K, D) when some tokens are ignored. When (V, D)
+      outweighs 3 tiles, the peak is where autograd sums the chunks' weight gradients: 3 (V, D)
+      fp32 (old sum, new term, new sum: the transposed matmul gradient is added out of place),
+      or when upcast one tile, the fp32 weight copy and gradient and the dtype accumulator.
+    - fused (C = chunk_tokens or `default_chunk_tokens(K, V, D)`): the peak is in forward, in a
+      chunk: one (C, V) L tile (logits turned into their gradient in place), the fp32 grad_weight
+      accumulator (V, D), grad_hidden (N, D) in dtype, the fp32 weight copy when upcast, the
+      chunk's fp32 rows and their gradient (C, D), and the kept-row indices (K,).
+      Backward scales these in place and allocates nothing.
+
+    Args:
+        kind: a key of `CE_IMPLEMENTATIONS`.
+        n_tokens: N, positions in the batch (B * T).
+        vocab, dim: V and D of the (V, D) output weight.
+        dtype_bytes: bytes per element of hidden and weight (2 for bf16, 4 for fp32).
+        n_kept: K, positions with a target; default all of them.
+        n_chunks, chunk_tokens: as given to the chunked / fused implementation.
+
+    Returns:
+        bytes, an int.
+    """
+    if kind not in CE_IMPLEMENTATIONS:
+        raise ValueError(f"kind={kind!r}: unknown; choose one of {sorted(CE_IMPLEMENTATIONS)}")
+    N, V, D, b = n_tokens, vocab, dim, dtype_bytes
+    K = N if n_kept is None else n_kept
+    if not 0 <= K <= N:
+        raise ValueError(f"n_kept={n_kept}: must be between 0 and n_tokens={n_tokens}")
+    upcast = b != FP32_BYTES
+    if kind == "standard":
+        L = N * V * FP32_BYTES
+        grads = (1 + upcast) * (N + V) * D * FP32_BYTES  # fp32 grads (+ the saved fp32 casts)
+        return max(3 * L + upcast * (N + V) * D * FP32_BYTES, L + grads)
+    if kind == "chunked":
+        C = -(-K // n_chunks)
+        L = C * V * FP32_BYTES
+        if upcast:
+            weight_grad = V * D * (FP32_BYTES + b) + C * D * FP32_BYTES
+            accumulate = L + V * D * (2 * FP32_BYTES + b)
+        else:
+            weight_grad = V * D * FP32_BYTES
+            accumulate = 3 * V * D * FP32_BYTES
+        gathered = K * D * b if K < N else 0
+        return max(3 * L + weight_grad + (K - C) * D * b + gathered, accumulate)
+    C = min(K, chunk_tokens or default_chunk_tokens(K, V, D))
+    rows = C * D * (2 * FP32_BYTES + upcast * b) + K * INDEX_BYTES  # fp32 chunk rows, their grad
+    return C * V * FP32_BYTES + (1 + upcast) * V * D * FP32_BYTES + N * D * b + rows

@@ -39,17 +39,15 @@ CATALOGUE: dict[str, StrategyInfo] = {
     ),
     "chunked_cross_entropy": StrategyInfo(
         name="chunked_cross_entropy",
-        saves="logits computed and upcast per token chunk",
-        costs="a few more kernel launches",
-        available=False,
-        unavailable_reason="not implemented in this version",
+        saves="only one token chunk's fp32 logits alive at a time (8 chunks), in forward and backward",
+        costs="the output projection runs twice (recomputed per chunk in backward)",
+        requires="not together with fused_cross_entropy",
     ),
     "fused_cross_entropy": StrategyInfo(
         name="fused_cross_entropy",
-        saves="never materializes (tokens x vocab) logits in forward or backward",
-        costs="recomputes logits chunk by chunk",
-        available=False,
-        unavailable_reason="not implemented in this version",
+        saves="never materializes (tokens x vocab) logits: loss and its gradient computed chunk by chunk in forward",
+        costs="a Python loop over chunks (about hidden-size logits tiles); gradients computed even if unused",
+        requires="not together with chunked_cross_entropy",
     ),
     "optimizer_in_backward": StrategyInfo(
         name="optimizer_in_backward",

@@ -13,7 +13,12 @@ Checked against `LiveTensorTracker` on the tiny preset: within 2.5% for fp32/bf1
 accumulation (tests/plan/test_estimate.py).
 """
 
+import math
+
+import msgspec
+
 from lowmem.nn.config import ModelConfig, count_params
+from lowmem.nn.loss import loss_peak_bytes
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
@@ -33,51 +38,115 @@ def weight_bytes(precision: str) -> int:
 
 
 def optimizer_state_bytes(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]], param_bytes: int) -> int:
-    """Bytes of optimizer state for trainable parameters of these shapes."""
-    n = sum(_numel(s) for s in shapes)
+    """Bytes of optimizer state for trainable parameters of these shapes, in a dtype of `param_bytes` bytes.
+
+    Counted as the optimizer builds it (`lowmem.train.optim`, whose docstring says which tensors each low-bit
+    backend quantizes); tests/train/test_optim.py measures it after one step. torch's AdamW, Adafactor and
+    torchao keep a 0-d fp32 `step` tensor per parameter.
+    """
     if isinstance(optimizer, AdamW):
-        return 2 * n * param_bytes  # exp_avg and exp_avg_sq, in the parameter's dtype (torch AdamW)
+        return sum(2 * _numel(s) * param_bytes + FP32 for s in shapes)  # exp_avg, exp_avg_sq, step
     if isinstance(optimizer, SGD):
-        return n * param_bytes if optimizer.momentum > 0 else 0
+        return sum(_numel(s) for s in shapes) * param_bytes if optimizer.momentum > 0 else 0
     if isinstance(optimizer, Adafactor):
-        # factored second moment: a row and a column vector per matrix, the full vector for 1-d tensors
-        return sum((s[0] + s[1] if len(s) == 2 else _numel(s)) * FP32 for s in shapes)
+        return sum(_adafactor_bytes(s, param_bytes) + FP32 for s in shapes)
+    if isinstance(optimizer, AdamW8bit) and optimizer.backend == "bitsandbytes":
+        return _bitsandbytes_8bit_bytes(shapes)
     if isinstance(optimizer, AdamW8bit):
-        # two 8-bit moments plus one fp32 absmax per 256-element block each (tensors under 4096 elements
-        # stay 32-bit in bitsandbytes)
-        small = sum(_numel(s) for s in shapes if _numel(s) < 4096)
-        big = n - small
-        return 2 * big + 2 * (big // 256 + 1) * FP32 + 2 * small * FP32
+        return sum(_torchao_bytes(_numel(s), param_bytes, 8, block=256) + FP32 for s in shapes)
     if isinstance(optimizer, AdamW4bit):
-        return n + 2 * (n // 128 + 1) * FP32  # two 4-bit moments, absmax per 128-element block
+        return sum(_torchao_bytes(_numel(s), param_bytes, 4, block=128) + FP32 for s in shapes)
     raise AssertionError(f"unhandled optimizer {type(optimizer).__name__}")
 
 
-def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str, packed: bool) -> int:
+def _adafactor_bytes(shape: tuple[int, ...], param_bytes: int) -> int:
+    """torch Adafactor's second moment: row and column means over the last two dims, else the full tensor."""
+    if len(shape) < 2:
+        return _numel(shape) * param_bytes
+    *lead, n_rows, n_cols = shape
+    return _numel(tuple(lead)) * (n_rows + n_cols) * param_bytes
+
+
+def _bitsandbytes_8bit_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """bitsandbytes AdamW8bit: tensors under 4096 elements keep two fp32 moments; larger ones two uint8
+    moments and an fp32 absmax per (possibly partial) 256-element block each, plus two 256-entry fp32
+    quantization maps shared by all parameters."""
+    total = 0
+    for shape in shapes:
+        n = _numel(shape)
+        total += 2 * n * FP32 if n < 4096 else 2 * n + 2 * math.ceil(n / 256) * FP32
+    quantized = any(_numel(s) >= 4096 for s in shapes)
+    return total + (2 * 256 * FP32 if quantized else 0)
+
+
+def _torchao_bytes(n: int, param_bytes: int, bits: int, block: int) -> int:
+    """torchao low-bit AdamW moments of one n-element tensor: quantized only when n >= 4096 and n is a multiple
+    of the block size (codes, an fp32 scale per block and a 2**bits-entry fp32 map, per moment), else two
+    tensors in the parameter's dtype."""
+    if n < 4096 or n % block:
+        return 2 * n * param_bytes
+    return 2 * (n * bits // 8 + n // block * FP32 + 2**bits * FP32)
+
+
+class Trainable(msgspec.Struct, frozen=True, kw_only=True):
+    """Which parameters train, as the activation count needs it: everything, or adapters on some projections."""
+
+    full: bool
+    adapted: tuple[str, ...] = ()  # short projection names with adapters: wq wk wv wo w1 w2 w3
+    rank: int = 0
+    dropout: bool = False
+    dora: bool = False
+
+    def trains(self, projection: str) -> bool:
+        return self.full or projection in self.adapted
+
+
+FULL = Trainable(full=True)
+
+
+def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str, packed: bool,
+                           trainable: Trainable = FULL) -> int:
     """Bytes autograd saves for one transformer block without checkpointing (input included).
 
-    Counted from the block's saved tensors (verified with saved_tensors_hooks): per token the block input and
-    the attention residual (2 D), per RMSNorm its normalized output and the scaled output fed to the
-    projections (2 D, plus an fp32 upcast when not fp32), q after RoPE, k and v expanded to all query heads
-    and the attention output re-laid out for wo (4 Q), the four SwiGLU (N, F) tensors, two fp32 rstd and the
-    per-head logsumexp. With packed documents SDPA also keeps the mask as an additive (B, 1, T, T) tensor.
+    Counted from the block's saved tensors (verified with saved_tensors_hooks), per token: the block input and
+    the attention residual (2 D, always: the norms need them for the gradient of their input); per RMSNorm an
+    fp32 upcast when not fp32, its normalized output (only if the norm weight trains) and its scaled output
+    (only if a projection reading it trains); q after RoPE and k, v expanded to all query heads (3 Q, SDPA's
+    inputs) and the attention output re-laid out for wo (Q, only if wo trains); silu's input, its output and
+    the up projection (3 F) and their product (F, only if w2 trains); two fp32 rstd and the per-head
+    logsumexp. A frozen projection saves nothing (its weight needs no gradient). Each adapter saves A x
+    (rank), its dropout output and mask (if dropout), and for DoRA the base and adapter outputs (2 x out).
+    With packed documents SDPA also keeps the mask as an additive (B, 1, T, T) tensor.
     """
     a = DTYPE_BYTES[precision]
     D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
+    t = trainable
     upcast = D * FP32 if a != FP32 else 0
-    per_token = 2 * D * a + 2 * (2 * D * a + upcast) + 4 * Q * a + 4 * F * a + 2 * FP32 + H * FP32
+    norm_out = D * a if t.full else 0
+    per_token = 2 * D * a + 3 * Q * a + 3 * F * a + 2 * FP32 + H * FP32
+    per_token += upcast + norm_out + (D * a if any(t.trains(n) for n in ("wq", "wk", "wv")) else 0)
+    per_token += upcast + norm_out + (D * a if t.trains("w1") or t.trains("w3") else 0)
+    per_token += (Q * a if t.trains("wo") else 0) + (F * a if t.trains("w2") else 0)
+    kv = cfg.n_kv_heads * cfg.head_dim
+    dims = {"wq": (D, Q), "wk": (D, kv), "wv": (D, kv), "wo": (Q, D), "w1": (D, F), "w3": (D, F), "w2": (F, D)}
+    for name in t.adapted:
+        d_in, d_out = dims[name]
+        per_token += t.rank * a + (d_in * (a + 1) if t.dropout else 0) + (2 * d_out * a if t.dora else 0)
     seq_len = n_tokens // batch
     mask = batch * seq_len * seq_len * a if packed else 0
     return n_tokens * per_token + mask
 
 
-def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True) -> int:
-    """Activations alive at the start of backward (with checkpointing, the larger of that and a recompute)."""
+def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
+                     trainable: Trainable = FULL) -> int:
+    """Activations alive at the start of backward."""
     a = DTYPE_BYTES[strategies.precision]
     seq_len = n_tokens // batch
-    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed)
-    # final RMSNorm (input, normalized, scaled) + the bool document mask + the fp32 RoPE tables
-    shared = n_tokens * (3 * cfg.dim * a + FP32) + (batch * seq_len * seq_len if packed else 0)
+    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    # final RMSNorm (input, normalized if its weight trains, scaled) + the bool document mask + the fp32 RoPE
+    # tables
+    final_norm = (3 if trainable.full else 2) * cfg.dim * a + FP32
+    shared = n_tokens * final_norm + (batch * seq_len * seq_len if packed else 0)
     shared += 2 * n_tokens * cfg.head_dim * FP32
     if a != FP32:
         shared += n_tokens * cfg.dim * FP32  # hidden upcast to fp32 for the loss
@@ -86,19 +155,21 @@ def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, ba
     return cfg.n_layers * block + shared
 
 
-def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True) -> int:
+def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
+                    trainable: Trainable = FULL) -> int:
     """Extra bytes while one checkpointed block is recomputed in backward (zero without checkpointing)."""
     if strategies.activation_checkpointing != "full":
         return 0
     a = DTYPE_BYTES[strategies.precision]
     # the recomputed block's activations plus the gradient flowing through it
-    return block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed) + 2 * n_tokens * cfg.dim * a
+    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    return block + 2 * n_tokens * cfg.dim * a
 
 
 def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> int:
-    """Peak bytes of the loss: three fp32 (N, V) tensors at the start of backward."""
-    extra = 0 if strategies.precision == "fp32" else cfg.vocab_size * cfg.dim * FP32  # fp32 weight copy
-    return 3 * n_tokens * cfg.vocab_size * FP32 + extra
+    """Peak bytes the loss holds beyond its inputs (see `lowmem.nn.loss.loss_peak_bytes` for the derivation)."""
+    return loss_peak_bytes(strategies.cross_entropy, n_tokens, cfg.vocab_size, cfg.dim,
+                           DTYPE_BYTES[strategies.precision])
 
 
 def batch_bytes(n_tokens: int) -> int:
@@ -108,7 +179,7 @@ def batch_bytes(n_tokens: int) -> int:
 
 def estimate_memory(
     cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optimizer: OptimizerSpec,
-    trainable_shapes: list[tuple[int, ...]],
+    trainable_shapes: list[tuple[int, ...]], trainable: Trainable = FULL,
 ) -> MemoryReport:
     """Predicted peak live bytes of a training step, by component, with the phase where it falls.
 
@@ -120,13 +191,13 @@ def estimate_memory(
     n_trainable = sum(_numel(s) for s in trainable_shapes)
     n_tokens = train.micro_batch * train.seq_len
 
-    params = n_params * wb
+    params = (n_params + (0 if trainable.full else n_trainable)) * wb  # adapters come on top of the base
     grads = n_trainable * wb
     opt = optimizer_state_bytes(optimizer, trainable_shapes, wb)
-    acts = activation_bytes(cfg, strategies, n_tokens, train.micro_batch)
+    acts = activation_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
     loss = logits_bytes(cfg, strategies, n_tokens)
     batch = batch_bytes(n_tokens)
-    recompute = recompute_bytes(cfg, strategies, n_tokens, train.micro_batch)
+    recompute = recompute_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
     # gradients of earlier micro-batches are alive while later ones run forward
     grads_in_backward = grads if train.grad_accum > 1 else 0
     # torch's single-tensor AdamW makes one parameter-sized temporary (the denominator) at a time
@@ -135,7 +206,7 @@ def estimate_memory(
     backward_start = params + opt + grads_in_backward + acts + loss + batch
     # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
     # output head's gradient exists
-    head_grad = cfg.vocab_size * cfg.dim * wb
+    head_grad = cfg.vocab_size * cfg.dim * wb if trainable.full else 0
     in_recompute = params + opt + max(grads_in_backward, head_grad) + acts + recompute + batch
     optimizer_step = params + grads + opt + update_temp
     if recompute and in_recompute > max(backward_start, optimizer_step):
@@ -154,7 +225,7 @@ def estimate_memory(
                       note="accumulated over micro-batches" if grads_in_backward else "none yet at backward start"),
             Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
             Component(name="activations", bytes=acts, note=_acts_note(cfg, strategies)),
-            Component(name="logits", bytes=loss, note=f"3 x {n_tokens:,} tokens x {cfg.vocab_size:,} vocab x fp32"),
+            Component(name="logits", bytes=loss, note=_loss_note(cfg, strategies, n_tokens)),
             Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
         )
         return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward")
@@ -165,6 +236,15 @@ def estimate_memory(
         Component(name="temporaries", bytes=update_temp, note="update of the largest parameter"),
     )
     return MemoryReport(components=components, peak_bytes=optimizer_step, peak_phase="optimizer step")
+
+
+def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> str:
+    kind = strategies.cross_entropy
+    if kind == "standard":
+        return f"3 x {n_tokens:,} tokens x {cfg.vocab_size:,} vocab x fp32"
+    if kind == "chunked":
+        return f"standard CE over 8 chunks of {n_tokens // 8:,} tokens, one alive at a time"
+    return "fused linear CE: one hidden-sized logits tile plus the gradients it returns"
 
 
 def _acts_note(cfg: ModelConfig, strategies: Strategies) -> str:
@@ -183,6 +263,8 @@ def flops_per_token(cfg: ModelConfig, strategies: Strategies, seq_len: int) -> f
     total = 3 * forward
     if strategies.activation_checkpointing == "full":
         total += 2 * L * block_weights + L * attn  # blocks run forward twice
+    if strategies.cross_entropy == "chunked":
+        total += 2 * cfg.vocab_size * D  # the output projection is recomputed in backward
     return float(total)
 
 
@@ -190,7 +272,10 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
     """Tokens per second from FLOPs per token, the device's peak for the compute dtype and an efficiency."""
     bf16_compute = strategies.precision in ("bf16", "mixed-bf16", "fp16")
     peak = hw.peak_flops_bf16 if bf16_compute else hw.peak_flops_fp32
-    return peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
+    # the fused loss loops over chunks in Python and makes its gradients in forward: a small fixed cost, so it
+    # is chosen when memory asks for it, not when standard CE fits
+    overhead = 0.97 if strategies.cross_entropy == "fused" else 1.0
+    return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -14,14 +14,16 @@ import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
 from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE
-from lowmem.plan.estimate import estimate_memory, estimate_tokens_per_s
+from lowmem.plan.estimate import FULL, Trainable, estimate_memory, estimate_tokens_per_s
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies
-from lowmem.spec.structs import SGD, AdamW, Full, RunSpec, TrainTokenizer
+from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW8bit, Dora, Full, Lora, RunSpec, TrainTokenizer
 from lowmem.spec.units import format_bytes
 
-SUPPORTED_METHODS = (Full,)
-SUPPORTED_OPTIMIZERS = (AdamW, SGD)
+SUPPORTED_METHODS = (Full, Lora, Dora)
+PROJECTIONS = {"wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo", "w1": "mlp.w1", "w2": "mlp.w2",
+               "w3": "mlp.w3"}
+SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit)
 
 
 class PlanError(ValueError):
@@ -38,14 +40,13 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
             f"train.seq_len = {spec.train.seq_len} exceeds the model's max_seq_len = {cfg.max_seq_len}; "
             "lower train.seq_len"
         )
-    shapes = param_shapes(cfg)
-    trainable = list(shapes.values())  # full fine-tuning: everything trains
+    trainable, what_trains = trainable_shapes(spec, cfg)
     budget = spec.memory.budget_bytes or hw.memory_bytes
     usable = int(budget * (1 - spec.memory.safety_margin))
 
     candidates = []
     for strategies in _candidates(spec, hw):
-        memory = estimate_memory(cfg, strategies, spec.train, spec.optimizer, trainable)
+        memory = estimate_memory(cfg, strategies, spec.train, spec.optimizer, trainable, what_trains)
         tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw)
         candidates.append((strategies, memory, tps))
     fitting = [c for c in candidates if c[1].peak_bytes <= usable]
@@ -81,6 +82,21 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
         ),
         warnings=tuple(warnings),
     )
+
+
+def trainable_shapes(spec: RunSpec, cfg: ModelConfig) -> tuple[list[tuple[int, ...]], Trainable]:
+    """Shapes of the tensors that train (every parameter, or the adapters) and the estimator's view of them."""
+    shapes = param_shapes(cfg)
+    method = spec.method
+    if isinstance(method, Full):
+        return list(shapes.values()), FULL
+    out = []
+    for i in range(cfg.n_layers):
+        for target in method.targets:
+            d_out, d_in = shapes[f"layers.{i}.{PROJECTIONS[target]}"]
+            out += [(method.rank, d_in), (d_out, method.rank)] + ([(d_out,)] if isinstance(method, Dora) else [])
+    return out, Trainable(full=False, adapted=tuple(method.targets), rank=method.rank,
+                          dropout=method.dropout > 0, dora=isinstance(method, Dora))
 
 
 def resolve_model(spec: RunSpec) -> ModelConfig:
@@ -139,10 +155,26 @@ def _check_supported(spec: RunSpec) -> None:
             f"method.kind = {spec.method.__struct_config__.tag!r} is not available in this version yet; "
             "use method.kind = 'full'"
         )
-    if not isinstance(spec.optimizer, SUPPORTED_OPTIMIZERS):
+    if isinstance(spec.method, (Lora, Dora)) and "output" in spec.method.targets:
         raise PlanError(
-            f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r} is not available in this version yet; "
-            "use optimizer.kind = 'adamw' or 'sgd'"
+            "method.targets: 'output' is not available yet (the output projection feeds the loss as a plain "
+            f"matrix); choose from {', '.join(PROJECTIONS)}"
+        )
+    strategies = spec.memory.strategies
+    if strategies.chunked_cross_entropy == "on" and strategies.fused_cross_entropy == "on":
+        raise PlanError(
+            "memory.strategies.chunked_cross_entropy and memory.strategies.fused_cross_entropy are both 'on'; "
+            "they are two ways of computing the same loss: turn one of them to 'auto' or 'off'"
+        )
+    # torchao's low-bit optimizers run (lowmem.train.optim builds them), but their state is a tensor subclass
+    # that safetensors cannot write, so a checkpoint (or a clean stop on SIGINT) would fail mid-run
+    torchao_state = isinstance(spec.optimizer, AdamW8bit) and spec.optimizer.backend == "torchao"
+    if not isinstance(spec.optimizer, SUPPORTED_OPTIMIZERS) or torchao_state:
+        raise PlanError(
+            f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r}"
+            + (" with backend 'torchao'" if torchao_state else "")
+            + " is not available in this version yet (its state cannot be checkpointed); use optimizer.kind = "
+            "'adamw', 'sgd', 'adafactor' or 'adamw8bit' (backend 'bitsandbytes')"
         )
     for name, info in CATALOGUE.items():
         if name == "precision":
@@ -160,10 +192,20 @@ def _check_supported(spec: RunSpec) -> None:
 
 def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
     precisions = AVAILABLE_PRECISIONS if spec.memory.precision == "auto" else (spec.memory.precision,)
-    ckpt = {"auto": ("off", "full"), "on": ("full",), "off": ("off",)}[spec.memory.strategies.activation_checkpointing]
+    toggles = spec.memory.strategies
+    ckpt = {"auto": ("off", "full"), "on": ("full",), "off": ("off",)}[toggles.activation_checkpointing]
+    if toggles.fused_cross_entropy == "on":
+        losses = ("fused",)
+    elif toggles.chunked_cross_entropy == "on":
+        losses = ("chunked",)
+    else:
+        losses = ("standard",) + tuple(
+            kind for kind, toggle in (("chunked", toggles.chunked_cross_entropy), ("fused", toggles.fused_cross_entropy))
+            if toggle == "auto"
+        )
     return [
-        Strategies(precision=p, activation_checkpointing=c, cross_entropy="standard")
-        for p, c in itertools.product(precisions, ckpt)
+        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce)
+        for p, c, ce in itertools.product(precisions, ckpt, losses)
     ]
 
 
@@ -212,8 +254,15 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         decisions.append(Decision(strategy="activation_checkpointing", value=value, source="auto",
                                   reason=_why(strategies, "activation_checkpointing",
                                               others("activation_checkpointing"), usable, hw)))
+    # the loss: one decision over two toggles
+    ce_forced = overrides.chunked_cross_entropy == "on" or overrides.fused_cross_entropy == "on"
+    decisions.append(Decision(
+        strategy="cross_entropy", value=strategies.cross_entropy, source="user" if ce_forced else "auto",
+        reason="forced by memory.strategies" if ce_forced else _why(strategies, "cross_entropy",
+                                                                    others("cross_entropy"), usable, hw),
+    ))
     for name, info in CATALOGUE.items():
-        if name in ("precision", "activation_checkpointing"):
+        if name in ("precision", "activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
     accum = spec.train.grad_accum
@@ -235,7 +284,7 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
         fitting = [r for r in group if r[1].peak_bytes <= usable]
         if fitting:
             best = max(fitting, key=lambda r: r[2])
-            reasons.append(f"{alt} is slower (est. {best[2]:,.0f} tokens/s at best)")
+            reasons.append(f"{alt} is slower (its fastest plan that fits: est. {best[2]:,.0f} tokens/s)")
         else:
             low = min(r[1].peak_bytes for r in group)
             reasons.append(f"{alt} would not fit (at least {format_bytes(low)} > {format_bytes(usable)} usable)")

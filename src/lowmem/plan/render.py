@@ -16,7 +16,7 @@ def render_plan(p: Plan) -> str:
         f"lowmem plan · {spec.name}",
         f"  model      {spec.model.preset or spec.model.path}: {p.n_params / 1e6:,.2f}M parameters "
         f"({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size:,}), {p.n_trainable / 1e6:,.2f}M trainable",
-        f"  method     {spec.method.__struct_config__.tag}, optimizer {spec.optimizer.__struct_config__.tag}",
+        f"  method     {_method(spec)}, optimizer {spec.optimizer.__struct_config__.tag}",
         f"  batch      {spec.train.micro_batch} x {spec.train.seq_len} tokens x {spec.train.grad_accum} accumulation "
         f"= {p.tokens_per_step:,} tokens/step, "
         + (f"{p.total_steps} steps" if p.total_steps else f"{spec.train.epochs} epochs"),
@@ -43,10 +43,18 @@ def render_plan(p: Plan) -> str:
             mark = "*" if a.chosen else ("fits" if a.fits else "over")
             s = a.strategies
             lines.append(f"  {mark:>4}  precision {s.precision:<5} checkpointing {s.activation_checkpointing:<4} "
-                         f"{format_bytes(a.peak_bytes):>12}  {a.tokens_per_s:>12,.0f} tokens/s")
+                         f"loss {s.cross_entropy:<8} {format_bytes(a.peak_bytes):>12}  {a.tokens_per_s:>10,.0f} tokens/s")
     for w in p.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _method(spec) -> str:
+    m = spec.method
+    tag = m.__struct_config__.tag
+    if tag == "full":
+        return "full fine-tuning"
+    return f"{tag} (rank {m.rank}, alpha {m.alpha:g}, targets {' '.join(m.targets)})"
 
 
 def stacked_bar(p: Plan, width: int = BAR_WIDTH) -> str:

@@ -32,14 +32,16 @@ from lowmem.data import (
 )
 from lowmem.data.loader import split_rows
 from lowmem.data.tokenizer import Tokenizer
-from lowmem.nn import cross_entropy_sum, forward, init_params, load_hf, output_weight, save_hf
+from lowmem.nn import forward, init_params, load_hf, output_weight, save_hf
+from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
+from lowmem.nn.peft_io import save_peft
 from lowmem.plan import Plan, plan
-from lowmem.spec.structs import FileTokenizer, RunSpec
+from lowmem.spec.structs import Dora, FileTokenizer, Lora, RunSpec
 from lowmem.spec.units import format_bytes
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
 from lowmem.train.memory import LiveTensorTracker
 from lowmem.train.optim import build_optimizer, lr_at
-from lowmem.train.strategies import block_runner, param_dtype
+from lowmem.train.strategies import block_runner, loss_function, param_dtype
 
 # Memory is measured over the first steps only: step 1 creates the optimizer state, step 2 is the
 # steady state; every later step has the same shapes. The tracker slows a step, so it stops after these.
@@ -132,31 +134,36 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows))
 
     params = _initial_params(p, param_dtype(p.strategies))
-    trainable = list(params.values())
+    adapters = lora_settings(spec.method)
+    if adapters is not None:
+        params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed)
+    trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
+    trainable = list(trainable_params.values())
     for t in trainable:
         t.requires_grad_(True)
     optimizer = build_optimizer(spec.optimizer, trainable)
     loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
     first_step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, params, optimizer, fingerprint)
+        state = load_checkpoint(resume_from, trainable_params, optimizer, fingerprint)
         loader.load_state_dict(state["loader"])
         first_step = state["step"]
     run_block = block_runner(p.strategies)
+    loss_fn = loss_function(p.strategies)
     tracker = LiveTensorTracker()
 
-    def loss_of(batch):
-        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"],
-                         doc_ids=batch["doc_ids"], run_block=run_block)
+    def loss_of(batch, training: bool = True):
+        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
+                         run_block=run_block, adapters=adapters, training=training)
         with tracker.category("logits"):
-            return cross_entropy_sum(hidden, output_weight(params, p.model), batch["labels"])
+            return loss_fn(hidden, output_weight(params, p.model), batch["labels"])
 
     def save(step: int) -> None:
-        save_checkpoint(out, step, params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
+        save_checkpoint(out, step, trainable_params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
 
     metrics = _open_metrics(out / "metrics.jsonl", first_step)
     printer = _Progress(total_steps, enabled=progress)
-    tracker.add_existing(trainable, "parameters")
+    tracker.add_existing(params.values(), "parameters")  # frozen base weights count too
     tracker.add_existing(_state_tensors(optimizer), "optimizer_state")
     losses, measured, eval_loss, interrupted = [], None, None, False
     start = time.perf_counter()
@@ -208,9 +215,7 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     (out / "memory.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
     model_dir = None
     if spec.output.save_final and not interrupted:
-        model_dir = out / "model"
-        save_hf({k: v.detach() for k, v in params.items()}, p.model, model_dir, overwrite=True)
-        shutil.copyfile(tokenizer.path, model_dir / "tokenizer.model")
+        model_dir = save_final(p, params, adapters, tokenizer, out)
     return RunResult(
         out_dir=str(out), steps=first_step + len(losses), first_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan, eval_loss=eval_loss, tokens_per_s=tokens_per_s,
@@ -257,6 +262,34 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings | None, tokenizer: Tokenizer,
+               out: Path) -> Path:
+    """Final weights: HF format for full fine-tuning; PEFT adapters (plus the base when it is not on disk)."""
+    detached = {k: v.detach() for k, v in params.items()}
+    if adapters is None:
+        model_dir = out / "model"
+        save_hf(detached, p.model, model_dir, overwrite=True)
+        shutil.copyfile(tokenizer.path, model_dir / "tokenizer.model")
+        return model_dir
+    base_dir = Path(p.spec.model.path) if p.spec.model.path else out / "base"
+    if p.spec.model.path is None:  # a preset's random base exists only in this run: save it for the adapter
+        base = {k: v for k, v in detached.items() if k not in set(trainable_names(detached))}
+        save_hf(base, p.model, base_dir, overwrite=True)
+        shutil.copyfile(tokenizer.path, base_dir / "tokenizer.model")
+    adapter_dir = out / "adapter"
+    save_peft(detached, p.model, adapters, adapter_dir, base_model_name_or_path=str(base_dir.resolve()),
+              overwrite=True)
+    return adapter_dir
+
+
+def lora_settings(method) -> LoraSettings | None:
+    """The adapter settings of a LoRA/DoRA method (None for full fine-tuning)."""
+    if isinstance(method, Lora | Dora):
+        return LoraSettings(rank=method.rank, alpha=method.alpha, targets=tuple(method.targets),
+                            dropout=method.dropout, dora=isinstance(method, Dora))
+    return None
+
+
 def check_executable(p: Plan) -> None:
     """Refuse, before anything runs, a plan this version cannot execute here."""
     if p.hardware.device != "cpu":
@@ -296,7 +329,7 @@ def evaluate(loss_of, dataset: PackedDataset, eval_rows, spec: RunSpec) -> float
     loader = BatchLoader(dataset, eval_rows, spec.train.micro_batch, spec.train.seed, shuffle=False, prefetch=0)
     total, count = 0.0, 0
     for _ in range(min(spec.train.eval_batches, loader.batches_per_epoch)):
-        loss_sum, n = loss_of(next(loader))
+        loss_sum, n = loss_of(next(loader), training=False)
         total += loss_sum.item()
         count += int(n)
     loader.close()

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import torch
 import torch.utils.checkpoint
 
+from lowmem.nn.loss import CE_IMPLEMENTATIONS
 from lowmem.plan.structs import Strategies
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -25,3 +26,8 @@ def block_runner(strategies: Strategies) -> Callable[..., torch.Tensor] | None:
     if strategies.activation_checkpointing == "full":
         return _checkpointed
     return None
+
+
+def loss_function(strategies: Strategies) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """cross_entropy: standard, chunked (8 chunks, recomputed in backward) or fused linear cross-entropy."""
+    return CE_IMPLEMENTATIONS[strategies.cross_entropy]

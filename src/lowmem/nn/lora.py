@@ -1,0 +1,143 @@
+"""LoRA and DoRA as params → params transforms plus a trainable mask.
+
+    settings = LoraSettings(rank=8, alpha=16, targets=("wq", "wv"))
+    params = add_adapters(base, cfg, settings, seed=0)          # base + `*.lora_a`, `*.lora_b`
+    for n in trainable_names(params): params[n].requires_grad_(True)
+    hidden = forward(params, tokens, cfg, adapters=settings, training=True)
+    merged = merge_adapters(params, settings)                   # plain params again, same function
+
+Adapter tensors sit next to the weight they adapt: `layers.3.attn.wq.lora_a` (r, in), `.lora_b` (out, r)
+and for DoRA `.dora_m` (out,). The math of the adapted linear is `lowmem.nn.llama.linear`; the settings
+reach it through `forward(..., adapters=settings)`, so nothing here is global.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import torch
+
+from lowmem.nn.config import ModelConfig
+from lowmem.nn.llama import ADAPTER_SUFFIXES, dora_row_norm
+
+__all__ = [
+    "TARGETS",
+    "LoraSettings",
+    "add_adapters",
+    "adapted_names",
+    "merge_adapters",
+    "trainable_names",
+]
+
+Params = dict[str, torch.Tensor]
+
+# Short target name → the per-layer canonical name it adapts.
+TARGETS = {
+    "wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo",
+    "w1": "mlp.w1", "w2": "mlp.w2", "w3": "mlp.w3",
+}
+
+
+class LoraSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What an adapter is: rank r, alpha (the update is scaled by alpha / r), dropout on the adapter's
+    input during training, which projections it adapts (short names, see `TARGETS`), and DoRA or not.
+
+    PEFT's `LoraConfig(r, lora_alpha, lora_dropout, target_modules, use_dora)` in lowmem's names.
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank = {self.rank!r}: must be a positive integer")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0:
+            raise ValueError(f"alpha = {self.alpha!r}: must be a positive number")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout = {self.dropout!r}: must be a number in [0, 1)")
+        if not self.targets:
+            raise ValueError(f"targets = (): name at least one of {sorted(TARGETS)}")
+        for t in self.targets:
+            if t == "output":
+                # The output projection is fused into the loss (`cross_entropy_sum(hidden, weight, ...)`
+                # takes a weight matrix), so an adapter there would be skipped by training's loss.
+                raise ValueError(
+                    "targets: 'output' is not supported; the output projection goes into the loss as a "
+                    f"plain weight matrix. Choose from {sorted(TARGETS)}"
+                )
+            if t not in TARGETS:
+                raise ValueError(f"targets: unknown target {t!r}; known: {sorted(TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets = {list(self.targets)}: each target may appear once")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on B @ A (LoRA paper, section 4.1; PEFT's `scaling`)."""
+        return self.alpha / self.rank
+
+
+def adapted_names(cfg: ModelConfig, settings: LoraSettings) -> list[str]:
+    """Canonical names of the weights `settings` adapts, layer by layer in param order."""
+    suffixes = [TARGETS[t] for t in TARGETS if t in settings.targets]
+    return [f"layers.{i}.{s}" for i in range(cfg.n_layers) for s in suffixes]
+
+
+def add_adapters(params: Params, cfg: ModelConfig, settings: LoraSettings, *, seed: int,
+                 dtype: torch.dtype | None = None) -> Params:
+    """A new dict: `params` plus fresh adapter tensors for every targeted weight; `params` is not changed.
+
+    A (r, in) is drawn like PEFT / nn.Linear, kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
+    1/sqrt(in)); B (out, r) is zero, so the adapted model starts equal to the base. DoRA's magnitude
+    m (out,) starts at the row norms of W (= ||W + s B A||_row since B = 0). Values are drawn in fp32 on
+    the CPU from a local generator (deterministic in `seed`), then cast to `dtype` (default: the adapted
+    weight's dtype) on the weight's device. New tensors have requires_grad False; see `trainable_names`.
+    """
+    existing = [n for n in params if n.endswith(ADAPTER_SUFFIXES)]
+    if existing:
+        raise ValueError(f"params already hold adapters ({existing[0]!r}, ...); merge or drop them first")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = dict(params)
+    for name in adapted_names(cfg, settings):
+        w = params[name]
+        n_out, n_in = w.shape
+        t_dtype = dtype or w.dtype
+        a = torch.empty(settings.rank, n_in)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        out[name + ".lora_a"] = a.to(device=w.device, dtype=t_dtype)
+        out[name + ".lora_b"] = torch.zeros(n_out, settings.rank, device=w.device, dtype=t_dtype)
+        if settings.dora:
+            m = torch.linalg.norm(w.detach().float(), dim=1)  # (out,)
+            out[name + ".dora_m"] = m.to(device=w.device, dtype=t_dtype)
+    return out
+
+
+def trainable_names(params: Params) -> list[str]:
+    """Names of the adapter tensors in `params` (the trainable mask of a LoRA/DoRA run), in params order."""
+    return [n for n in params if n.endswith(ADAPTER_SUFFIXES)]
+
+
+def merge_adapters(params: Params, settings: LoraSettings) -> Params:
+    """A new dict without adapter tensors, each adapted weight replaced by the weight it acts as.
+
+    LoRA: W + s B A. DoRA: m / ||W + s B A||_row * (W + s B A), row-wise (PEFT's merge). Computed in fp32
+    and cast back to W's dtype; the result needs no `adapters=` in `forward`.
+    """
+    out = {n: t for n, t in params.items() if not n.endswith(ADAPTER_SUFFIXES)}
+    for name in params:
+        if not name.endswith(".lora_a"):
+            continue
+        base = name.removesuffix(".lora_a")
+        w = params[base]
+        with torch.no_grad():
+            wf, a, b = w.float(), params[name].float(), params[base + ".lora_b"].float()
+            merged = wf + settings.scale * (b @ a)  # (out, in)
+            m = params.get(base + ".dora_m")
+            if m is not None:
+                merged = (m.float() / dora_row_norm(wf, a, b, settings.scale))[:, None] * merged
+        out[base] = merged.to(w.dtype)
+    return out
