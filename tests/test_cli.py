@@ -62,7 +62,7 @@ def test_top_level_help_lists_the_commands(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
-    assert commands == ["validate", "plan", "execute"]
+    assert commands == ["validate", "plan", "execute", "generate"]
 
 
 def test_no_arguments_shows_help(runner):
@@ -76,13 +76,15 @@ def test_no_arguments_shows_help(runner):
         ("validate", {"--set", "-s", "--help"}),
         ("plan", {"--set", "-s", "--hardware", "--json", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
+        ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
     ],
 )
 def test_each_command_has_exactly_its_options(runner, command, options):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
     assert set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", result.stdout.split("Options")[1])) >= options
-    found = set(re.findall(r"^│ (--[\w-]+)", result.stdout, re.M))
+    # a command with a required option marks it `*` and indents the other rows to match
+    found = set(re.findall(r"^│ (?:[* ]  )?(--[\w-]+)", result.stdout, re.M))
     assert found == {o for o in options if o.startswith("--")}
 
 

@@ -159,6 +159,34 @@ def _load_plan(path: Path, overrides: list[str]):
     return p
 
 
+@app.command("generate")
+@_user_errors
+def generate_cmd(
+    model_dir: Annotated[Path, typer.Argument(
+        help="A finished run directory (its model/, or base/ + adapter/) or an HF model directory with "
+             "tokenizer.model.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to add.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the K most likely tokens.",
+                                              show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Sample from the smallest set of tokens "
+                                                "whose probability reaches P.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling generator.")] = 0,
+) -> None:
+    """Continue a prompt with a trained model and print the continuation."""
+    from lowmem.data.tokenizer import Tokenizer
+    from lowmem.nn.generate import find_model_files, generate, load_model
+
+    files = find_model_files(model_dir)
+    tokenizer = Tokenizer(files.tokenizer_path)
+    cfg, params, adapters = load_model(files)
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode([prompt])[0]  # training rows start with bos too
+    new_ids = generate(params, cfg, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, eos_id=tokenizer.eos_id, adapters=adapters)[0]
+    typer.echo(tokenizer.decode([t for t in new_ids if t != tokenizer.eos_id]))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -69,3 +69,17 @@ def test_fused_loss_measurably_lowers_peak(tiny_spec, tmp_path):
         measured[loss] = json.loads((tmp_path / loss / "memory.json").read_text())["measured_peak_bytes"]
     # the tiny model's 3 x (512 x 1024) fp32 logits copies are 6 MiB of a ~15 MiB peak
     assert measured["fused"] < 0.75 * measured["standard"], measured
+
+
+def test_optimizer_in_backward_measurably_lowers_peak_and_is_predicted(tiny_spec, tmp_path):
+    # a short sequence, so the optimizer step (all gradients alive) is the peak without the strategy
+    measured = {}
+    for toggle in ("off", "on"):
+        spec = tiny_spec("train.steps=2", "train.micro_batch=1", "train.seq_len=16", "train.clip_grad_norm=0",
+                         "output.save_final=false", f"memory.strategies.optimizer_in_backward={toggle}")
+        p = plan(spec, "cpu")
+        execute(p, tmp_path / toggle, progress=False)
+        report = json.loads((tmp_path / toggle / "memory.json").read_text())
+        measured[toggle] = report["measured_peak_bytes"]
+        assert abs(report["error"]) < 0.10, report
+    assert measured["on"] < 0.9 * measured["off"], measured

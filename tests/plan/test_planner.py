@@ -135,3 +135,23 @@ def test_lora_trains_only_adapters_and_plans_less_memory(tiny_spec):
 def test_lora_on_the_output_head_is_refused_by_name(tiny_spec):
     with pytest.raises(PlanError, match="method.targets"):
         plan(tiny_spec("method.kind=lora", "method.targets=[wq,output]"), "cpu")
+
+
+@pytest.mark.parametrize("override,other", [("train.grad_accum=2", "train.grad_accum"),
+                                            ("train.clip_grad_norm=1.0", "train.clip_grad_norm")])
+def test_optimizer_in_backward_conflicts_name_both_fields(tiny_spec, override, other):
+    with pytest.raises(PlanError) as err:
+        plan(tiny_spec("memory.strategies.optimizer_in_backward=on", "train.clip_grad_norm=0", override), "cpu")
+    assert "optimizer_in_backward" in str(err.value) and other in str(err.value)
+
+
+def test_optimizer_in_backward_chosen_when_the_optimizer_step_is_the_peak(tiny_spec):
+    shape = ("train.micro_batch=1", "train.seq_len=16", "train.clip_grad_norm=0")
+    off = plan(tiny_spec(*shape, "memory.strategies.optimizer_in_backward=off"), "cpu")
+    assert off.memory.peak_phase == "optimizer step"
+    p = plan(tiny_spec(*shape, f"memory.budget={int(off.memory.peak_bytes * 0.95 / 0.9)}"), "cpu")
+    assert p.strategies.optimizer_in_backward
+    # with clipping on, auto never picks it, and says why
+    clipped = plan(tiny_spec("train.micro_batch=1", "train.seq_len=16"), "cpu")
+    decision = next(d for d in clipped.decisions if d.strategy == "optimizer_in_backward")
+    assert decision.value == "off" and "clip_grad_norm" in decision.reason

@@ -208,7 +208,13 @@ def estimate_memory(
     # output head's gradient exists
     head_grad = cfg.vocab_size * cfg.dim * wb if trainable.full else 0
     in_recompute = params + opt + max(grads_in_backward, head_grad) + acts + recompute + batch
-    optimizer_step = params + grads + opt + update_temp
+    largest_grad = max((_numel(s) for s in trainable_shapes), default=0) * wb
+    if strategies.optimizer_in_backward:
+        # each gradient is freed right after its update: at most one full gradient (plus the one being made)
+        optimizer_step = params + 2 * largest_grad + opt + update_temp
+        grads = largest_grad
+    else:
+        optimizer_step = params + grads + opt + update_temp
     if recompute and in_recompute > max(backward_start, optimizer_step):
         components = (
             Component(name="parameters", bytes=params, note=f"{n_params:,} x {wb} B"),
@@ -275,6 +281,8 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
     # the fused loss loops over chunks in Python and makes its gradients in forward: a small fixed cost, so it
     # is chosen when memory asks for it, not when standard CE fits
     overhead = 0.97 if strategies.cross_entropy == "fused" else 1.0
+    if strategies.optimizer_in_backward:
+        overhead *= 0.99  # a Python hook and a small optimizer per parameter
     return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
 
 

@@ -161,6 +161,19 @@ def _check_supported(spec: RunSpec) -> None:
             f"matrix); choose from {', '.join(PROJECTIONS)}"
         )
     strategies = spec.memory.strategies
+    if strategies.optimizer_in_backward == "on":
+        if spec.train.grad_accum > 1:
+            raise PlanError(
+                f"memory.strategies.optimizer_in_backward = 'on' cannot work with train.grad_accum = "
+                f"{spec.train.grad_accum}: the step inside backward would run before the other micro-batches' "
+                "gradients arrive. Set train.grad_accum = 1 (raise train.micro_batch instead) or turn it 'off'"
+            )
+        if spec.train.clip_grad_norm > 0:
+            raise PlanError(
+                f"memory.strategies.optimizer_in_backward = 'on' cannot work with train.clip_grad_norm = "
+                f"{spec.train.clip_grad_norm}: global-norm clipping needs every gradient before any step. Set "
+                "train.clip_grad_norm = 0 or turn optimizer_in_backward 'off'"
+            )
     if strategies.chunked_cross_entropy == "on" and strategies.fused_cross_entropy == "on":
         raise PlanError(
             "memory.strategies.chunked_cross_entropy and memory.strategies.fused_cross_entropy are both 'on'; "
@@ -203,9 +216,12 @@ def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
             kind for kind, toggle in (("chunked", toggles.chunked_cross_entropy), ("fused", toggles.fused_cross_entropy))
             if toggle == "auto"
         )
+    in_backward_allowed = spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0
+    in_backward = {"on": (True,), "off": (False,), "auto": (False, True) if in_backward_allowed else (False,)}[
+        toggles.optimizer_in_backward]
     return [
-        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce)
-        for p, c, ce in itertools.product(precisions, ckpt, losses)
+        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob)
+        for p, c, ce, ob in itertools.product(precisions, ckpt, losses, in_backward)
     ]
 
 
@@ -261,8 +277,18 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         reason="forced by memory.strategies" if ce_forced else _why(strategies, "cross_entropy",
                                                                     others("cross_entropy"), usable, hw),
     ))
+    value = "on" if strategies.optimizer_in_backward else "off"
+    if overrides.optimizer_in_backward != "auto":
+        reason, source = "forced by memory.strategies.optimizer_in_backward", "user"
+    elif not (spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0):
+        reason, source = ("needs train.grad_accum = 1 and train.clip_grad_norm = 0 (both need every gradient "
+                          "before any step)"), "fixed"
+    else:
+        reason, source = _why(strategies, "optimizer_in_backward", others("optimizer_in_backward"), usable, hw), "auto"
+    decisions.append(Decision(strategy="optimizer_in_backward", value=value, source=source, reason=reason))
     for name, info in CATALOGUE.items():
-        if name in ("precision", "activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy"):
+        if name in ("precision", "activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy",
+                    "optimizer_in_backward"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
     accum = spec.train.grad_accum

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -41,7 +42,13 @@ from lowmem.spec.units import format_bytes
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
 from lowmem.train.memory import LiveTensorTracker
 from lowmem.train.optim import build_optimizer, lr_at
-from lowmem.train.strategies import block_runner, loss_function, param_dtype
+from lowmem.train.strategies import (
+    InBackwardOptimizer,
+    block_runner,
+    loss_function,
+    make_optimizer,
+    param_dtype,
+)
 
 # Memory is measured over the first steps only: step 1 creates the optimizer state, step 2 is the
 # steady state; every later step has the same shapes. The tracker slows a step, so it stops after these.
@@ -80,24 +87,34 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum, n_tokens = 0.0, 0
+    in_backward = isinstance(optimizer, InBackwardOptimizer)
     for _ in range(spec.train.grad_accum):
         batch = next(loader)
         if tracker:
             tracker.add_existing(batch.values(), "batch")
         micro_loss, micro_n = loss_of(batch)
-        micro_loss.backward()
+        if in_backward:
+            # the hooks step during backward, so the loss is normalized first (grad_accum is 1: planner rule)
+            optimizer.grad_sq_sum = 0.0
+            with tracker.category("optimizer_state") if tracker else contextlib.nullcontext():
+                (micro_loss / max(int(micro_n), 1)).backward()
+        else:
+            micro_loss.backward()
         loss_sum += micro_loss.item()
         n_tokens += int(micro_n)
-        if tracker:
+        if tracker and not in_backward:
             tracker.reclassify((t.grad for t in trainable), "gradients")
-    # normalize by the target tokens of the whole step, not per micro-batch (torchtune #1875)
-    scale = 1.0 / max(n_tokens, 1)
-    for t in trainable:
-        t.grad.mul_(scale)
-    grad_norm = _clip(trainable, spec.train.clip_grad_norm)
-    with tracker.category("optimizer_state") if tracker else contextlib.nullcontext():
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if in_backward:
+        grad_norm = math.sqrt(optimizer.grad_sq_sum)
+    else:
+        # normalize by the target tokens of the whole step, not per micro-batch (torchtune #1875)
+        scale = 1.0 / max(n_tokens, 1)
+        for t in trainable:
+            t.grad.mul_(scale)
+        grad_norm = _clip(trainable, spec.train.clip_grad_norm)
+        with tracker.category("optimizer_state") if tracker else contextlib.nullcontext():
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     loss = loss_sum / max(n_tokens, 1)
     if not math.isfinite(loss):
         raise FloatingPointError(
@@ -141,7 +158,7 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     trainable = list(trainable_params.values())
     for t in trainable:
         t.requires_grad_(True)
-    optimizer = build_optimizer(spec.optimizer, trainable)
+    optimizer = make_optimizer(p.strategies, partial(build_optimizer, spec.optimizer), trainable)
     loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
     first_step = 0
     if resume_from is not None:
