@@ -74,7 +74,7 @@ def test_no_arguments_shows_help(runner):
     ("command", "options"),
     [
         ("validate", {"--set", "-s", "--help"}),
-        ("plan", {"--set", "-s", "--hardware", "--json", "--help"}),
+        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
     ],

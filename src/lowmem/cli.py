@@ -77,11 +77,24 @@ def plan_cmd(
     set_: SetOpt = None,
     hardware: HardwareOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (execute accepts it back).")] = False,
+    maximize: Annotated[str | None, typer.Option(
+        "--maximize", help="Find the largest train.micro_batch ('batch') or train.seq_len ('seq_len') that fits "
+        "the budget.", show_default=False)] = None,
+    png: Annotated[Path | None, typer.Option(
+        "--png", help="Also write a chart of the memory breakdown of the plan and its alternatives.",
+        show_default=False)] = None,
 ) -> None:
     """Choose the memory strategies for a spec and print the dry-run memory report. Allocates nothing."""
     from lowmem.plan import plan, render_plan
+    from lowmem.plan.planner import maximize as maximize_plan
 
-    p = plan(load_spec(spec, set_ or []), hardware)
+    run = load_spec(spec, set_ or [])
+    p = maximize_plan(run, maximize, hardware) if maximize else plan(run, hardware)
+    if png is not None:
+        from lowmem.plan.chart import write_memory_chart
+
+        write_memory_chart(p, png)
+        typer.secho(f"wrote {png}", err=True)
     if json_:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(p), indent=2).decode() + "\n")
     else:

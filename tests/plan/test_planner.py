@@ -58,7 +58,7 @@ def test_forced_choices_are_respected(tiny_spec):
 @pytest.mark.parametrize("override,field", [
     ("memory.strategies.optimizer_in_backward=on", "memory.strategies.optimizer_in_backward"),
     ("memory.precision=fp16", "memory.precision"),
-    ("method.kind=qlora", "method.kind"),
+    ("memory.strategies.activation_offloading=on", "memory.strategies.activation_offloading"),
     ("optimizer.kind=adamw4bit", "optimizer.kind"),
 ])
 def test_unavailable_requests_are_refused_by_name(tiny_spec, override, field):
@@ -155,3 +155,27 @@ def test_optimizer_in_backward_chosen_when_the_optimizer_step_is_the_peak(tiny_s
     clipped = plan(tiny_spec("train.micro_batch=1", "train.seq_len=16"), "cpu")
     decision = next(d for d in clipped.decisions if d.strategy == "optimizer_in_backward")
     assert decision.value == "off" and "clip_grad_norm" in decision.reason
+
+
+@pytest.mark.parametrize("what,field", [("batch", "micro_batch"), ("seq_len", "seq_len")])
+def test_maximize_finds_the_largest_value_that_fits(tiny_spec, what, field):
+    from lowmem.plan.planner import maximize
+
+    spec = tiny_spec("memory.budget=64MiB", "train.seq_len=64")
+    best = maximize(spec, what, "cpu")
+    value = getattr(best.spec.train, field)
+    assert best.memory.peak_bytes <= best.usable_bytes
+    step = 1 if field == "micro_batch" else 64
+    bigger = tiny_spec("memory.budget=64MiB", "train.seq_len=64", f"train.{field}={value + step}")
+    if value + step <= (best.model.max_seq_len if field == "seq_len" else 1 << 16):
+        with pytest.raises(PlanError, match="nothing fits"):
+            plan(bigger, "cpu")
+
+
+def test_png_chart_is_written(tiny_spec, tmp_path):
+    pytest.importorskip("matplotlib")
+    from lowmem.plan.chart import write_memory_chart
+
+    out = tmp_path / "plan.png"
+    write_memory_chart(plan(tiny_spec("memory.budget=64MiB"), "cpu"), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

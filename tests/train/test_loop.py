@@ -185,3 +185,25 @@ def test_optimizer_in_backward_resumes_exactly(tiny_spec, tmp_path):
     shutil.rmtree(tmp_path / "part/model")
     execute(plan(spec, "cpu"), tmp_path / "part", progress=False, resume=True)
     assert _losses(tmp_path / "part") == _losses(tmp_path / "ref")
+
+
+def test_qlora_run_trains_adapters_on_nf4_and_exports_a_loadable_base(tiny_spec, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lowmem.nn import forward, load_hf, logits
+    from lowmem.nn.peft_io import load_peft
+
+    spec = tiny_spec("train.steps=15", "optimizer.lr=1e-2", "method.kind=qlora", "method.rank=4",
+                     "model.preset=quickstart-5m", "train.seq_len=64")
+    result = execute(plan(spec, "cpu"), tmp_path, progress=False)
+    assert result.final_loss < result.first_loss - 0.05
+    # the exported base is the dequantized NF4 base the adapters were trained on: base + adapter in peft
+    # reproduces lowmem's logits
+    cfg, base = load_hf(tmp_path / "base")
+    settings, adapted = load_peft(tmp_path / "adapter", base, cfg)
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter")
+    tokens = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(adapted, forward(adapted, tokens, cfg, adapters=settings), cfg),
+                                   model(tokens).logits, rtol=1e-4, atol=1e-4)

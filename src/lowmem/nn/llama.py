@@ -9,6 +9,7 @@ Shapes: B batch, T sequence, D model dim, H query heads, KV kv heads, hd head di
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
@@ -27,10 +28,13 @@ __all__ = [
     "AdaptedWeight",
     "apply_rope",
     "attention",
+    "base_linear",
     "block",
+    "dense_weight",
     "doc_mask",
     "forward",
     "init_params",
+    "is_nf4",
     "linear",
     "logits",
     "mlp",
@@ -154,6 +158,38 @@ class AdaptedWeight(NamedTuple):
 Weight = torch.Tensor | AdaptedWeight
 
 
+# The module that defines torchao's NF4Tensor (QLoRA base weights, made by `lowmem.nn.quant`). llama.py does not
+# import torchao (seconds of import time a dense run does not need): while that module is not loaded, no NF4
+# tensor can exist, so a weight is NF4 only if the module is loaded and the weight is an instance of its class.
+_NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
+
+def is_nf4(w: torch.Tensor) -> bool:
+    """True when `w` is a torchao NF4 tensor (a frozen 4-bit base weight, see `lowmem.nn.quant`)."""
+    module = sys.modules.get(_NF4_MODULE)
+    return module is not None and isinstance(w, module.NF4Tensor)
+
+
+def dense_weight(w: torch.Tensor) -> torch.Tensor:
+    """`w` itself, or for an NF4 weight a fresh dequantized copy (out, in) in its dtype, without gradient."""
+    if not is_nf4(w):
+        return w
+    with torch.no_grad():
+        return w.get_original_weight()
+
+
+def base_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) → (..., out) through a plain or NF4 weight (out, in), no adapter.
+
+    NF4 goes through torchao's `linear_nf4`: forward dequantizes the weight into a temporary, multiplies and
+    drops it; autograd saves only the NF4 tensor, and backward dequantizes again to return the gradient wrt
+    x and none for the frozen weight. So no full-precision copy of the weight outlives the op.
+    """
+    if is_nf4(w):
+        return sys.modules[_NF4_MODULE].linear_nf4(x, w)
+    return F.linear(x, w)
+
+
 def dora_row_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """||W + scale * B @ A|| over the input dim, one value per output row (out,), without gradient.
@@ -171,16 +207,20 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     DoRA:  W x + (g - 1) W d(x) + g s B A d(x), g = m / ||W + s B A||_row (detached); without dropout this
     is g (W + s B A) x, the DoRA weight m (W + s B A) / ||W + s B A||_row. Same grouping as PEFT's
     `DoraLinearVariant.forward`, so the two agree to rounding.
+
+    W may be an NF4 tensor (QLoRA), plain or as `AdaptedWeight.weight`; W x then runs through `base_linear`.
+    DoRA over NF4 takes the row norm of the dequantized W (a temporary, no gradient): the norm is a
+    detached constant anyway, and the dequantized W is exactly the weight the NF4 forward multiplies by.
     """
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
-    y = F.linear(x, w.weight)
+        return base_linear(x, w)
+    y = base_linear(x, w.weight)
     xd = F.dropout(x, w.dropout) if w.dropout > 0 else x
     lora = F.linear(F.linear(xd, w.lora_a), w.lora_b) * w.scale  # (..., out)
     if w.dora_m is None:
         return y + lora
-    g = w.dora_m / dora_row_norm(w.weight, w.lora_a, w.lora_b, w.scale)  # (out,)
-    yd = y if xd is x else F.linear(xd, w.weight)
+    g = w.dora_m / dora_row_norm(dense_weight(w.weight), w.lora_a, w.lora_b, w.scale)  # (out,)
+    yd = y if xd is x else base_linear(xd, w.weight)
     return y + (g - 1) * yd + g * lora
 
 

@@ -19,7 +19,7 @@ import msgspec
 import torch
 
 from lowmem.nn.config import ModelConfig
-from lowmem.nn.llama import ADAPTER_SUFFIXES, dora_row_norm
+from lowmem.nn.llama import ADAPTER_SUFFIXES, dense_weight, dora_row_norm
 
 __all__ = [
     "TARGETS",
@@ -111,7 +111,7 @@ def add_adapters(params: Params, cfg: ModelConfig, settings: LoraSettings, *, se
         out[name + ".lora_a"] = a.to(device=w.device, dtype=t_dtype)
         out[name + ".lora_b"] = torch.zeros(n_out, settings.rank, device=w.device, dtype=t_dtype)
         if settings.dora:
-            m = torch.linalg.norm(w.detach().float(), dim=1)  # (out,)
+            m = torch.linalg.norm(dense_weight(w).detach().float(), dim=1)  # (out,); NF4: dequantized
             out[name + ".dora_m"] = m.to(device=w.device, dtype=t_dtype)
     return out
 
@@ -126,6 +126,10 @@ def merge_adapters(params: Params, settings: LoraSettings) -> Params:
 
     LoRA: W + s B A. DoRA: m / ||W + s B A||_row * (W + s B A), row-wise (PEFT's merge). Computed in fp32
     and cast back to W's dtype; the result needs no `adapters=` in `forward`.
+
+    An NF4 W (QLoRA) is dequantized first, so the merge is exact with respect to the weight the NF4 forward
+    used, and the merged weight is a plain tensor. NF4 weights without an adapter stay NF4; for a fully
+    plain dict (export) use `merge_adapters(lowmem.nn.quant.dequantize_nf4(params), settings)`.
     """
     out = {n: t for n, t in params.items() if not n.endswith(ADAPTER_SUFFIXES)}
     for name in params:
@@ -134,7 +138,7 @@ def merge_adapters(params: Params, settings: LoraSettings) -> Params:
         base = name.removesuffix(".lora_a")
         w = params[base]
         with torch.no_grad():
-            wf, a, b = w.float(), params[name].float(), params[base + ".lora_b"].float()
+            wf, a, b = dense_weight(w).float(), params[name].float(), params[base + ".lora_b"].float()
             merged = wf + settings.scale * (b @ a)  # (out, in)
             m = params.get(base + ".dora_m")
             if m is not None:

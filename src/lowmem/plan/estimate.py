@@ -17,7 +17,7 @@ import math
 
 import msgspec
 
-from lowmem.nn.config import ModelConfig, count_params
+from lowmem.nn.config import ModelConfig, count_params, param_shapes
 from lowmem.nn.loss import loss_peak_bytes
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
@@ -192,6 +192,17 @@ def estimate_memory(
     n_tokens = train.micro_batch * train.seq_len
 
     params = (n_params + (0 if trainable.full else n_trainable)) * wb  # adapters come on top of the base
+    dequant_scratch = 0
+    if strategies.nf4_block_size:
+        from lowmem.nn.quant import nf4_bytes  # imports torchao: only when planning QLoRA
+
+        quantized = [_numel(s) for name, s in param_shapes(cfg).items() if _is_projection(name)]
+        params -= sum(quantized) * wb
+        params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=wb)
+                      for n in quantized)
+        # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
+        # length of one op (measured in tests/nn/test_quant.py)
+        dequant_scratch = int(max(quantized) * 4 * 4.8)
     grads = n_trainable * wb
     opt = optimizer_state_bytes(optimizer, trainable_shapes, wb)
     acts = activation_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
@@ -203,7 +214,8 @@ def estimate_memory(
     # torch's single-tensor AdamW makes one parameter-sized temporary (the denominator) at a time
     update_temp = max((_numel(s) for s in trainable_shapes), default=0) * wb
 
-    backward_start = params + opt + grads_in_backward + acts + loss + batch
+    # a dequantization in backward runs only after the loss tensors are freed: the two never coexist
+    backward_start = params + opt + grads_in_backward + acts + max(loss, dequant_scratch) + batch
     # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
     # output head's gradient exists
     head_grad = cfg.vocab_size * cfg.dim * wb if trainable.full else 0
@@ -233,6 +245,8 @@ def estimate_memory(
             Component(name="activations", bytes=acts, note=_acts_note(cfg, strategies)),
             Component(name="logits", bytes=loss, note=_loss_note(cfg, strategies, n_tokens)),
             Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
+            Component(name="temporaries", bytes=max(dequant_scratch - loss, 0),
+                      note="NF4 dequantization of one weight, beyond the loss tensors it replaces"),
         )
         return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward")
     components = (
@@ -284,6 +298,10 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
     if strategies.optimizer_in_backward:
         overhead *= 0.99  # a Python hook and a small optimizer per parameter
     return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
+
+
+def _is_projection(name: str) -> bool:
+    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

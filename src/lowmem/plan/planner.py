@@ -17,10 +17,21 @@ from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE
 from lowmem.plan.estimate import FULL, Trainable, estimate_memory, estimate_tokens_per_s
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies
-from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW8bit, Dora, Full, Lora, RunSpec, TrainTokenizer
+from lowmem.spec.structs import (
+    SGD,
+    Adafactor,
+    AdamW,
+    AdamW8bit,
+    Dora,
+    Full,
+    Lora,
+    QLora,
+    RunSpec,
+    TrainTokenizer,
+)
 from lowmem.spec.units import format_bytes
 
-SUPPORTED_METHODS = (Full, Lora, Dora)
+SUPPORTED_METHODS = (Full, Lora, Dora, QLora)
 PROJECTIONS = {"wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo", "w1": "mlp.w1", "w2": "mlp.w2",
                "w3": "mlp.w3"}
 SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit)
@@ -99,6 +110,22 @@ def trainable_shapes(spec: RunSpec, cfg: ModelConfig) -> tuple[list[tuple[int, .
                           dropout=method.dropout > 0, dora=isinstance(method, Dora))
 
 
+def nf4_scaler_block_size(cfg: ModelConfig, block_size: int) -> int:
+    """The largest scaler block (256, 128, ..., 1) for which torchao can quantize every projection to NF4.
+
+    torchao needs each weight's element count to be a multiple of block_size x scaler_block_size.
+    """
+    numels = {d_out * d_in for name, (d_out, d_in) in
+              ((n, s) for n, s in param_shapes(cfg).items() if len(s) == 2 and n.startswith("layers."))}
+    for scaler in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if all(n % (block_size * scaler) == 0 for n in numels):
+            return scaler
+    raise PlanError(
+        f"method.quant_block_size = {block_size} does not divide every projection of this model "
+        f"(element counts {sorted(numels)[:4]}...); use 64 or a smaller power of two"
+    )
+
+
 def resolve_model(spec: RunSpec) -> ModelConfig:
     """The model's config: a preset (vocab following a tokenizer lowmem trains) or a local config.json."""
     if spec.model.preset is not None:
@@ -155,7 +182,7 @@ def _check_supported(spec: RunSpec) -> None:
             f"method.kind = {spec.method.__struct_config__.tag!r} is not available in this version yet; "
             "use method.kind = 'full'"
         )
-    if isinstance(spec.method, (Lora, Dora)) and "output" in spec.method.targets:
+    if isinstance(spec.method, (Lora, Dora, QLora)) and "output" in spec.method.targets:
         raise PlanError(
             "method.targets: 'output' is not available yet (the output projection feeds the loss as a plain "
             f"matrix); choose from {', '.join(PROJECTIONS)}"
@@ -216,11 +243,15 @@ def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
             kind for kind, toggle in (("chunked", toggles.chunked_cross_entropy), ("fused", toggles.fused_cross_entropy))
             if toggle == "auto"
         )
+    nf4 = {}
+    if isinstance(spec.method, QLora):
+        nf4 = {"nf4_block_size": spec.method.quant_block_size,
+               "nf4_scaler_block_size": nf4_scaler_block_size(resolve_model(spec), spec.method.quant_block_size)}
     in_backward_allowed = spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0
     in_backward = {"on": (True,), "off": (False,), "auto": (False, True) if in_backward_allowed else (False,)}[
         toggles.optimizer_in_backward]
     return [
-        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob)
+        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob, **nf4)
         for p, c, ce, ob in itertools.product(precisions, ckpt, losses, in_backward)
     ]
 
@@ -324,3 +355,46 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+MAXIMIZABLE = {"batch": "micro_batch", "seq_len": "seq_len"}
+
+
+def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None) -> Plan:
+    """The plan with the largest micro-batch (`what="batch"`) or sequence length (`"seq_len"`) that fits.
+
+    Searches by doubling, then bisection, over values that plan without error (the budget is the limit;
+    sequence lengths are multiples of 64, capped by the model's max_seq_len). The other fields of the spec are
+    kept, and the strategies are chosen afresh for each candidate.
+    """
+    if what not in MAXIMIZABLE:
+        raise PlanError(f"--maximize {what!r}: choose one of {', '.join(MAXIMIZABLE)}")
+    field = MAXIMIZABLE[what]
+    hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
+    step = 64 if field == "seq_len" else 1
+    limit = resolve_model(spec).max_seq_len if field == "seq_len" else 1 << 16
+
+    def attempt(value: int) -> Plan | None:
+        train = msgspec.structs.replace(spec.train, **{field: value * step})
+        try:
+            return plan(msgspec.structs.replace(spec, train=train), hw)
+        except PlanError as err:
+            if "nothing fits" in str(err) or "max_seq_len" in str(err):
+                return None
+            raise
+
+    best = attempt(1)
+    if best is None:
+        return plan(msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **{field: step})), hw)
+    low, high = 1, 2
+    while high * step <= limit and (p := attempt(high)) is not None:
+        best, low, high = p, high, high * 2
+    high = min(high, limit // step + 1)
+    while high - low > 1:  # low fits, high does not (or is past the limit)
+        mid = (low + high) // 2
+        p = attempt(mid)
+        if p is None:
+            high = mid
+        else:
+            best, low = p, mid
+    return best

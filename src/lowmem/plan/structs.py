@@ -22,6 +22,10 @@ class Strategies(msgspec.Struct, **_STRUCT):
     activation_offloading: bool = False
     optimizer_in_backward: bool = False
     compile: bool = False
+    # QLoRA: NF4 base weights in blocks of nf4_block_size, their scales double-quantized in blocks of
+    # nf4_scaler_block_size (the largest of 256, 128, ... that divides every quantized weight); 0: no NF4
+    nf4_block_size: int = 0
+    nf4_scaler_block_size: int = 0
 
 
 class Decision(msgspec.Struct, **_STRUCT):

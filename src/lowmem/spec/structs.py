@@ -76,13 +76,26 @@ TokenizerSpec = TrainTokenizer | FileTokenizer
 
 
 class DataSpec(Spec, kw_only=True):
-    """The training text and how it becomes token rows.
+    """The training data and how it becomes packed token rows.
 
-    `source` is a `.jsonl`, `.jsonl.gz` or `.txt` file, or `builtin:kjv` for the corpus lowmem ships.
+    `source` is a file (`.jsonl`, `.jsonl.gz`, `.json`, `.parquet`, `.csv`, `.txt`) or a directory of them, or
+    `builtin:kjv` for the corpus lowmem ships. `format` says how a record becomes text: `text` (one field),
+    `instruct` (alpaca-style instruction / input / output) or `chat` (a list of role/content messages rendered
+    by the model family's chat template). `columns` renames fields, e.g. `{ instruction = "prompt" }`.
+    `train_on_prompt = false` masks prompts and user turns out of the loss. `packing` packs documents into
+    `seq_len` rows (`best-fit`: best-fit decreasing, `greedy`: in order); a document longer than a row is
+    split, truncated or dropped (`too_long`). A malformed record stops the run (`bad_rows = "error"`) or is
+    skipped and counted (`"skip"`).
     """
 
     source: str = "builtin:kjv"
+    format: Literal["text", "instruct", "chat"] = "text"
     text_field: str = "text"
+    columns: dict[str, str] = {}
+    train_on_prompt: bool = False
+    packing: Literal["best-fit", "greedy"] = "best-fit"
+    too_long: Literal["split", "truncate", "drop"] = "split"
+    bad_rows: Literal["error", "skip"] = "error"
     tokenizer: TokenizerSpec = TrainTokenizer()
     cache_dir: str = ".lowmem_cache"
     eval_rows: NonNegInt = 0

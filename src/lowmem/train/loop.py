@@ -36,8 +36,9 @@ from lowmem.data.tokenizer import Tokenizer
 from lowmem.nn import forward, init_params, load_hf, output_weight, save_hf
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
 from lowmem.nn.peft_io import save_peft
+from lowmem.nn.quant import dequantize_nf4, quantize_nf4
 from lowmem.plan import Plan, plan
-from lowmem.spec.structs import Dora, FileTokenizer, Lora, RunSpec
+from lowmem.spec.structs import Dora, FileTokenizer, Lora, QLora, RunSpec
 from lowmem.spec.units import format_bytes
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
 from lowmem.train.memory import LiveTensorTracker
@@ -152,6 +153,9 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
 
     params = _initial_params(p, param_dtype(p.strategies))
     adapters = lora_settings(spec.method)
+    if p.strategies.nf4_block_size:
+        params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
+                              scaler_block_size=p.strategies.nf4_scaler_block_size)
     if adapters is not None:
         params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed)
     trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
@@ -291,6 +295,8 @@ def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings 
     base_dir = Path(p.spec.model.path) if p.spec.model.path else out / "base"
     if p.spec.model.path is None:  # a preset's random base exists only in this run: save it for the adapter
         base = {k: v for k, v in detached.items() if k not in set(trainable_names(detached))}
+        if p.strategies.nf4_block_size:  # the weights QLoRA trained against: the dequantized NF4 base
+            base = dequantize_nf4(base)
         save_hf(base, p.model, base_dir, overwrite=True)
         shutil.copyfile(tokenizer.path, base_dir / "tokenizer.model")
     adapter_dir = out / "adapter"
@@ -300,8 +306,8 @@ def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings 
 
 
 def lora_settings(method) -> LoraSettings | None:
-    """The adapter settings of a LoRA/DoRA method (None for full fine-tuning)."""
-    if isinstance(method, Lora | Dora):
+    """The adapter settings of a LoRA/QLoRA/DoRA method (None for full fine-tuning)."""
+    if isinstance(method, Lora | Dora | QLora):
         return LoraSettings(rank=method.rank, alpha=method.alpha, targets=tuple(method.targets),
                             dropout=method.dropout, dora=isinstance(method, Dora))
     return None
