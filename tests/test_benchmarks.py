@@ -12,3 +12,10 @@ def test_memory_matrix_smoke(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| fp32 | on | 2 |" in result.stdout and "worst |error|" in result.stdout
+
+
+def test_ladder_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/ladder.py"), "--smoke", "--out", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| QLoRA r=8 (NF4 base) |" in result.stdout
