@@ -62,7 +62,7 @@ def test_top_level_help_lists_the_commands(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
-    assert commands == ["validate", "plan", "execute", "generate"]
+    assert commands == ["validate", "plan", "execute", "export", "report", "generate"]
 
 
 def test_no_arguments_shows_help(runner):
@@ -77,6 +77,8 @@ def test_no_arguments_shows_help(runner):
         ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
+        ("export", {"--out", "--merge", "--help"}),
+        ("report", {"--png", "--help"}),
     ],
 )
 def test_each_command_has_exactly_its_options(runner, command, options):
@@ -294,3 +296,37 @@ def test_console_script_reports_a_bad_spec_without_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: examples/quickstart.toml: invalid value at `$.train.steps`: -1")
+
+
+def test_export_merge_and_report(tmp_path, data_cache):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from lowmem.nn import forward, load_hf, logits
+    from lowmem.nn.generate import find_model_files, load_model
+    from lowmem.plan import plan as make_plan
+    from lowmem.spec import decode_spec
+    from lowmem.train import execute as run
+    from tests.conftest import TINY_SPEC
+
+    spec = decode_spec(TINY_SPEC, "toml", overrides=[f"data.cache_dir={data_cache}", "train.steps=3",
+                                                    "method.kind=lora", "optimizer.lr=1e-2"])
+    run(make_plan(spec, "cpu"), tmp_path / "run", progress=False)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "--merge" in refused.output
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge"])
+    assert result.exit_code == 0, result.output
+    cfg, adapted, settings = load_model(find_model_files(tmp_path / "run"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits,
+                                   logits(adapted, forward(adapted, tokens, cfg, adapters=settings), cfg),
+                                   rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged/tokenizer.model").is_file() and load_hf(tmp_path / "merged")[0] == cfg
+    result = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "3 steps" in result.output and (tmp_path / "run/report.png").read_bytes()[:4] == b"\x89PNG"
+    assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 2

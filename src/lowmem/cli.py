@@ -148,6 +148,65 @@ def execute(
     typer.echo(f"run directory: {result.out_dir}" + (f"  (model: {result.model_dir})" if result.model_dir else ""))
 
 
+@app.command()
+@_user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (or an HF model + adapter).",
+                                            show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the HF-format model.", show_default=False)],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA/DoRA adapters into the base weights.")] = False,
+) -> None:
+    """Write a run's model as one Hugging Face checkpoint; with --merge, adapters are merged into the base."""
+    import shutil
+
+    from lowmem.nn import save_hf
+    from lowmem.nn.generate import find_model_files, load_model
+    from lowmem.nn.lora import merge_adapters
+
+    files = find_model_files(run_dir)
+    cfg, params, settings = load_model(files)
+    if settings is not None and not merge:
+        raise _UserError(f"{run_dir} holds adapters ({files.adapter_dir}); pass --merge to fold them into the "
+                         "base weights, or use the PEFT adapter directory as it is")
+    if settings is not None:
+        params = merge_adapters(params, settings)
+    save_hf(params, cfg, out)
+    shutil.copyfile(files.tokenizer_path, Path(out) / "tokenizer.model")
+    typer.echo(f"wrote {out}" + (" (adapters merged)" if settings is not None else ""))
+
+
+@app.command()
+@_user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (with metrics.jsonl).", show_default=False)],
+    png: Annotated[Path | None, typer.Option("--png", help="Chart file (default RUN_DIR/report.png).",
+                                             show_default=False)] = None,
+) -> None:
+    """Summarize a run: loss (train and eval), learning rate, speed, planned vs measured memory; PNG chart."""
+    import json
+
+    from lowmem.train import describe_memory
+    from lowmem.train.report import write_run_chart
+
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise _UserError(f"{run_dir}: no metrics.jsonl; give the directory `lowmem execute` wrote")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        raise _UserError(f"{metrics} is empty: the run logged no step yet")
+    last = records[-1]
+    evals = [r for r in records if "eval_loss" in r]
+    typer.echo(f"{run_dir}: {last['step']} steps, loss {records[0]['loss']:.4f} -> {last['loss']:.4f}"
+               + (f", eval {evals[-1]['eval_loss']:.4f}" if evals else "")
+               + f", {last['tokens_per_s']:,.0f} tokens/s, {last['elapsed_s']:.0f} s")
+    memory = run_dir / "memory.json"
+    if memory.is_file():
+        typer.echo(describe_memory(json.loads(memory.read_text())))
+    target = png or run_dir / "report.png"
+    write_run_chart(records, target, title=run_dir.name)
+    typer.echo(f"wrote {target}")
+
+
 def _is_plan(path: Path) -> bool:
     if path.suffix.lower() != ".json":
         return False

@@ -17,9 +17,9 @@ token_lists = st.lists(st.lists(st.integers(1, 1000), min_size=1, max_size=30), 
 
 
 @settings(max_examples=200, deadline=None)
-@given(docs=token_lists, seq_len=st.integers(2, 13))
-def test_labels_and_positions_stay_inside_documents(docs: list[list[int]], seq_len: int):
-    tokens, doc_ids = pack_token_lists(docs, seq_len)
+@given(docs=token_lists, seq_len=st.integers(2, 13), packing=st.sampled_from(["best-fit", "greedy"]))
+def test_labels_and_positions_stay_inside_documents(docs: list[list[int]], seq_len: int, packing: str):
+    tokens, doc_ids, _ = pack_token_lists(docs, seq_len, packing=packing)
     batch = make_batch(tokens, doc_ids)
     assert all(v.dtype == torch.int64 and v.shape == tokens.shape for v in batch.values())
     labels, positions = batch["labels"].numpy(), batch["positions"].numpy()
@@ -38,9 +38,32 @@ def test_labels_and_positions_stay_inside_documents(docs: list[list[int]], seq_l
     assert (positions[starts] == 0).all()
     assert (positions[:, 1:][~starts[:, 1:]] == positions[:, :-1][~starts[:, 1:]] + 1).all()
 
-    # Every next-token pair inside a document is learned, except the ones cut by a row boundary.
-    n_cut = int(((d[:-1, -1] == d[1:, 0]) & (d[1:, 0] != 0)).sum())
-    assert int(same.sum()) == sum(len(x) - 1 for x in docs) - n_cut
+    # Every next-token pair inside a document piece is learned: one label lost per extra piece.
+    n_pieces = len(np.unique(d[d != 0]))
+    assert int(same.sum()) == int((d != 0).sum()) - n_pieces
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=6, max_size=6), min_size=1, max_size=4
+    )
+)
+def test_loss_mask_masks_the_target(rows: list[list[tuple[int, bool]]]):
+    doc_ids = np.array([[d for d, _ in r] for r in rows])
+    loss_mask = np.array([[m for _, m in r] for r in rows])
+    tokens = np.arange(doc_ids.size).reshape(doc_ids.shape) + 10
+    unmasked = make_batch(tokens, doc_ids)["labels"].numpy()
+    labels = make_batch(tokens, doc_ids, loss_mask)["labels"].numpy()
+    # The label at t predicts token t+1, so it survives exactly where loss_mask[t+1] is set.
+    expected = unmasked.copy()
+    expected[:, :-1][~loss_mask[:, 1:]] = -100
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_make_batch_masked_example():
+    batch = make_batch(np.array([[5, 6, 7, 8]]), np.array([[1, 1, 1, 1]]), np.array([[0, 0, 1, 1]]))
+    assert batch["labels"].tolist() == [[-100, 7, 8, -100]]
 
 
 def test_make_batch_example():
@@ -66,8 +89,12 @@ def packed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(pack_module, "TOKENS_PER_RECORD_BATCH", 5 * 8)
     tokens = np.arange(43 * 8, dtype=np.int32).reshape(43, 8)
     doc_ids = (np.arange(43 * 8, dtype=np.int32) // 24 + 1).reshape(43, 8)
+    loss_mask = (tokens % 3 != 0).astype(np.uint8)
     path = tmp_path / "rows.arrow"
-    blocks = [(tokens[i : i + 7], doc_ids[i : i + 7]) for i in range(0, 43, 7)]
+    blocks = [
+        pack_module.RowBlock(tokens[i : i + 7], doc_ids[i : i + 7], loss_mask[i : i + 7])
+        for i in range(0, 43, 7)
+    ]
     pack_module.write_packed_arrow(path, blocks, 8, {"tokenizer_key": "test"})
     return path
 
@@ -78,9 +105,10 @@ def test_packed_dataset_reads_rows_across_record_batches(packed_file: Path):
     assert len(ds) == 43 and ds.seq_len == 8
     assert ds.metadata["tokenizer_key"] == "test" and ds.metadata["n_rows"] == 43
     idx = np.array([42, 0, 4, 5, 17, 5])
-    tokens, doc_ids = ds.rows(idx)
-    assert tokens.dtype == doc_ids.dtype == np.int64 and tokens.shape == (6, 8)
+    tokens, doc_ids, loss_mask = ds.rows(idx)
+    assert tokens.dtype == doc_ids.dtype == np.int64 and tokens.shape == (6, 8) and loss_mask.dtype == bool
     np.testing.assert_array_equal(tokens, idx[:, None] * 8 + np.arange(8))
+    np.testing.assert_array_equal(loss_mask, tokens % 3 != 0)
     np.testing.assert_array_equal(doc_ids, (idx[:, None] * 8 + np.arange(8)) // 24 + 1)
     # Memory-mapped: opening and reading allocated nothing in Arrow's memory pool.
     assert pa.total_allocated_bytes() == allocated
@@ -145,9 +173,10 @@ def test_loader_batch_contents(packed_file: Path):
     ds = PackedDataset(packed_file)
     with BatchLoader(ds, np.arange(43), 4, seed=0) as loader:
         batch = next(loader)
-    tokens, doc_ids = ds.rows(batch["tokens"][:, 0].numpy() // 8)
-    expected = make_batch(tokens, doc_ids)
+    tokens, doc_ids, loss_mask = ds.rows(batch["tokens"][:, 0].numpy() // 8)
+    expected = make_batch(tokens, doc_ids, loss_mask)
     assert all(torch.equal(batch[k], expected[k]) for k in expected)
+    assert (batch["labels"] == -100).sum() > (make_batch(tokens, doc_ids)["labels"] == -100).sum()
 
 
 class FailingRows:
@@ -162,7 +191,11 @@ class FailingRows:
         self.n_calls += 1
         if self.n_calls == self.fail_on_call:
             raise OSError("disk went away")
-        return np.zeros((len(indices), 4), np.int64), np.ones((len(indices), 4), np.int64)
+        return (
+            np.zeros((len(indices), 4), np.int64),
+            np.ones((len(indices), 4), np.int64),
+            np.ones((len(indices), 4), bool),
+        )
 
 
 def test_thread_errors_reach_the_consumer():

@@ -5,7 +5,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem.nn.config import PRESETS, Llama3RopeScaling, ModelConfig, count_params, param_shapes, preset
+from lowmem.nn.config import (
+    FAMILIES,
+    PRESETS,
+    Llama3RopeScaling,
+    ModelConfig,
+    count_params,
+    param_shapes,
+    preset,
+)
 from lowmem.nn.llama import init_params
 
 # Parameter counts of the published checkpoints (sum of numel over their safetensors files).
@@ -108,7 +116,9 @@ def test_msgspec_roundtrip_and_validation_on_decode():
 def test_hf_config_roundtrip(name):
     cfg = preset(name)
     d = cfg.to_hf_config()
-    assert d["model_type"] == "llama" and d["architectures"] == ["LlamaForCausalLM"]
+    assert d["model_type"] == cfg.family and d["architectures"] == [FAMILIES[cfg.family]]
+    assert (cfg.family == "llama") is (name in {"tiny", "quickstart-5m", "llama3.2-1b", "llama3.2-3b", "llama3.1-8b",
+                                                 "llama2-7b", "tinyllama-1.1b"})
     assert ModelConfig.from_hf_config(d, source="x/config.json") == cfg
 
 
@@ -133,13 +143,14 @@ def test_from_hf_config_mistral_without_sliding_window():
     ("change", "words"),
     [
         ({"model_type": "gpt2"}, ["model_type", "'gpt2'", "'llama'"]),
-        ({"model_type": "mistral", "sliding_window": 4096}, ["sliding_window", "4096"]),
+        ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1},
+         ["use_sliding_window", "True", "false"]),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["rope_type", "'linear'", "'llama3'"]),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, ["rope_type", "'dynamic'"]),
         ({"attention_bias": True}, ["attention_bias", "True", "false"]),
         ({"mlp_bias": True}, ["mlp_bias", "True"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "'gelu'", "'silu'"]),
-        ({"head_dim": 32}, ["head_dim", "32"]),
+        ({"head_dim": 15}, ["head_dim", "15", "even"]),
         ({"num_key_value_heads": 3}, ["n_kv_heads", "3"]),
     ],
 )

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lowmem.data.tokenizer import Tokenizer
+
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
@@ -34,30 +36,35 @@ class PackedDataset:
         }
         self.seq_len = self._check_schema(schema)
         # Zero-copy (n_rows, seq_len) int32 views into the mapped file, one per record batch.
+        # (n_rows, seq_len) uint8 views of the loss mask likewise.
         self._tokens: list[np.ndarray] = []
         self._doc_ids: list[np.ndarray] = []
+        self._loss_mask: list[np.ndarray] = []
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             self._tokens.append(_column_view(batch.column("tokens"), self.seq_len))
             self._doc_ids.append(_column_view(batch.column("doc_ids"), self.seq_len))
+            self._loss_mask.append(_column_view(batch.column("loss_mask"), self.seq_len))
         sizes = [len(t) for t in self._tokens]
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
     def _check_schema(self, schema: pa.Schema) -> int:
-        for name in ("tokens", "doc_ids"):
+        for name, value_type in (("tokens", pa.int32()), ("doc_ids", pa.int32()), ("loss_mask", pa.uint8())):
             field = schema.field(name) if name in schema.names else None
             if (
                 field is None
                 or not pa.types.is_fixed_size_list(field.type)
-                or field.type.value_type != pa.int32()
+                or field.type.value_type != value_type
             ):
                 raise ValueError(
-                    f"{self.path}: column {name!r} is missing or not fixed_size_list<int32> (schema: {schema}); "
-                    "this is not a lowmem packed file: make one with prepare_packed_dataset"
+                    f"{self.path}: column {name!r} is missing or not fixed_size_list<{value_type}> "
+                    f"(schema: {schema}); this is not a current lowmem packed file: delete it and make one "
+                    "with prepare_packed_dataset"
                 )
         seq_len = schema.field("tokens").type.list_size
         if (
             schema.field("doc_ids").type.list_size != seq_len
+            or schema.field("loss_mask").type.list_size != seq_len
             or self.metadata.get("seq_len", seq_len) != seq_len
         ):
             raise ValueError(
@@ -68,13 +75,14 @@ class PackedDataset:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Gather rows by global index.
 
         Args:
             indices: (B,) integer row indices in [0, len(self)).
         Returns:
-            tokens (B, T) int64 and doc_ids (B, T) int64, T = seq_len; only these rows are copied.
+            tokens (B, T) int64, doc_ids (B, T) int64 and loss_mask (B, T) bool, T = seq_len; only these rows
+            are copied.
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
@@ -82,13 +90,15 @@ class PackedDataset:
             raise IndexError(f"row {bad} out of range for {self.path} with {len(self)} rows")
         tokens = np.empty((len(indices), self.seq_len), np.int64)
         doc_ids = np.empty((len(indices), self.seq_len), np.int64)
+        loss_mask = np.empty((len(indices), self.seq_len), bool)
         which = np.searchsorted(self._starts, indices, side="right") - 1
         for b in np.unique(which):
             sel = which == b
             local = indices[sel] - self._starts[b]
             tokens[sel] = self._tokens[b][local]
             doc_ids[sel] = self._doc_ids[b][local]
-        return tokens, doc_ids
+            loss_mask[sel] = self._loss_mask[b][local] != 0
+        return tokens, doc_ids, loss_mask
 
     def __repr__(self) -> str:
         return f"PackedDataset({str(self.path)!r}, rows={len(self)}, seq_len={self.seq_len})"
@@ -99,16 +109,20 @@ def _column_view(column: pa.FixedSizeListArray, seq_len: int) -> np.ndarray:
     return flat.reshape(-1, seq_len)
 
 
-def make_batch(tokens: np.ndarray, doc_ids: np.ndarray) -> dict[str, torch.Tensor]:
+def make_batch(
+    tokens: np.ndarray, doc_ids: np.ndarray, loss_mask: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """Model inputs and next-token labels for packed rows.
 
     Args:
         tokens: (B, T) integer token ids.
         doc_ids: (B, T) integer document index per token, 0 for padding.
+        loss_mask: (B, T) bool/0-1, whether token t is trained *as a target*; None trains every target.
     Returns:
         tokens (B, T) int64; labels (B, T) int64 = tokens[t+1] where tokens t and t+1 are in the same
-        non-padding document, else -100 (so the last column is always -100); positions (B, T) int64,
-        0 at each document start (and at the row start) and counting up within it; doc_ids (B, T) int64.
+        non-padding document and loss_mask[t+1] is set, else -100 (so the last column is always -100);
+        positions (B, T) int64, 0 at each document start (and at the row start) and counting up within it;
+        doc_ids (B, T) int64.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     doc_ids = np.asarray(doc_ids, dtype=np.int64)
@@ -117,6 +131,11 @@ def make_batch(tokens: np.ndarray, doc_ids: np.ndarray) -> dict[str, torch.Tenso
     B, T = tokens.shape
     labels = np.full((B, T), IGNORE_INDEX, np.int64)
     same_doc = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, :-1] != 0)  # (B, T-1)
+    if loss_mask is not None:
+        loss_mask = np.asarray(loss_mask)
+        if loss_mask.shape != tokens.shape:
+            raise ValueError(f"loss_mask {loss_mask.shape} must match tokens {tokens.shape}")
+        same_doc &= loss_mask[:, 1:] != 0  # the mask belongs to the target token t+1
     labels[:, :-1] = np.where(same_doc, tokens[:, 1:], IGNORE_INDEX)
     starts = np.ones((B, T), bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -142,7 +161,7 @@ def split_rows(n_rows: int, eval_rows: int, seed: int) -> tuple[np.ndarray, np.n
 
 class RowSource(Protocol):
     def __len__(self) -> int: ...
-    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 class _EpochSchedule:
@@ -322,3 +341,65 @@ def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event, p
         except queue.Full:
             continue
     return False
+
+
+def inspect_rows(path: str | Path, tokenizer: Tokenizer, n: int = 3) -> str:
+    """Decode the first `n` rows of a packed file for reading: documents one per line, `[[...]]` untrained.
+
+    A span is "untrained" when its tokens are not targets in the loss: masked by loss_mask, or the first token
+    of a document in the row (nothing in the row predicts it). bos/eos show as `<s>` / `</s>`.
+    """
+    ds = PackedDataset(path)
+    n = min(n, len(ds))
+    tokens, doc_ids, loss_mask = ds.rows(np.arange(n))
+    meta = ds.metadata
+    lines = [
+        f"{ds.path.name}: {len(ds)} rows of {ds.seq_len} tokens, format {meta.get('format')!r}, "
+        f"packing {meta.get('packing')!r}, padding {meta.get('padding_fraction', 0.0):.2%}, "
+        f"skipped records {meta.get('n_skipped', 0)}"
+    ]
+    for r in range(n):
+        trained = _trained_targets(doc_ids[r], loss_mask[r])
+        lines.append(
+            f"--- row {r}: {int(np.count_nonzero(doc_ids[r]))} tokens, "
+            f"{len(np.unique(doc_ids[r][doc_ids[r] != 0]))} documents, {int(trained.sum())} trained"
+        )
+        for doc_id in dict.fromkeys(doc_ids[r].tolist()):
+            where = doc_ids[r] == doc_id
+            if doc_id == 0:
+                lines.append(f"  [padding x{int(where.sum())}]")
+                continue
+            lines.append(f"  doc {doc_id}: " + _render_spans(tokenizer, tokens[r][where], trained[where]))
+    return "\n".join(lines)
+
+
+def _trained_targets(doc_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """(T,) bool: token t is a target in the loss (same rule as make_batch's labels, seen from the target)."""
+    trained = np.zeros(len(doc_ids), bool)
+    trained[1:] = (doc_ids[1:] == doc_ids[:-1]) & (doc_ids[1:] != 0) & (loss_mask[1:] != 0)
+    return trained
+
+
+def _render_spans(tokenizer: Tokenizer, ids: np.ndarray, trained: np.ndarray) -> str:
+    cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    out = []
+    for span_ids, span_trained in zip(np.split(ids, cuts), np.split(trained, cuts), strict=True):
+        text = _decode_with_specials(tokenizer, span_ids)
+        out.append(text if span_trained[0] else f"[[{text}]]")
+    return repr("".join(out))[1:-1]  # one line per document: newlines shown as \\n
+
+
+def _decode_with_specials(tokenizer: Tokenizer, ids: np.ndarray) -> str:
+    names = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    parts, run = [], []
+    for i in ids.tolist():
+        if i in names:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(names[i])
+        else:
+            run.append(i)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return "".join(parts)

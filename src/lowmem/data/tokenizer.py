@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from lowmem.data.corpus import file_sha256, read_documents
+from lowmem.data.corpus import read_documents, source_sha256
+from lowmem.data.records import read_segment_texts
+from lowmem.data.templates import TEMPLATE_VERSION
+from lowmem.spec.structs import DataSpec
 
 # Bump when the training recipe below changes what a given (corpus, vocab_size) produces.
 TOKENIZER_FORMAT_VERSION = 1
@@ -130,26 +133,48 @@ def train_tokenizer(
 
 
 def load_or_train_tokenizer(
-    corpus_path: str | Path, vocab_size: int, cache_dir: str | Path, *, text_field: str = "text"
+    corpus_path: str | Path,
+    vocab_size: int,
+    cache_dir: str | Path,
+    *,
+    text_field: str = "text",
+    data: DataSpec | None = None,
 ) -> Tokenizer:
-    """The tokenizer for (corpus content, vocab_size), trained once and then loaded from the cache.
+    """The tokenizer for (source content, vocab_size), trained once and then loaded from the cache.
 
-    The cache key covers the corpus file's bytes, `vocab_size`, `text_field`, TOKENIZER_FORMAT_VERSION and the
-    sentencepiece version; the model lives at `cache_dir/tokenizers/<key>/tokenizer.model`.
+    It trains on each record's `text_field`, or, given `data`, on each record rendered by `data.format`'s
+    template (bad records per `data.bad_rows`; `text_field` is then ignored for `data.text_field`).
+    The cache key covers the source's bytes, `vocab_size`, how records are read, TOKENIZER_FORMAT_VERSION and
+    the sentencepiece version; the model lives at `cache_dir/tokenizers/<key>/tokenizer.model`.
     """
-    key = tokenizer_cache_key(corpus_path, vocab_size, text_field=text_field)
+    key = tokenizer_cache_key(corpus_path, vocab_size, text_field=text_field, data=data)
     model_path = Path(cache_dir) / "tokenizers" / key / "tokenizer.model"
     if model_path.is_file():
         return Tokenizer(model_path)
-    return train_tokenizer(read_documents(corpus_path, text_field), vocab_size, model_path)
+    texts = read_documents(corpus_path, text_field) if data is None else read_segment_texts(corpus_path, data)
+    return train_tokenizer(texts, vocab_size, model_path)
 
 
-def tokenizer_cache_key(corpus_path: str | Path, vocab_size: int, *, text_field: str = "text") -> str:
+def tokenizer_cache_key(
+    corpus_path: str | Path, vocab_size: int, *, text_field: str = "text", data: DataSpec | None = None
+) -> str:
     """Content key of the tokenizer `load_or_train_tokenizer` makes for these inputs."""
+    if data is None:
+        reading = f"text_field={text_field}"  # as before: keeps existing text-only caches valid
+    else:
+        columns = sorted(data.columns.items())
+        reading = (
+            f"text_field={data.text_field}"
+            if data.format == "text" and not columns
+            else (
+                f"format={data.format} text_field={data.text_field} columns={columns} bad_rows={data.bad_rows} "
+                f"template={TEMPLATE_VERSION}"
+            )
+        )
     parts = [
-        f"corpus={file_sha256(corpus_path)}",
+        f"corpus={source_sha256(corpus_path)}",
         f"vocab_size={vocab_size}",
-        f"text_field={text_field}",
+        reading,
         f"format={TOKENIZER_FORMAT_VERSION}",
         f"sentencepiece={spm.__version__}",
     ]

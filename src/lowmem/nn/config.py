@@ -6,11 +6,12 @@ Imports no torch: the planner sizes a model from `param_shapes` without allocati
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "Llama3RopeScaling",
     "ModelConfig",
@@ -46,11 +47,40 @@ class Llama3RopeScaling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             )
 
 
-class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Shape of a Llama-architecture decoder (RMSNorm, RoPE, GQA attention, SwiGLU MLP, no biases).
+# HF `model_type` → the architecture class written to config.json. The family names the checkpoint layout
+# (tensor names, fused projections, config keys); what the model computes is set by the flags below.
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"]
 
-    `n_kv_heads < n_heads` is grouped-query attention; `ffn_dim` is the SwiGLU hidden size;
-    `tie_embeddings` shares `tok_embeddings` as the output projection.
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Shape of a decoder in the Llama lineage (RMSNorm, RoPE, GQA attention, gated MLP).
+
+    `n_kv_heads < n_heads` is grouped-query attention; `ffn_dim` is the gated MLP's hidden size;
+    `tie_embeddings` shares `tok_embeddings` as the output projection. The defaults are Llama; other
+    families are the same layers with these flags set (see `from_hf_config`):
+
+    - `family`: the HF layout the checkpoint is read from and written to (model_type, tensor names).
+    - `head_dim_override`: head size when it is not dim / n_heads (Gemma 7B: 3072 / 16 heads of 256).
+    - `qkv_bias`: q, k and v projections carry biases `attn.bq/bk/bv` (Qwen2).
+    - `sliding_window`: a query attends to at most this many keys, itself included (HF's
+      `kv_idx > q_idx - sliding_window`), on the layers `sliding_layers` picks: "all" (Mistral, Phi-3) or
+      "even" (layers 0, 2, 4, ...; Gemma 2 alternates local and global layers).
+    - `mlp_act`: the gate activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma).
+    - `norm_unit_offset`: RMSNorm scales by (1 + weight), so stored norm weights are offsets (Gemma).
+    - `embed_scale`: embeddings are multiplied by sqrt(dim), rounded to the compute dtype (Gemma).
+    - `sandwich_norms`: attention and MLP outputs are normed again before the residual add, with
+      `attn_post_norm` and `mlp_post_norm` (Gemma 2).
+    - `query_pre_attn_scalar`: scores are scaled by its -1/2 power instead of head_dim's (Gemma 2).
+    - `attn_logit_softcap`, `final_logit_softcap`: scores (resp. logits) become cap * tanh(x / cap)
+      (Gemma 2). The final cap is applied by `llama.logits` and by the losses' `softcap` argument.
     """
 
     vocab_size: int
@@ -64,20 +94,42 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     rope_scaling: Llama3RopeScaling | None = None
+    family: Family = "llama"
+    head_dim_override: int | None = None
+    qkv_bias: bool = False
+    sliding_window: int | None = None
+    sliding_layers: Literal["all", "even"] = "all"
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"
+    norm_unit_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} = {value!r}: must be a positive integer")
+        for name in ("head_dim_override", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} = {value!r}: must be a positive integer or None")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} = {value!r}: must be a positive number")
-        if self.dim % self.n_heads:
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not value > 0):
+                raise ValueError(f"{name} = {value!r}: must be a positive number or None")
+        if self.head_dim_override is None and self.dim % self.n_heads:
             raise ValueError(
                 f"dim = {self.dim}: must be divisible by n_heads = {self.n_heads} "
-                f"(head_dim = dim / n_heads); pick a dim that is a multiple of {self.n_heads}"
+                f"(head_dim = dim / n_heads); pick a dim that is a multiple of {self.n_heads}, "
+                "or set head_dim_override"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -86,56 +138,75 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             )
         if self.head_dim % 2:
             raise ValueError(
-                f"dim = {self.dim}: head_dim = dim / n_heads = {self.head_dim} must be even for RoPE"
+                f"dim = {self.dim}: head_dim = {self.head_dim} (dim / n_heads, or head_dim_override) must be "
+                "even for RoPE"
             )
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (0-based), or None where it attends to every earlier key."""
+        if self.sliding_window is None or (self.sliding_layers == "even" and layer % 2):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], source: str) -> ModelConfig:
-        """Read a Hugging Face `config.json` dict (Llama, or Mistral without sliding window).
+        """Read a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2, Gemma, Gemma 2 or Phi-3 model.
 
         Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x one
-        (`rope_parameters`). `source` names the file in error messages.
+        (`rope_parameters`, `layer_types`). `source` names the file in error messages. A key whose value
+        lowmem does not implement is a ValueError naming the file, the key, the value and what is supported.
         """
         model_type = d.get("model_type")
-        if model_type not in ("llama", "mistral"):
+        if model_type not in FAMILIES:
             raise ValueError(
-                f"{source}: model_type = {model_type!r} is not supported; supported: 'llama', "
-                "'mistral' (without sliding window)"
+                f"{source}: model_type = {model_type!r} is not supported; supported: "
+                + ", ".join(repr(f) for f in FAMILIES)
             )
-        if model_type == "mistral" and d.get("sliding_window") is not None:
-            raise ValueError(
-                f"{source}: sliding_window = {d['sliding_window']!r} is not supported; lowmem runs "
-                "full causal attention, so only Mistral configs with sliding_window null load. For "
-                "sequences no longer than the window the two agree: set sliding_window to null "
-                "and keep max_seq_len <= the window."
-            )
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key, False):
-                raise ValueError(f"{source}: {key} = {d[key]!r} is not supported; supported: false")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act = {act!r} is not supported; supported: 'silu'")
 
         def need(key: str) -> Any:
-            if key not in d:
-                raise ValueError(f"{source}: missing key {key!r}, needed to build the model")
+            if d.get(key) is None:
+                raise ValueError(f"{source}: missing key {key!r}, needed to build a {model_type!r} model")
             return d[key]
 
-        dim = need("hidden_size")
-        n_heads = need("num_attention_heads")
-        head_dim = d.get("head_dim")
-        if head_dim is not None and n_heads and head_dim * n_heads != dim:
-            raise ValueError(
-                f"{source}: head_dim = {head_dim!r} is not supported; supported: hidden_size / "
-                f"num_attention_heads = {dim} / {n_heads}"
-            )
+        def refuse(key: str, supported: str) -> None:
+            raise ValueError(f"{source}: {key} = {d.get(key)!r} is not supported for model_type "
+                             f"{model_type!r}; supported: {supported}")
+
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key, False):
+                refuse(key, "false")
+        act = d.get("hidden_activation") or d.get("hidden_act", "silu")
+        act_key = "hidden_activation" if d.get("hidden_activation") else "hidden_act"
+        if model_type in ("gemma", "gemma2"):
+            # Gemma's released configs say "gelu" but the models were trained with the tanh approximation,
+            # which transformers substitutes (GemmaConfig warns about it); so does lowmem.
+            if act not in ("gelu_pytorch_tanh", "gelu"):
+                refuse(act_key, "'gelu_pytorch_tanh' (or legacy 'gelu', read as it)")
+            mlp_act = "gelu_tanh"
+        else:
+            if act != "silu":
+                refuse(act_key, "'silu'")
+            mlp_act = "silu"
+        if model_type in ("qwen2",) and d.get("use_sliding_window") and \
+                d.get("max_window_layers", 0) < need("num_hidden_layers"):
+            refuse("use_sliding_window", "false (Qwen2's sliding window on the top layers is not implemented)")
+        window = d.get("sliding_window") if model_type in ("mistral", "gemma2", "phi3") else None
+        sliding_layers = "even" if model_type == "gemma2" else "all"
+        _check_layer_types(d, source, model_type, window, sliding_layers)
         rope = d.get("rope_parameters") or {}
+        if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor = "
+                             f"{rope.get('partial_rotary_factor', d.get('partial_rotary_factor'))!r} is not "
+                             "supported; supported: 1.0 (RoPE over the whole head)")
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        dim, n_heads = need("hidden_size"), need("num_attention_heads")
+        head_dim = d.get("head_dim")
+        gemma2 = model_type == "gemma2"
         try:
             return cls(
                 vocab_size=need("vocab_size"),
@@ -147,20 +218,32 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(rope_theta),
                 max_seq_len=d.get("max_position_embeddings", 2048),
-                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_embeddings=bool(d.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
                 rope_scaling=_rope_scaling_from_hf(scaling, source),
+                family=model_type,
+                head_dim_override=head_dim if head_dim is not None and head_dim * n_heads != dim else None,
+                qkv_bias=model_type == "qwen2",
+                sliding_window=window,
+                sliding_layers=sliding_layers,
+                mlp_act=mlp_act,
+                norm_unit_offset=model_type in ("gemma", "gemma2"),
+                embed_scale=model_type in ("gemma", "gemma2"),
+                sandwich_norms=gemma2,
+                query_pre_attn_scalar=float(need("query_pre_attn_scalar")) if gemma2 else None,
+                attn_logit_softcap=_float_or_none(d.get("attn_logit_softcapping")) if gemma2 else None,
+                final_logit_softcap=_float_or_none(d.get("final_logit_softcapping")) if gemma2 else None,
             )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
     def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
-        """The `config.json` dict transformers' `LlamaConfig` / `AutoModelForCausalLM` accepts.
+        """The `config.json` dict transformers' `AutoConfig` / `AutoModelForCausalLM` accepts for `family`.
 
         Written in the transformers 4.x layout (`rope_theta`, `rope_scaling`), which 5.x also reads.
         """
         d: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [FAMILIES[self.family]],
+            "model_type": self.family,
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "intermediate_size": self.ffn_dim,
@@ -168,20 +251,40 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": "silu" if self.mlp_act == "silu" else "gelu_pytorch_tanh",
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": None,
             "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": False,
             "attention_dropout": 0.0,
-            "mlp_bias": False,
-            "pretraining_tp": 1,
             "initializer_range": 0.02,
             "torch_dtype": dtype,
             "dtype": dtype,
         }
+        if self.family == "llama":
+            d |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+        if self.family in ("mistral", "phi3", "gemma2"):
+            d["sliding_window"] = self.sliding_window
+        if self.family == "qwen2":
+            d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.n_layers}
+        if self.family in ("gemma", "gemma2"):
+            d["hidden_activation"] = "gelu_pytorch_tanh"
+        if self.family == "gemma2":
+            d |= {
+                # transformers' Gemma2Config validates this field as an int
+                "query_pre_attn_scalar": _int_if_whole(self.query_pre_attn_scalar),
+                "attn_logit_softcapping": self.attn_logit_softcap,
+                "final_logit_softcapping": self.final_logit_softcap,
+                "layer_types": [
+                    "full_attention" if self.layer_window(i) is None else "sliding_attention"
+                    for i in range(self.n_layers)
+                ],
+            }
+        if self.family == "phi3":
+            # Phi3Config's default pad_token_id (32000) is outside a smaller vocabulary; lowmem keeps no pad id.
+            d |= {"original_max_position_embeddings": self.max_seq_len, "partial_rotary_factor": 1.0,
+                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "pad_token_id": None}
         if self.rope_scaling is not None:
             s = self.rope_scaling
             d["rope_scaling"] = {
@@ -192,6 +295,34 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 "original_max_position_embeddings": s.original_max_position_embeddings,
             }
         return d
+
+
+def _int_if_whole(value: float | None) -> float | int | None:
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _check_layer_types(d: dict[str, Any], source: str, model_type: str, window: int | None,
+                       sliding_layers: str) -> None:
+    """Refuse a transformers 5.x `layer_types` list other than the pattern lowmem runs for this family."""
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        return
+    n_layers = d.get("num_hidden_layers", len(layer_types))
+    if window is None:
+        expected = ["full_attention"] * n_layers
+    elif sliding_layers == "all":
+        expected = ["sliding_attention"] * n_layers
+    else:
+        expected = ["full_attention" if i % 2 else "sliding_attention" for i in range(n_layers)]
+    if list(layer_types) != expected:
+        raise ValueError(
+            f"{source}: layer_types = {layer_types!r} is not supported for model_type {model_type!r} with "
+            f"sliding_window = {window!r}; supported: {expected!r}"
+        )
 
 
 def _rope_scaling_from_hf(scaling: dict[str, Any] | None, source: str) -> Llama3RopeScaling | None:
@@ -235,10 +366,18 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "attn.wk"] = (kv_dim, D)
         shapes[p + "attn.wv"] = (kv_dim, D)
         shapes[p + "attn.wo"] = (D, q_dim)
+        if cfg.qkv_bias:
+            shapes[p + "attn.bq"] = (q_dim,)
+            shapes[p + "attn.bk"] = (kv_dim,)
+            shapes[p + "attn.bv"] = (kv_dim,)
+        if cfg.sandwich_norms:
+            shapes[p + "attn_post_norm"] = (D,)
         shapes[p + "mlp_norm"] = (D,)
         shapes[p + "mlp.w1"] = (F, D)
         shapes[p + "mlp.w2"] = (D, F)
         shapes[p + "mlp.w3"] = (F, D)
+        if cfg.sandwich_norms:
+            shapes[p + "mlp_post_norm"] = (D,)
     shapes["norm"] = (D,)
     if not cfg.tie_embeddings:
         shapes["output"] = (V, D)
@@ -250,8 +389,10 @@ def count_params(cfg: ModelConfig) -> int:
     D, F, V, L = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     attn = 2 * D * q_dim + 2 * D * kv_dim  # wq, wo; wk, wv
+    attn += (q_dim + 2 * kv_dim) if cfg.qkv_bias else 0  # bq, bk, bv
     mlp = 3 * D * F  # w1, w2, w3
-    block = attn + mlp + 2 * D  # + attn_norm, mlp_norm
+    norms = (4 if cfg.sandwich_norms else 2) * D  # attn_norm, mlp_norm (+ attn_post_norm, mlp_post_norm)
+    block = attn + mlp + norms
     embed = V * D * (1 if cfg.tie_embeddings else 2)
     return embed + L * block + D
 
@@ -297,11 +438,45 @@ def _llama2_7b() -> ModelConfig:  # meta-llama/Llama-2-7b-hf
 
 
 def _mistral_7b() -> ModelConfig:
-    # mistralai/Mistral-7B-v0.1 uses a 4096-token sliding window over a 32768 context. lowmem runs full
-    # causal attention, which equals the sliding window for sequences of at most 4096 tokens, hence
-    # max_seq_len 4096 here.
+    # mistralai/Mistral-7B-v0.1 uses a 4096-token sliding window over a 32768 context; full causal attention
+    # equals the sliding window for sequences of at most 4096 tokens, hence max_seq_len 4096 and no window.
     return ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                       max_seq_len=4096)
+                       max_seq_len=4096, family="mistral")
+
+
+def _mistral_7b_v03() -> ModelConfig:  # mistralai/Mistral-7B-v0.3 (no sliding window since v0.2)
+    return ModelConfig(vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       rope_theta=1000000.0, max_seq_len=32768, family="mistral")
+
+
+def _qwen25_05b() -> ModelConfig:  # Qwen/Qwen2.5-0.5B
+    return ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+                       norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True,
+                       family="qwen2", qkv_bias=True)
+
+
+def _qwen25_7b() -> ModelConfig:  # Qwen/Qwen2.5-7B
+    return ModelConfig(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
+                       norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072, family="qwen2", qkv_bias=True)
+
+
+def _gemma_2b() -> ModelConfig:  # google/gemma-2b
+    return ModelConfig(vocab_size=256000, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, ffn_dim=16384,
+                       norm_eps=1e-6, max_seq_len=8192, tie_embeddings=True, family="gemma",
+                       mlp_act="gelu_tanh", norm_unit_offset=True, embed_scale=True)  # head_dim 2048 / 8 = 256
+
+
+def _gemma2_2b() -> ModelConfig:  # google/gemma-2-2b
+    return ModelConfig(vocab_size=256000, dim=2304, n_layers=26, n_heads=8, n_kv_heads=4, ffn_dim=9216,
+                       norm_eps=1e-6, max_seq_len=8192, tie_embeddings=True, family="gemma2",
+                       head_dim_override=256, sliding_window=4096, sliding_layers="even", mlp_act="gelu_tanh",
+                       norm_unit_offset=True, embed_scale=True, sandwich_norms=True,
+                       query_pre_attn_scalar=256.0, attn_logit_softcap=50.0, final_logit_softcap=30.0)
+
+
+def _phi3_mini() -> ModelConfig:  # microsoft/Phi-3-mini-4k-instruct
+    return ModelConfig(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
+                       max_seq_len=4096, family="phi3", sliding_window=2047)
 
 
 def _tinyllama_1b() -> ModelConfig:  # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
@@ -317,6 +492,12 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "llama3.1-8b": _llama31_8b,
     "llama2-7b": _llama2_7b,
     "mistral-7b": _mistral_7b,
+    "mistral-7b-v0.3": _mistral_7b_v03,
+    "qwen2.5-0.5b": _qwen25_05b,
+    "qwen2.5-7b": _qwen25_7b,
+    "gemma-2b": _gemma_2b,
+    "gemma2-2b": _gemma2_2b,
+    "phi3-mini": _phi3_mini,
     "tinyllama-1.1b": _tinyllama_1b,
 }
 

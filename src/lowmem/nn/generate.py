@@ -4,8 +4,8 @@
     new_ids = generate(params, cfg, [[1, 42, 7]], max_new_tokens=32, temperature=0.8, top_p=0.9, seed=0)
 
 Read bottom-up: cache → attention_with_cache → block_with_cache → prefill / decode_step → sample → generate.
-The model math is llama.py's (`rms_norm`, `rope_cache`, `apply_rope`, `linear`, `mlp`, `logits`); only
-attention differs, because its keys and values come from the cache. Weights with adapters go through the
+The model math is llama.py's (`embed`, `qkv`, `attend`, `residual_block`, `logits`), for every family;
+only where attention's keys and values come from differs: the cache. Weights with adapters go through the
 same `linear`, so LoRA/DoRA runs generate without merging.
 Shapes: B batch, T new tokens this call, L cached length, D model dim, H/KV heads, hd head dim, V vocab.
 """
@@ -19,18 +19,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import (
-    BLOCK_PARAM_NAMES,
     Weight,
+    _norm,
     _weight,
-    apply_rope,
+    attend,
+    attention_scale,
+    block_param_names,
+    causal_mask,
+    embed,
     linear,
     logits,
-    mlp,
-    rms_norm,
+    qkv,
+    residual_block,
     rope_cache,
 )
 
@@ -90,41 +93,42 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = 
 
 def attention_with_cache(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
                          cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                         start: int, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+                         start: int, n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
+                         bk: torch.Tensor | None = None, bv: torch.Tensor | None = None,
+                         window: int | None = None, scale: float | None = None,
+                         logit_softcap: float | None = None) -> torch.Tensor:
     """`llama.attention` for T new tokens at positions start..start+T-1 that also attend to the cache.
 
     x (B, T, D) → (B, T, D). Writes the new tokens' keys and values (after RoPE) into cache_k/cache_v
-    (B, KV, T_max, hd) at [start, start + T); a query at position p attends to cached keys 0..p.
+    (B, KV, T_max, hd) at [start, start + T); a query at position p attends to cached keys 0..p, or with a
+    sliding `window` to keys p - window + 1..p. The cache keeps every position (it is not a ring buffer).
     """
     B, T, _ = x.shape
-    hd = wq.shape[0] // n_heads
     end = start + T
-    q = linear(x, wq).view(B, T, n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
-    k = linear(x, wk).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-    v = linear(x, wv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv)
     cache_k[:, :, start:end] = k
     cache_v[:, :, start:end] = v
     k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, KV, L, hd), L = end
-    if n_kv_heads != n_heads:  # query head h reads kv head h // (H / KV), as in `llama.attention`
-        rep = n_heads // n_kv_heads
-        k = k.repeat_interleave(rep, dim=1)  # (B, H, L, hd)
-        v = v.repeat_interleave(rep, dim=1)
     # Query i sits at position start + i, so it sees keys 0..start + i: a causal mask shifted by `start`.
-    mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, L)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
-    y = y.transpose(1, 2).reshape(B, T, n_heads * hd)  # (B, T, H*hd)
+    mask = causal_mask(T, x.device, window, start)  # (T, L)
+    y = attend(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)  # (B, H, T, hd)
+    y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
     return linear(y, wo)  # (B, T, D)
 
 
-def block_with_cache(h: torch.Tensor, attn_norm: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
-                     mlp_norm: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, cos: torch.Tensor,
-                     sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, *,
+def block_with_cache(h: torch.Tensor, weights: dict[str, Weight], cos: torch.Tensor, sin: torch.Tensor,
+                     cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, window: int | None, *,
                      cfg: ModelConfig) -> torch.Tensor:
-    """`llama.block` with `attention_with_cache`. h (B, T, D) → (B, T, D)."""
-    h = h + attention_with_cache(rms_norm(h, attn_norm, cfg.norm_eps), wq, wk, wv, wo, cos, sin,
-                                 cache_k, cache_v, start, cfg.n_heads, cfg.n_kv_heads)
-    return h + mlp(rms_norm(h, mlp_norm, cfg.norm_eps), w1, w2, w3)
+    """`llama.block` with `attention_with_cache`. h (B, T, D) → (B, T, D); weights by `block_param_names`."""
+    w = weights
+
+    def attn_fn(x: torch.Tensor) -> torch.Tensor:
+        return attention_with_cache(x, w["attn.wq"], w["attn.wk"], w["attn.wv"], w["attn.wo"], cos, sin,
+                                    cache_k, cache_v, start, cfg.n_heads, cfg.n_kv_heads, bq=w.get("attn.bq"),
+                                    bk=w.get("attn.bk"), bv=w.get("attn.bv"), window=window,
+                                    scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap)
+
+    return residual_block(h, w, attn_fn, cfg)
 
 
 def _forward_with_cache(params: Params, tokens: torch.Tensor, cfg: ModelConfig, cache: KVCache,
@@ -136,12 +140,14 @@ def _forward_with_cache(params: Params, tokens: torch.Tensor, cfg: ModelConfig, 
         raise ValueError(f"{start} cached + {T} new tokens exceed the cache's {cache.max_len} positions")
     positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
     cos, sin = rope_cache(cfg, positions)  # (B, T, hd) each
-    h = F.embedding(tokens, params["tok_embeddings"])  # (B, T, D)
+    names = block_param_names(cfg)
+    h = embed(params, tokens, cfg)  # (B, T, D)
     for i in range(cfg.n_layers):
-        layer = [_weight(params, f"layers.{i}.{n}", adapters, False) for n in BLOCK_PARAM_NAMES]
-        h = block_with_cache(h, *layer, cos, sin, cache.keys[i], cache.values[i], start, cfg=cfg)
+        layer = {n: _weight(params, f"layers.{i}.{n}", adapters, False) for n in names}
+        h = block_with_cache(h, layer, cos, sin, cache.keys[i], cache.values[i], start, cfg.layer_window(i),
+                             cfg=cfg)
     cache.length = start + T
-    hidden = rms_norm(h[:, -1], params["norm"], cfg.norm_eps)  # (B, D): only the last position is sampled
+    hidden = _norm(h[:, -1], params["norm"], cfg)  # (B, D): only the last position is sampled
     return logits(params, hidden, cfg).float()  # (B, V)
 
 

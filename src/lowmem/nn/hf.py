@@ -1,4 +1,10 @@
-"""Hugging Face format I/O: `config.json` + safetensors (never pickle), canonical ↔ HF Llama names."""
+"""Hugging Face format I/O: `config.json` + safetensors (never pickle), canonical ↔ HF tensor names.
+
+Every family uses HF's Llama names, with these differences: Qwen2 adds `self_attn.{q,k,v}_proj.bias`;
+Gemma 2 has four norms per layer (`post_attention_layernorm` is the norm *after* attention there, and the
+pre-MLP norm is `pre_feedforward_layernorm`); Phi-3 stores q, k, v fused as `self_attn.qkv_proj` and the
+gate and up projections as `mlp.gate_up_proj`, which are split on load and fused again on save.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from safetensors.torch import save_file
 
 from lowmem.nn.config import ModelConfig, param_shapes
 
-__all__ = ["from_hf_name", "load_hf", "save_hf", "to_hf_name"]
+__all__ = ["from_hf_name", "hf_layout", "load_hf", "save_hf", "to_hf_name"]
 
 Params = dict[str, torch.Tensor]
 
@@ -35,7 +41,21 @@ _GLOBAL_TO_HF = {
     "norm": "model.norm.weight",
     "output": "lm_head.weight",
 }
-_LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
+_BIAS_TO_HF = {
+    "attn.bq": "self_attn.q_proj.bias",
+    "attn.bk": "self_attn.k_proj.bias",
+    "attn.bv": "self_attn.v_proj.bias",
+}
+_SANDWICH_TO_HF = {
+    "attn_post_norm": "post_attention_layernorm.weight",
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "mlp_post_norm": "post_feedforward_layernorm.weight",
+}
+# Phi-3's fused tensors: HF layer name → the canonical layer names stacked along dim 0, in order.
+_PHI3_FUSED = {
+    "self_attn.qkv_proj.weight": ("attn.wq", "attn.wk", "attn.wv"),
+    "mlp.gate_up_proj.weight": ("mlp.w1", "mlp.w3"),
+}
 _GLOBAL_FROM_HF = {v: k for k, v in _GLOBAL_TO_HF.items()}
 _CANON_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -47,24 +67,60 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def to_hf_name(name: str) -> str:
-    """Canonical name → HF Llama name: `layers.3.attn.wq` → `model.layers.3.self_attn.q_proj.weight`."""
+def _layer_to_hf(cfg: ModelConfig | None) -> dict[str, str]:
+    """Canonical layer name → HF layer name for `cfg`'s family (Llama's without a cfg)."""
+    names = dict(_LAYER_TO_HF)
+    if cfg is not None and cfg.qkv_bias:
+        names |= _BIAS_TO_HF
+    if cfg is not None and cfg.sandwich_norms:
+        names |= _SANDWICH_TO_HF
+    return names
+
+
+def to_hf_name(name: str, cfg: ModelConfig | None = None) -> str:
+    """Canonical name → HF name: `layers.3.attn.wq` → `model.layers.3.self_attn.q_proj.weight`.
+
+    Without `cfg`, the Llama layout; with it, that of `cfg`'s family (biases, Gemma 2's norms). Phi-3's
+    fused projections have no name of their own: see `hf_layout`.
+    """
     if name in _GLOBAL_TO_HF:
         return _GLOBAL_TO_HF[name]
     m = _CANON_LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_TO_HF:
-        return f"model.layers.{m.group(1)}.{_LAYER_TO_HF[m.group(2)]}"
-    raise KeyError(f"{name!r} is not a canonical Llama parameter name")
+    layer_map = _layer_to_hf(cfg)
+    if m and m.group(2) in layer_map:
+        return f"model.layers.{m.group(1)}.{layer_map[m.group(2)]}"
+    family = "Llama" if cfg is None else cfg.family
+    raise KeyError(f"{name!r} is not a canonical {family} parameter name")
 
 
-def from_hf_name(hf_name: str) -> str:
-    """HF Llama name → canonical name; KeyError for a name outside the Llama layout."""
+def from_hf_name(hf_name: str, cfg: ModelConfig | None = None) -> str:
+    """HF name → canonical name (Llama layout, or `cfg`'s family); KeyError for a name outside it."""
     if hf_name in _GLOBAL_FROM_HF:
         return _GLOBAL_FROM_HF[hf_name]
     m = _HF_LAYER.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER_FROM_HF:
-        return f"layers.{m.group(1)}.{_LAYER_FROM_HF[m.group(2)]}"
-    raise KeyError(f"{hf_name!r} is not an HF Llama parameter name")
+    layer_map = {v: k for k, v in _layer_to_hf(cfg).items()}
+    if m and m.group(2) in layer_map:
+        return f"layers.{m.group(1)}.{layer_map[m.group(2)]}"
+    family = "Llama" if cfg is None else cfg.family
+    raise KeyError(f"{hf_name!r} is not an HF {family} parameter name")
+
+
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """HF tensor name → the canonical names it holds, stacked along dim 0, in checkpoint order.
+
+    One name each, except Phi-3's `qkv_proj` (wq, wk, wv) and `gate_up_proj` (w1, w3).
+    """
+    layout: dict[str, tuple[str, ...]] = {}
+    fused_parts = {part for parts in _PHI3_FUSED.values() for part in parts} if cfg.family == "phi3" else set()
+    for name in param_shapes(cfg):
+        m = _CANON_LAYER.fullmatch(name)
+        if m and m.group(2) in fused_parts:
+            for hf_suffix, parts in _PHI3_FUSED.items():
+                if m.group(2) == parts[0]:
+                    layout[f"model.layers.{m.group(1)}.{hf_suffix}"] = tuple(f"layers.{m.group(1)}.{p}" for p in parts)
+            continue
+        layout[to_hf_name(name, cfg)] = (name,)
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +145,8 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike[str], *
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype_name = str(params["tok_embeddings"].dtype).removeprefix("torch.")
-    tensors = {to_hf_name(n): params[n].detach().to("cpu").contiguous() for n in expected}
+    tensors = {hf: torch.cat([params[n].detach().to("cpu") for n in parts]).contiguous()
+               for hf, parts in hf_layout(cfg).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         config_path = tmp / CONFIG_FILE
@@ -134,12 +191,13 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu") -> tuple[ModelConfig, Params]:
-    """Read an HF Llama checkpoint directory into (config, canonical params).
+    """Read an HF checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3) into (config, params).
 
     Reads `config.json` and either `model.safetensors` or the shards listed in
     `model.safetensors.index.json`, tensor by tensor through `safe_open`, casting each to `dtype` on
     `device` as it goes. Shapes are checked against the config before a tensor is read. A tied
-    checkpoint may omit `lm_head.weight` (and one that stores it anyway has the copy skipped).
+    checkpoint may omit `lm_head.weight` (and one that stores it anyway has the copy skipped). Fused
+    tensors (Phi-3) are split into their canonical parts, each its own copy.
 
     Raises:
         ValueError naming the file and tensor for a missing, unexpected or wrongly shaped tensor, and
@@ -153,6 +211,7 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     cfg = ModelConfig.from_hf_config(hf_config, source=str(config_path))
     expected = param_shapes(cfg)
+    layout = hf_layout(cfg)
 
     params: Params = {}
     for file, names in _weight_files(root).items():
@@ -162,26 +221,29 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
                     continue
                 if cfg.tie_embeddings and hf_name == _GLOBAL_TO_HF["output"]:
                     continue  # tied: the output is tok_embeddings; a stored copy is redundant
-                try:
-                    name = from_hf_name(hf_name)
-                except KeyError:
-                    name = None
-                if name is None or name not in expected:
+                parts = layout.get(hf_name)
+                if parts is None:
                     raise ValueError(
                         f"{file}: unexpected tensor {hf_name!r}; this config ({config_path}) expects only "
-                        f"the Llama tensors for {cfg.n_layers} layers"
+                        f"the {cfg.family} tensors for {cfg.n_layers} layers"
                         + (" with tied embeddings (no lm_head)" if cfg.tie_embeddings else "")
                     )
-                if name in params:
+                if parts[0] in params:
                     raise ValueError(f"{file}: tensor {hf_name!r} appears in more than one shard")
+                sizes = [expected[n][0] for n in parts]
+                want = (sum(sizes), *expected[parts[0]][1:])
                 shape = tuple(f.get_slice(hf_name).get_shape())
-                if shape != expected[name]:
+                if shape != want:
                     raise ValueError(
-                        f"{file}: tensor {hf_name!r} has shape {shape}, expected {expected[name]} "
-                        f"from {config_path}"
+                        f"{file}: tensor {hf_name!r} has shape {shape}, expected {want} from {config_path}"
                     )
-                params[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
-    missing = [to_hf_name(n) for n in expected if n not in params]
+                tensor = f.get_tensor(hf_name)
+                if len(parts) == 1:
+                    params[parts[0]] = tensor.to(device=device, dtype=dtype)
+                    continue
+                for name, piece in zip(parts, tensor.split(sizes), strict=True):
+                    params[name] = piece.to(device=device, dtype=dtype, copy=True).contiguous()
+    missing = [hf for hf, parts in layout.items() if parts[0] not in params]
     if missing:
         raise ValueError(
             f"{root}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "

@@ -1,5 +1,7 @@
-"""Llama-architecture decoder as pure functions over a flat dict of tensors.
+"""Llama-lineage decoder as pure functions over a flat dict of tensors.
 
+One set of layers serves every family (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3); what differs is a
+flag of `ModelConfig` (biases, sliding window, GeGLU, (1 + w) norms, sandwich norms, soft-capping).
 Read bottom-up: init → norm → rope → attention → mlp → block → forward → logits.
 Canonical parameter names and shapes come from `lowmem.nn.config.param_shapes`. Weights follow the torch
 Linear convention (out, in), so `F.linear(x, w)` applies them and HF checkpoints load by renaming only.
@@ -27,20 +29,29 @@ __all__ = [
     "BLOCK_PARAM_NAMES",
     "AdaptedWeight",
     "apply_rope",
+    "attend",
     "attention",
+    "attention_scale",
+    "block_param_names",
+    "causal_mask",
     "base_linear",
     "block",
     "dense_weight",
     "doc_mask",
+    "embed",
     "forward",
     "init_params",
     "is_nf4",
+    "layer_masks",
     "linear",
     "logits",
     "mlp",
     "output_weight",
+    "qkv",
+    "residual_block",
     "rms_norm",
     "rope_cache",
+    "softcap",
 ]
 
 Params = dict[str, torch.Tensor]
@@ -63,7 +74,8 @@ def init_params(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
     """Fresh parameters, deterministic in `seed` whatever `dtype` and `device` are.
 
     Matrices ~ N(0, 0.02); the residual output projections (wo, w2) are scaled by 1/sqrt(2 * n_layers)
-    so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3); norms are ones.
+    so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3); norms act as
+    ones (stored as ones, or zeros where the norm scales by 1 + weight) and biases are zeros.
     Values are drawn in fp32 on the CPU from a local generator, then cast and moved tensor by tensor.
     Leaves have requires_grad False.
     """
@@ -71,7 +83,9 @@ def init_params(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
     params: Params = {}
     for name, shape in param_shapes(cfg).items():
-        if len(shape) == 1:
+        if name.endswith((".bq", ".bk", ".bv")) or (len(shape) == 1 and cfg.norm_unit_offset):
+            t = torch.zeros(shape)
+        elif len(shape) == 1:
             t = torch.ones(shape)
         else:
             std = out_std if name.endswith(("attn.wo", "mlp.w2")) else INIT_STD
@@ -80,11 +94,26 @@ def init_params(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
     return params
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim, normalised in fp32 and cast back to x's dtype. (..., D)"""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, normalised in fp32. (..., D) → (..., D) in x's dtype.
+
+    Llama casts back to x's dtype before scaling; with `unit_offset` (Gemma) the scale is 1 + weight and
+    is applied in fp32 before the cast, as HF's GemmaRMSNorm does.
+    """
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + weight.float())).to(x.dtype)
     return weight * xf.to(x.dtype)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return rms_norm(x, weight, cfg.norm_eps, cfg.norm_unit_offset)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): a smooth clamp to (-cap, cap) (Gemma 2's logit soft-capping); x when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -129,12 +158,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask (B, 1, T, T) from doc_ids (B, T): True where key j <= query i, same doc."""
+def causal_mask(T: int, device: torch.device, window: int | None = None, start: int = 0) -> torch.Tensor:
+    """Boolean mask (T, start + T) for T queries at positions start.. over keys 0..start+T-1.
+
+    True where key j <= query position i and, with a sliding `window`, j > i - window (HF's
+    `sliding_window_overlay`: a query sees `window` keys, itself included).
+    """
+    i = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    j = torch.arange(start + T, device=device)[None, :]  # (1, L)
+    mask = j <= i
+    if window is not None:
+        mask = mask & (j > i - window)
+    return mask  # (T, L)
+
+
+def doc_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, T) from doc_ids (B, T): True where key j <= query i, same doc,
+    and (with a sliding `window`) i - j < window."""
     T = doc_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    return (causal & same_doc)[:, None]  # (B, 1, T, T)
+    return (causal_mask(T, doc_ids.device, window) & same_doc)[:, None]  # (B, 1, T, T)
+
+
+def layer_masks(cfg: ModelConfig, T: int, doc_ids: torch.Tensor | None,
+                device: torch.device) -> list[torch.Tensor | None]:
+    """The attention mask of each layer: None for plain causal (SDPA's is_causal), else bool (B|1, 1, T, T).
+
+    Layers sharing a window share one mask tensor.
+    """
+    by_window: dict[int | None, torch.Tensor | None] = {}
+    masks = []
+    for i in range(cfg.n_layers):
+        window = cfg.layer_window(i)
+        if window is not None and window >= T:
+            window = None  # the window reaches back past the first token: plain causal
+        if window not in by_window:
+            if doc_ids is not None:
+                by_window[window] = doc_mask(doc_ids, window)
+            else:
+                by_window[window] = None if window is None else causal_mask(T, device, window)[None, None]
+        masks.append(by_window[window])
+    return masks
 
 
 class AdaptedWeight(NamedTuple):
@@ -200,8 +264,11 @@ def dora_row_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
         return torch.linalg.norm(weight + scale * (lora_b @ lora_a), dim=1).to(weight.dtype)  # (out,)
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """x (..., in) → (..., out) through a plain weight (out, in) or an `AdaptedWeight`.
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) → (..., out) through a plain weight (out, in) or an `AdaptedWeight`, plus `bias` (out,).
+
+    The bias belongs to the base layer: it stays in full precision next to an NF4 weight and the adapter's
+    update adds to the biased base output (as PEFT's LoRA layer does around an nn.Linear with bias).
 
     LoRA:  W x + s B A d(x), with d dropout on the adapter's input only.
     DoRA:  W x + (g - 1) W d(x) + g s B A d(x), g = m / ||W + s B A||_row (detached); without dropout this
@@ -212,6 +279,11 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     DoRA over NF4 takes the row norm of the dequantized W (a temporary, no gradient): the norm is a
     detached constant anyway, and the dequantized W is exactly the weight the NF4 forward multiplies by.
     """
+    y = _adapted_linear(x, w)
+    return y if bias is None else y + bias
+
+
+def _adapted_linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return base_linear(x, w)
     y = base_linear(x, w.weight)
@@ -224,46 +296,127 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return y + (g - 1) * yd + g * lora
 
 
+def qkv(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, cos: torch.Tensor, sin: torch.Tensor,
+        n_heads: int, n_kv_heads: int, bq: torch.Tensor | None = None, bk: torch.Tensor | None = None,
+        bv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries (B, H, T, hd) and keys, values (B, KV, T, hd) of x (B, T, D), RoPE applied to q and k."""
+    B, T, _ = x.shape
+    hd = wq.shape[0] // n_heads
+    q = linear(x, wq, bq).view(B, T, n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
+    k = linear(x, wk, bk).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+    v = linear(x, wv, bv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+           scale: float | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over grouped kv heads. q (B, H, T, hd), k/v (B, KV, L, hd) → (B, H, T, hd).
+
+    mask: None for plain causal (T == L), else bool broadcastable to (B, H, T, L), True = attend.
+    scale: default 1 / sqrt(hd). logit_softcap: scores become cap * tanh(scores / cap) before masking
+    (Gemma 2); SDPA has no such hook, so that path computes the (B, H, T, L) scores explicitly, softmax in
+    fp32, as HF's eager Gemma 2 attention does.
+    """
+    H, KV = q.shape[1], k.shape[1]
+    if KV != H:
+        # Query head h reads kv head h // (H / KV), as in HF `repeat_kv`. Expanded by hand rather than
+        # SDPA's enable_gqa so torch < 2.5 works and every SDPA backend sees the same shapes.
+        k = k.repeat_interleave(H // KV, dim=1)  # (B, H, L, hd)
+        v = v.repeat_interleave(H // KV, dim=1)
+    if logit_softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    T, L = q.shape[2], k.shape[2]
+    if mask is None:
+        mask = causal_mask(T, q.device, start=L - T)
+    scores = softcap((q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5), logit_softcap)  # (B, H, T, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, T, hd)
+
+
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """The score scale: query_pre_attn_scalar ** -1/2 where set (Gemma 2), else None (1 / sqrt(head_dim))."""
+    return None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+
+
 def attention(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-              n_heads: int, n_kv_heads: int) -> torch.Tensor:
+              n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
+              bk: torch.Tensor | None = None, bv: torch.Tensor | None = None, scale: float | None = None,
+              logit_softcap: float | None = None) -> torch.Tensor:
     """Causal grouped-query self-attention with RoPE. x (B, T, D) → (B, T, D).
 
     mask: None for plain causal attention, else a boolean (B, 1, T, T) mask (True = attend) that
-    already includes causality (see `doc_mask`).
+    already includes causality (see `doc_mask`). bq/bk/bv: optional biases (Qwen2). scale, logit_softcap:
+    see `attend`.
     """
     B, T, _ = x.shape
-    hd = wq.shape[0] // n_heads
-    q = linear(x, wq).view(B, T, n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
-    k = linear(x, wk).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-    v = linear(x, wv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if n_kv_heads != n_heads:
-        # Query head h reads kv head h // (H / KV), as in HF `repeat_kv`. Expanded by hand rather than
-        # SDPA's enable_gqa so torch < 2.5 works and every SDPA backend sees the same shapes.
-        rep = n_heads // n_kv_heads
-        k = k.repeat_interleave(rep, dim=1)  # (B, H, T, hd)
-        v = v.repeat_interleave(rep, dim=1)
-    if mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    y = y.transpose(1, 2).reshape(B, T, n_heads * hd)  # (B, T, H*hd)
+    q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv)
+    y = attend(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)  # (B, H, T, hd)
+    y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
     return linear(y, wo)  # (B, T, D)
 
 
-def mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight) -> torch.Tensor:
-    """SwiGLU: w2(silu(w1 x) * w3 x). x (B, T, D) → (B, T, D); w1, w3 (F, D), w2 (D, F)."""
-    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+def mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, act: str = "silu") -> torch.Tensor:
+    """Gated MLP: w2(act(w1 x) * w3 x). x (B, T, D) → (B, T, D); w1, w3 (F, D), w2 (D, F).
+
+    act "silu" is SwiGLU (Llama); "gelu_tanh" is GeGLU with the tanh approximation (Gemma).
+    """
+    gate = linear(x, w1)
+    gate = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
+    return linear(gate * linear(x, w3), w2)
 
 
-def block(h: torch.Tensor, attn_norm: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
-          mlp_norm: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, cos: torch.Tensor, sin: torch.Tensor,
-          mask: torch.Tensor | None, *, cfg: ModelConfig) -> torch.Tensor:
-    """One pre-norm transformer block. h (B, T, D) → (B, T, D)."""
-    h = h + attention(rms_norm(h, attn_norm, cfg.norm_eps), wq, wk, wv, wo, cos, sin, mask,
-                      cfg.n_heads, cfg.n_kv_heads)
-    return h + mlp(rms_norm(h, mlp_norm, cfg.norm_eps), w1, w2, w3)
+def block_param_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Per-layer parameter names in the order `block` takes them (after `h`), without `layers.{i}.`."""
+    names = BLOCK_PARAM_NAMES
+    if cfg.qkv_bias:
+        names += ("attn.bq", "attn.bk", "attn.bv")
+    if cfg.sandwich_norms:
+        names += ("attn_post_norm", "mlp_post_norm")
+    return names
+
+
+def residual_block(h: torch.Tensor, w: dict[str, Weight], attn_fn: Callable[[torch.Tensor], torch.Tensor],
+                   cfg: ModelConfig) -> torch.Tensor:
+    """Pre-norm residual block around `attn_fn` (B, T, D) → (B, T, D); w maps `block_param_names` to weights.
+
+    With sandwich norms (Gemma 2) each sublayer's output is normed again before it joins the residual.
+    """
+    a = attn_fn(_norm(h, w["attn_norm"], cfg))
+    if cfg.sandwich_norms:
+        a = _norm(a, w["attn_post_norm"], cfg)
+    h = h + a
+    m = mlp(_norm(h, w["mlp_norm"], cfg), w["mlp.w1"], w["mlp.w2"], w["mlp.w3"], cfg.mlp_act)
+    if cfg.sandwich_norms:
+        m = _norm(m, w["mlp_post_norm"], cfg)
+    return h + m
+
+
+def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig) -> torch.Tensor:
+    """One pre-norm transformer block. h (B, T, D) → (B, T, D).
+
+    tensors: the layer's weights in `block_param_names(cfg)` order (for Llama: attn_norm, wq, wk, wv, wo,
+    mlp_norm, w1, w2, w3), then cos, sin (B, T, hd) and mask (None or bool (B|1, 1, T, T)).
+    """
+    *weights, cos, sin, mask = tensors
+    w = dict(zip(block_param_names(cfg), weights, strict=True))
+
+    def attn_fn(x: torch.Tensor) -> torch.Tensor:
+        return attention(x, w["attn.wq"], w["attn.wk"], w["attn.wv"], w["attn.wo"], cos, sin, mask,
+                         cfg.n_heads, cfg.n_kv_heads, bq=w.get("attn.bq"), bk=w.get("attn.bk"),
+                         bv=w.get("attn.bv"), scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap)
+
+    return residual_block(h, w, attn_fn, cfg)
+
+
+def embed(params: Params, tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Token embeddings (B, T, D) in the params' dtype; times sqrt(dim) rounded to that dtype for Gemma."""
+    h = F.embedding(tokens, params["tok_embeddings"])  # (B, T, D)
+    if cfg.embed_scale:
+        h = h * torch.tensor(cfg.dim ** 0.5, dtype=h.dtype)  # HF's `normalizer`, in the hidden dtype
+    return h
 
 
 def _call(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
@@ -285,8 +438,10 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             tokens of the same document (explicit boolean mask through SDPA); when None, plain causal.
         run_block: activation-checkpointing seam, called once per layer as
             `run_block(block_fn, h, attn_norm, wq, wk, wv, wo, mlp_norm, w1, w2, w3, cos, sin, mask)`
-            and must return `block_fn(*those args)`. Every argument after `block_fn` is positional and is
-            a tensor, except `mask`, which is None when `doc_ids` is None. `h` is (B, T, D) in the
+            and must return `block_fn(*those args)`; for other families the weights are those of
+            `block_param_names(cfg)` (biases, extra norms appended after w3). Every argument after
+            `block_fn` is positional and is a tensor, except `mask`, which is None for plain causal
+            attention (no `doc_ids` and no sliding window shorter than T). `h` is (B, T, D) in the
             params' dtype, cos/sin are (B, T, hd) fp32, mask is (B, 1, T, T) bool. So
             `lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)` works.
             Default: call `block_fn(*args)` directly. A weight that carries an adapter arrives as an
@@ -306,13 +461,14 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
         positions = torch.arange(T, device=tokens.device).expand(B, T)
     run_block = run_block or _call
     cos, sin = rope_cache(cfg, positions)  # (B, T, hd) each
-    mask = None if doc_ids is None else doc_mask(doc_ids)  # (B, 1, T, T)
+    masks = layer_masks(cfg, T, doc_ids, tokens.device)  # per layer: None or (B|1, 1, T, T)
     block_fn = partial(block, cfg=cfg)
-    h = F.embedding(tokens, params["tok_embeddings"])  # (B, T, D)
+    names = block_param_names(cfg)
+    h = embed(params, tokens, cfg)  # (B, T, D)
     for i in range(cfg.n_layers):
-        layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in BLOCK_PARAM_NAMES]
-        h = run_block(block_fn, h, *layer, cos, sin, mask)
-    return rms_norm(h, params["norm"], cfg.norm_eps)
+        layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in names]
+        h = run_block(block_fn, h, *layer, cos, sin, masks[i])
+    return _norm(h, params["norm"], cfg)
 
 
 def _weight(params: Params, name: str, adapters: LoraSettings | None, training: bool) -> Weight:
@@ -336,8 +492,9 @@ def output_weight(params: Params, cfg: ModelConfig) -> torch.Tensor:
 
 
 def logits(params: Params, hidden: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """hidden (..., D) → logits (..., V) in hidden's dtype.
+    """hidden (..., D) → logits (..., V) in hidden's dtype, soft-capped where `cfg.final_logit_softcap` is set.
 
-    Materialises every logit; training computes its loss through `lowmem.nn.loss` instead.
+    Materialises every logit; training computes its loss through `lowmem.nn.loss` instead, which must then
+    be given `softcap=cfg.final_logit_softcap`.
     """
-    return F.linear(hidden, output_weight(params, cfg))
+    return softcap(F.linear(hidden, output_weight(params, cfg)), cfg.final_logit_softcap)

@@ -12,6 +12,10 @@ Three drop-in implementations, all `(hidden, weight, labels, ignore_index) -> (l
   saves only those gradients; backward scales them. Logits are never saved nor recomputed.
 
 `loss_peak_bytes` gives what each one holds at its peak, for the planner.
+
+Each takes an optional `softcap`: the logits become cap * tanh(z / cap) before the CE (Gemma 2's final
+logit soft-capping, `ModelConfig.final_logit_softcap`). A Gemma 2 loss without it is a different loss.
+The fused variant then holds a second (C, V) fp32 tile (tanh(z / cap), for the chain rule).
 """
 
 from __future__ import annotations
@@ -56,8 +60,13 @@ def _kept_rows(y: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (y != ignore_index).nonzero().squeeze(1)
 
 
+def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
 def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+                      ignore_index: int = IGNORE_INDEX, *,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy, logits computed in fp32.
 
     Labels are already aligned with `hidden` (label t is the target for hidden t; shifting is the
@@ -68,13 +77,14 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         hidden: (N, D) or (B, T, D) final hidden states, any float dtype.
         weight: (V, D) output projection (see `lowmem.nn.llama.output_weight`).
         labels: (N,) or (B, T) int64 targets; `ignore_index` marks positions without a target.
+        softcap: soft-cap the logits at this value first (Gemma 2: `cfg.final_logit_softcap`); None: no cap.
 
     Returns:
         loss_sum: 0-d fp32 tensor, the CE summed over non-ignored positions (0 when there are none).
         n_tokens: 0-d int64 tensor, the number of non-ignored positions.
     """
     h, y = _flatten_checked(hidden, weight, labels)  # (N, D), (N,)
-    logits = F.linear(h.float(), weight.float())  # (N, V) fp32
+    logits = _softcap(F.linear(h.float(), weight.float()), softcap)  # (N, V) fp32
     loss_sum = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
     n_tokens = (y != ignore_index).sum()
     return loss_sum, n_tokens
@@ -83,15 +93,16 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 # -- chunked: checkpointed projection + CE per chunk --------------------------------------------
 
 
-def _projected_ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _projected_ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                      softcap: float | None = None) -> torch.Tensor:
     """CE summed over a chunk whose labels are all targets: (C, D), (V, D), (C,) -> 0-d fp32."""
-    logits = F.linear(h.float(), weight.float())  # (C, V) fp32
+    logits = _softcap(F.linear(h.float(), weight.float()), softcap)  # (C, V) fp32
     return F.cross_entropy(logits, y, reduction="sum")
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              ignore_index: int = IGNORE_INDEX, *,
-                              n_chunks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                              ignore_index: int = IGNORE_INDEX, *, n_chunks: int = 8,
+                              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`cross_entropy_sum` with one chunk of fp32 logits alive at a time (torchtune's chunked CE).
 
     Ignored positions are dropped before projecting (their logits are never computed). The kept
@@ -100,7 +111,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     recomputes one chunk's logits at a time. Costs one extra projection (forward recompute).
 
     Args:
-        hidden, weight, labels, ignore_index: as `cross_entropy_sum`.
+        hidden, weight, labels, ignore_index, softcap: as `cross_entropy_sum`.
         n_chunks: how many token chunks (fewer when there are fewer kept tokens).
 
     Returns:
@@ -113,7 +124,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     if rows.numel() < y.numel():
         h, y = h.index_select(0, rows), y.index_select(0, rows)  # (K, D), (K,)
     loss_sum = sum(
-        checkpoint(_projected_ce_sum, h_c, weight, y_c, use_reentrant=False)
+        checkpoint(_projected_ce_sum, h_c, weight, y_c, softcap, use_reentrant=False)
         for h_c, y_c in zip(h.chunk(n_chunks), y.chunk(n_chunks), strict=True)
     )
     return loss_sum, rows.new_tensor(rows.numel())
@@ -133,29 +144,37 @@ def default_chunk_tokens(n_tokens: int, vocab: int, dim: int) -> int:
     return 1 << (target - 1).bit_length()
 
 
-def _ce_chunk_loss_and_dlogits(h: torch.Tensor, w: torch.Tensor,
-                               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_chunk_loss_and_dlogits(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+                               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CE summed over one chunk and its gradient wrt the logits, using one (C, V) fp32 buffer.
 
     Args:
         h: (C, D) fp32 hidden rows; w: (V, D) fp32 weight; y: (C,) int64 targets (none ignored).
+        softcap: when set, z = cap * tanh(h @ w.T / cap), and d_logits is taken wrt h @ w.T (chain rule
+            through the cap: times 1 - tanh^2), at the cost of a second (C, V) buffer.
 
     Returns:
         loss: 0-d fp32, sum_i logsumexp(z_i) - z_i[y_i] with z = h @ w.T.
         d_logits: (C, V) fp32, softmax(z) - onehot(y), the gradient of `loss` wrt z.
     """
     z = h @ w.T  # (C, V) fp32
+    tanh = None
+    if softcap is not None:
+        tanh = z.div_(softcap).tanh_()  # (C, V), in place
+        z = tanh * softcap  # (C, V) the capped logits: the second buffer
     target = z.gather(1, y[:, None])  # (C, 1)
     z_max = z.amax(1, keepdim=True)  # (C, 1)
     p = z.sub_(z_max).exp_()  # (C, V) unnormalised softmax, in place: the only (C, V) buffer
     total = p.sum(1, keepdim=True)  # (C, 1)
     loss = (z_max + total.log() - target).sum()
     p.div_(total).scatter_add_(1, y[:, None], torch.full_like(target, -1.0))
+    if tanh is not None:
+        p.mul_(tanh.square_().neg_().add_(1.0))  # d cap*tanh(x/cap) / dx = 1 - tanh^2
     return loss, p
 
 
 def _fused_ce_forward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, ignore_index: int,
-                      chunk_tokens: int | None, need_h: bool, need_w: bool):
+                      chunk_tokens: int | None, need_h: bool, need_w: bool, softcap: float | None = None):
     """Loss, count and (if asked) the gradients of loss_sum wrt h and weight, chunk by chunk.
 
     Args:
@@ -175,7 +194,7 @@ def _fused_ce_forward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, ig
     for start in range(0, K, C):
         r = rows[start:start + C]  # (C,)
         h_c = h.index_select(0, r).float()  # (C, D) fp32
-        loss_c, d_logits = _ce_chunk_loss_and_dlogits(h_c, w32, y.index_select(0, r))
+        loss_c, d_logits = _ce_chunk_loss_and_dlogits(h_c, w32, y.index_select(0, r), softcap)
         loss_sum += loss_c
         if need_h:
             grad_h.index_copy_(0, r, (d_logits @ w32).to(h.dtype))  # (C, D)
@@ -191,10 +210,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """(h (N, D), weight (V, D), y (N,)) -> (loss_sum, n_tokens), gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, h, weight, y, ignore_index, chunk_tokens):
+    def forward(ctx, h, weight, y, ignore_index, chunk_tokens, softcap):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_sum, n_tokens, grad_h, grad_w = _fused_ce_forward(
-            h, weight, y, ignore_index, chunk_tokens, need_h, need_w)
+            h, weight, y, ignore_index, chunk_tokens, need_h, need_w, softcap)
         # Plain attributes, not save_for_backward: these are results, not inputs to recompute
         # from, and backward hands them over (below), which saved tensors would not allow.
         ctx.grads = (grad_h, grad_w)
@@ -216,12 +235,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h.mul_(grad_loss)
         if grad_w is not None:
             grad_w.mul_(grad_loss)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                   ignore_index: int = IGNORE_INDEX, *,
-                                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                   ignore_index: int = IGNORE_INDEX, *, chunk_tokens: int | None = None,
+                                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`cross_entropy_sum` without ever holding (N, V) logits, forward or backward (Liger's fused CE).
 
     Ignored positions are dropped first. For each chunk of kept tokens, forward computes the fp32
@@ -232,7 +251,7 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, l
     backward may run only once per forward (no `retain_graph=True` reuse).
 
     Args:
-        hidden, weight, labels, ignore_index: as `cross_entropy_sum`.
+        hidden, weight, labels, ignore_index, softcap: as `cross_entropy_sum`.
         chunk_tokens: tokens per chunk; default `default_chunk_tokens(n_kept, V, D)` (a logits
             tile about the size of the hidden states).
 
@@ -243,9 +262,10 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, l
         raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1, or None for the default")
     h, y = _flatten_checked(hidden, weight, labels)  # (N, D), (N,)
     if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
-        loss_sum, n_tokens, _, _ = _fused_ce_forward(h, weight, y, ignore_index, chunk_tokens, False, False)
+        loss_sum, n_tokens, _, _ = _fused_ce_forward(h, weight, y, ignore_index, chunk_tokens, False, False,
+                                                     softcap)
         return loss_sum, n_tokens
-    return _FusedLinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_tokens)
+    return _FusedLinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_tokens, softcap)
 
 
 CE_IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {

@@ -18,8 +18,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import torch
@@ -124,6 +126,48 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
     return StepStats(loss=loss, n_tokens=n_tokens, grad_norm=grad_norm, lr=lr)
 
 
+class Training(NamedTuple):
+    """What a run trains with: built once by `build_training`, for `execute` and for `lowmem.plan.trace`."""
+
+    params: dict[str, torch.Tensor]  # base weights (NF4 under QLoRA) and adapters, by canonical name
+    adapters: LoraSettings | None
+    trainable_params: dict[str, torch.Tensor]  # the tensors the optimizer updates (requires_grad set)
+    optimizer: torch.optim.Optimizer | InBackwardOptimizer
+    loss_of: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # batch -> (loss_sum, n_tokens)
+
+
+def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker) -> Training:
+    """Apply the plan's strategies to initial `params`: NF4, adapters, trainable mask, optimizer and loss.
+
+    `params` are the initial weights in the plan's dtype (`param_dtype`). `loss_of(batch, training=True)`
+    runs forward and the plan's loss, counting the loss's tensors as "logits" while `tracker` is active.
+    `lowmem.plan.trace.trace_memory` calls this under FakeTensorMode, so the traced step is this very one.
+    """
+    spec = p.spec
+    adapters = lora_settings(spec.method)
+    if p.strategies.nf4_block_size:
+        params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
+                              scaler_block_size=p.strategies.nf4_scaler_block_size)
+    if adapters is not None:
+        params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed)
+    trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
+    for t in trainable_params.values():
+        t.requires_grad_(True)
+    optimizer = make_optimizer(p.strategies, partial(build_optimizer, spec.optimizer),
+                               list(trainable_params.values()))
+    run_block = block_runner(p.strategies)
+    loss_fn = loss_function(p.strategies)
+
+    def loss_of(batch, training: bool = True):
+        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
+                         run_block=run_block, adapters=adapters, training=training)
+        with tracker.category("logits"):
+            return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                           softcap=p.model.final_logit_softcap)
+
+    return Training(params, adapters, trainable_params, optimizer, loss_of)
+
+
 def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True,
             resume: bool = False) -> RunResult:
     """Run a plan (a RunSpec is planned for this machine first) and write the run directory.
@@ -151,33 +195,16 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     train_rows, eval_rows = split_rows(len(dataset), spec.data.eval_rows, spec.train.seed)
     total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows))
 
-    params = _initial_params(p, param_dtype(p.strategies))
-    adapters = lora_settings(spec.method)
-    if p.strategies.nf4_block_size:
-        params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
-                              scaler_block_size=p.strategies.nf4_scaler_block_size)
-    if adapters is not None:
-        params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed)
-    trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
+    tracker = LiveTensorTracker()
+    params, adapters, trainable_params, optimizer, loss_of = build_training(
+        p, _initial_params(p, param_dtype(p.strategies)), tracker)
     trainable = list(trainable_params.values())
-    for t in trainable:
-        t.requires_grad_(True)
-    optimizer = make_optimizer(p.strategies, partial(build_optimizer, spec.optimizer), trainable)
     loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
     first_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainable_params, optimizer, fingerprint)
         loader.load_state_dict(state["loader"])
         first_step = state["step"]
-    run_block = block_runner(p.strategies)
-    loss_fn = loss_function(p.strategies)
-    tracker = LiveTensorTracker()
-
-    def loss_of(batch, training: bool = True):
-        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
-                         run_block=run_block, adapters=adapters, training=training)
-        with tracker.category("logits"):
-            return loss_fn(hidden, output_weight(params, p.model), batch["labels"])
 
     def save(step: int) -> None:
         save_checkpoint(out, step, trainable_params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
@@ -326,15 +353,16 @@ def prepare_data(spec: RunSpec) -> tuple[Tokenizer, PackedDataset]:
     """Tokenizer (trained and cached, or from a file) and the packed, memory-mapped dataset."""
     source = spec.data.source
     corpus = shipped_corpus(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
-    if not corpus.is_file():
-        raise ValueError(f"data.source = {source!r}: no such file; give a .jsonl, .jsonl.gz or .txt file")
+    if not corpus.exists():
+        raise ValueError(f"data.source = {source!r}: no such file or directory; give a .jsonl, .jsonl.gz, .json, "
+                         ".parquet, .csv or .txt file, or a directory of them")
     cache = Path(spec.data.cache_dir)
     tok_spec = spec.data.tokenizer
     if isinstance(tok_spec, FileTokenizer):
         tokenizer = Tokenizer(tok_spec.path)
     else:
-        tokenizer = load_or_train_tokenizer(corpus, tok_spec.vocab_size, cache, text_field=spec.data.text_field)
-    path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, text_field=spec.data.text_field)
+        tokenizer = load_or_train_tokenizer(corpus, tok_spec.vocab_size, cache, data=spec.data)
+    path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, spec.data)
     dataset = PackedDataset(path)
     needed = spec.data.eval_rows + spec.train.micro_batch
     if len(dataset) < needed:

@@ -1,0 +1,304 @@
+"""Model families (Qwen2, Mistral, Gemma, Gemma 2, Phi-3) against transformers on tiny random checkpoints."""
+
+import json
+import math
+
+import msgspec
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
+from lowmem.nn.generate import generate
+from lowmem.nn.hf import hf_layout, load_hf, save_hf
+from lowmem.nn.llama import AdaptedWeight, forward, init_params, linear, logits, output_weight
+from lowmem.nn.loss import CE_IMPLEMENTATIONS, cross_entropy_sum
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, attn_implementation="eager")
+# Windows shorter than the test sequences (T = 12) so that the sliding mask changes the numbers; Gemma's
+# head_dim 16 is decoupled from hidden_size / heads = 8; Gemma 2's caps are small enough to bite.
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 12, "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 5}),
+}
+T = 12
+
+
+def make_model(family: str, seed: int = 0):
+    """Tiny random HF model in eval mode; weights ~ 1/sqrt(fan_in) and norms/biases away from 0 and 1."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(0.5 + 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    """(family, HF model, its save_pretrained directory)."""
+    model = make_model(request.param)
+    path = tmp_path_factory.mktemp(f"hf-{request.param}")
+    model.save_pretrained(path, safe_serialization=True)
+    return request.param, model, path
+
+
+def tokens(batch: int = 2, length: int = T, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_flags_per_family(checkpoint):
+    family, _, path = checkpoint
+    cfg, _ = load_hf(path)
+    assert cfg.family == family
+    assert cfg.qkv_bias is (family == "qwen2")
+    assert cfg.sliding_window == {"mistral": 4, "gemma2": 4, "phi3": 5}.get(family)
+    assert cfg.head_dim == (16 if family.startswith("gemma") else 8)
+    assert (cfg.mlp_act == "gelu_tanh") is cfg.norm_unit_offset is cfg.embed_scale is family.startswith("gemma")
+    assert cfg.sandwich_norms is (family == "gemma2")
+    if family == "gemma2":
+        assert cfg.sliding_layers == "even" and [cfg.layer_window(i) for i in range(2)] == [4, None]
+        assert (cfg.query_pre_attn_scalar, cfg.attn_logit_softcap, cfg.final_logit_softcap) == (12.0, 2.0, 3.0)
+
+
+def test_logits_loss_and_grads_match_transformers(checkpoint):
+    family, model, path = checkpoint
+    cfg, params = load_hf(path)
+    tok = tokens()
+    for t in params.values():
+        t.requires_grad_(True)
+    hidden = forward(params, tok, cfg)
+    got = logits(params, hidden, cfg)
+    model.zero_grad()
+    out = model(tok, labels=tok)
+    assert out.logits.abs().max() > 1.0
+    torch.testing.assert_close(got, out.logits, atol=1e-5, rtol=0)
+
+    # HF shifts labels inside; here hidden t predicts token t + 1.
+    loss_sum, n = cross_entropy_sum(hidden[:, :-1], output_weight(params, cfg), tok[:, 1:],
+                                    softcap=cfg.final_logit_softcap)
+    loss = loss_sum / n
+    torch.testing.assert_close(loss, out.loss, atol=1e-4, rtol=0)
+    loss.backward()
+    out.loss.backward()
+    hf_params = dict(model.named_parameters())
+    for hf_name, parts in hf_layout(cfg).items():
+        ours = torch.cat([params[n].grad for n in parts])
+        ref = hf_params[hf_name].grad
+        assert ref.abs().max() > 0, hf_name
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4, msg=hf_name)
+
+
+def test_checkpoint_names_and_save_round_trip(checkpoint, tmp_path):
+    family, model, path = checkpoint
+    cfg, params = load_hf(path)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert stored == set(hf_layout(cfg))
+    assert ("model.layers.0.self_attn.q_proj.bias" in stored) is (family == "qwen2")
+    assert ("model.layers.0.self_attn.qkv_proj.weight" in stored) is (family == "phi3")
+    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (family == "gemma2")
+
+    out = save_hf(params, cfg, tmp_path / "ckpt")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == family
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg and all(torch.equal(params2[n], params[n]) for n in params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(reloaded) is type(model)
+    tok = tokens(seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tok).logits, model(tok).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(params, forward(params, tok, cfg), cfg), reloaded(tok).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_packed_documents_equal_separate_runs(checkpoint):
+    _, _, path = checkpoint
+    cfg, params = load_hf(path)
+    lengths = [7, 9]  # both longer than the sliding windows
+    docs = [tokens(1, n, seed=i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    positions = torch.cat([torch.arange(n)[None] for n in lengths], dim=1)
+    with torch.no_grad():
+        got = forward(params, packed, cfg, positions=positions, doc_ids=doc_ids)
+        alone = torch.cat([forward(params, d, cfg) for d in docs], dim=1)
+        mixed = forward(params, packed, cfg)
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+    assert (mixed[:, lengths[0]:] - alone[:, lengths[0]:]).abs().max() > 1e-3  # the mask matters
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2"])
+def test_greedy_generation_matches_transformers(family):
+    model = make_model(family)
+    params = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    cfg = ModelConfig.from_hf_config(model.config.to_dict(), source=f"{family}/config.json")
+    from lowmem.nn.hf import hf_layout as layout
+
+    canon = {}
+    for hf_name, parts in layout(cfg).items():
+        sizes = [param_shapes(cfg)[n][0] for n in parts]
+        canon.update(zip(parts, params[hf_name].split(sizes), strict=True))
+    prompt = tokens(2, 5, seed=3)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = generate(canon, cfg, prompt, max_new_tokens=8)
+    assert got == ref[:, 5:].tolist()
+
+
+def test_sliding_window_changes_generation():
+    """The window is honoured in the KV-cache path: generating with it differs from full attention."""
+    model = make_model("mistral")
+    cfg = ModelConfig.from_hf_config(model.config.to_dict(), source="mistral/config.json")
+    params = init_params(cfg, seed=0)
+    params = {n: t / (0.02 * math.sqrt(t.shape[1])) if t.ndim == 2 else t for n, t in params.items()}
+    full = msgspec.structs.replace(cfg, sliding_window=None)
+    prompt = tokens(1, 10, seed=4)
+    with torch.no_grad():
+        windowed = logits(params, forward(params, prompt, cfg), cfg)[:, -1]
+        unwindowed = logits(params, forward(params, prompt, full), full)[:, -1]
+    assert (windowed - unwindowed).abs().max() > 1e-3
+    assert generate(params, cfg, prompt, max_new_tokens=1) == [windowed.argmax(-1).tolist()]
+
+
+# ------------------------------------------------------------------------------ biases with LoRA and NF4
+
+
+def qwen_cfg() -> ModelConfig:
+    return msgspec.structs.replace(preset("tiny"), family="qwen2", qkv_bias=True)
+
+
+def test_bias_adds_to_lora_output():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    a, bb = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+    got = linear(x, AdaptedWeight(w, a, bb, None, 0.5, 0.0), b)
+    torch.testing.assert_close(got, x @ w.T + b + 0.5 * (x @ a.T) @ bb.T)
+    torch.testing.assert_close(linear(x, w, b), x @ w.T + b)
+
+
+def test_qwen2_biases_matter_and_work_with_lora_and_nf4():
+    from lowmem.nn.lora import LoraSettings, add_adapters, merge_adapters
+    from lowmem.nn.quant import dequantize_nf4, is_nf4, quantize_nf4
+
+    cfg = qwen_cfg()
+    params = init_params(cfg, seed=0)
+    assert "layers.1.attn.bk" in params and not params["layers.1.attn.bk"].any()  # biases start at zero
+    assert count_params(cfg) == sum(t.numel() for t in params.values())
+    g = torch.Generator().manual_seed(1)
+    for n in params:
+        if n.endswith((".bq", ".bk", ".bv")):
+            params[n] = torch.randn(params[n].shape, generator=g)
+    tok = tokens(1, 8)
+    no_bias = {n: torch.zeros_like(t) if n.endswith((".bq", ".bk", ".bv")) else t for n, t in params.items()}
+    with torch.no_grad():
+        base = forward(params, tok, cfg)
+        assert (base - forward(no_bias, tok, cfg)).abs().max() > 1e-3
+
+        settings = LoraSettings(rank=2, alpha=4, targets=("wq", "wk", "wv"))
+        adapted = add_adapters(params, cfg, settings, seed=0)
+        for n in adapted:
+            if n.endswith(".lora_b"):
+                adapted[n] = torch.randn(adapted[n].shape, generator=g) * 0.1
+        lora_out = forward(adapted, tok, cfg, adapters=settings)
+        assert (lora_out - base).abs().max() > 1e-3
+        torch.testing.assert_close(lora_out, forward(merge_adapters(adapted, settings), tok, cfg))
+
+        quant = quantize_nf4(params, cfg, targets=("wq", "wo"), scaler_block_size=16)
+        assert is_nf4(quant["layers.0.attn.wq"]) and quant["layers.0.attn.bq"].dtype == torch.float32
+        assert torch.equal(quant["layers.0.attn.bq"], params["layers.0.attn.bq"])
+        q_out = forward(quant, tok, cfg)
+        torch.testing.assert_close(q_out, forward(dequantize_nf4(quant), tok, cfg), atol=1e-5, rtol=0)
+        q_lora = add_adapters(quant, cfg, settings, seed=0)
+        torch.testing.assert_close(forward(q_lora, tok, cfg, adapters=settings), q_out, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- loss soft-capping
+
+
+@pytest.mark.parametrize("kind", sorted(CE_IMPLEMENTATIONS))
+def test_softcapped_losses_match_reference(kind):
+    g = torch.Generator().manual_seed(0)
+    h = (3 * torch.randn(10, 16, generator=g)).requires_grad_(True)
+    w = torch.randn(40, 16, generator=g).requires_grad_(True)
+    y = torch.randint(0, 40, (10,), generator=g)
+    y[2] = -100
+    capped = torch.tanh((h @ w.T) / 5.0) * 5.0
+    ref = F.cross_entropy(capped, y, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss, n = CE_IMPLEMENTATIONS[kind](h, w, y, softcap=5.0)
+    grads = torch.autograd.grad(loss, (h, w))
+    assert int(n) == 9
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (loss - CE_IMPLEMENTATIONS[kind](h, w, y)[0]).abs() > 1.0  # the cap changes the loss
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+PUBLISHED_PARAM_COUNTS = {
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512,
+    "mistral-7b-v0.3": 7_248_023_552,
+    "gemma-2b": 2_506_172_416,
+    "gemma2-2b": 2_614_341_888,
+    "phi3-mini": 3_821_079_552,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAM_COUNTS))
+def test_family_presets_have_published_param_counts(name):
+    cfg = preset(name)
+    assert count_params(cfg) == PUBLISHED_PARAM_COUNTS[name]
+    assert count_params(cfg) == sum(math.prod(s) for s in param_shapes(cfg).values())
+    assert ModelConfig.from_hf_config(cfg.to_hf_config(), source="x/config.json") == cfg
+
+
+def test_family_preset_flags():
+    assert preset("qwen2.5-0.5b").qkv_bias and preset("qwen2.5-0.5b").tie_embeddings
+    g2 = preset("gemma2-2b")
+    assert (g2.head_dim, g2.sliding_window, g2.attn_logit_softcap, g2.final_logit_softcap) == (256, 4096, 50.0, 30.0)
+    assert preset("gemma-2b").head_dim == 256 and preset("phi3-mini").sliding_window == 2047
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"model_type": "gemma3"}, ["model_type", "'gemma3'", "'qwen2'", "'phi3'"]),
+        ({"model_type": "mistral", "attention_bias": True}, ["attention_bias", "True", "false"]),
+        ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+         ["rope_type", "'longrope'"]),
+        ({"model_type": "phi3", "partial_rotary_factor": 0.5}, ["partial_rotary_factor", "0.5", "1.0"]),
+        ({"model_type": "gemma", "hidden_activation": "relu"}, ["hidden_activation", "'relu'", "gelu_pytorch_tanh"]),
+        ({"model_type": "gemma2", "hidden_act": "gelu", "query_pre_attn_scalar": 16, "sliding_window": 4,
+          "layer_types": ["full_attention", "sliding_attention"]}, ["layer_types", "sliding_attention"]),
+        ({"model_type": "gemma2", "hidden_act": "gelu"}, ["query_pre_attn_scalar"]),
+        ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0, "sliding_window": 8},
+         ["use_sliding_window", "True"]),
+        ({"model_type": "mistral", "hidden_act": "gelu"}, ["hidden_act", "'gelu'", "'silu'"]),
+    ],
+)
+def test_unsupported_family_options_name_file_key_and_value(change, words):
+    d = preset("tiny").to_hf_config() | change
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_hf_config(d, source="ckpt/config.json")
+    assert "ckpt/config.json" in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
