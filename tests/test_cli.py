@@ -302,13 +302,13 @@ def test_export_merge_and_report(tmp_path, data_cache):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     import torch
+    from tests.conftest import TINY_SPEC
 
     from lowmem.nn import forward, load_hf, logits
     from lowmem.nn.generate import find_model_files, load_model
     from lowmem.plan import plan as make_plan
     from lowmem.spec import decode_spec
     from lowmem.train import execute as run
-    from tests.conftest import TINY_SPEC
 
     spec = decode_spec(TINY_SPEC, "toml", overrides=[f"data.cache_dir={data_cache}", "train.steps=3",
                                                     "method.kind=lora", "optimizer.lr=1e-2"])
