@@ -62,7 +62,7 @@ def test_top_level_help_lists_the_commands(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
-    assert commands == ["validate", "plan", "execute", "export", "report", "generate"]
+    assert commands == ["validate", "plan", "execute", "export", "report", "generate", "data"]
 
 
 def test_no_arguments_shows_help(runner):
@@ -74,7 +74,7 @@ def test_no_arguments_shows_help(runner):
     ("command", "options"),
     [
         ("validate", {"--set", "-s", "--help"}),
-        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--help"}),
+        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
         ("export", {"--out", "--merge", "--help"}),
@@ -330,3 +330,30 @@ def test_export_merge_and_report(tmp_path, data_cache):
     assert result.exit_code == 0, result.output
     assert "3 steps" in result.output and (tmp_path / "run/report.png").read_bytes()[:4] == b"\x89PNG"
     assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 2
+
+
+def test_data_prepare_and_inspect(tmp_path):
+    records = [{"instruction": f"Name the number {i}.", "output": f"It is {i}."} for i in range(40)]
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = ["--set", f"data.source={source}", "--set", "data.format=instruct", "--set",
+                 f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.tokenizer.vocab_size=400",
+                 "--set", "train.seq_len=64", "--set", "data.eval_rows=0"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "prepare", "examples/quickstart.toml", *overrides])
+    assert result.exit_code == 0, result.output
+    assert "n_documents       40" in result.output
+    shown = runner.invoke(app, ["data", "inspect", "examples/quickstart.toml", *overrides, "-n", "1"])
+    assert shown.exit_code == 0, shown.output
+    # prompts are masked out of the loss: the instruction text appears inside [[...]], the answer outside
+    line = next(ln for ln in shown.output.splitlines() if "Name the number" in ln)
+    assert "[[" in line and "It is" in line.split("]]")[-1]
+    bad = runner.invoke(app, ["data", "prepare", "examples/quickstart.toml", "--set", "data.source=/nope.jsonl"])
+    assert bad.exit_code == 2 and "/nope.jsonl" in bad.output
+
+
+def test_plan_trace_shows_analytic_and_traced_side_by_side():
+    result = CliRunner().invoke(app, ["plan", "examples/quickstart.toml", "--trace", "--set", "model.preset=tiny",
+                                      "--set", "data.tokenizer.vocab_size=512", "--set", "train.seq_len=64"])
+    assert result.exit_code == 0, result.output
+    assert "analytic" in result.output and "traced" in result.output

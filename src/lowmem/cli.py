@@ -83,6 +83,9 @@ def plan_cmd(
     png: Annotated[Path | None, typer.Option(
         "--png", help="Also write a chart of the memory breakdown of the plan and its alternatives.",
         show_default=False)] = None,
+    trace: Annotated[bool, typer.Option(
+        "--trace", help="Also run the planned training step on fake tensors (no memory used) and show the "
+        "traced peak beside the analytic one.")] = False,
 ) -> None:
     """Choose the memory strategies for a spec and print the dry-run memory report. Allocates nothing."""
     from lowmem.plan import plan, render_plan
@@ -99,6 +102,11 @@ def plan_cmd(
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(p), indent=2).decode() + "\n")
     else:
         typer.echo(render_plan(p))
+    if trace:
+        from lowmem.plan.trace import render_trace_comparison, trace_memory
+
+        typer.echo("")
+        typer.echo(render_trace_comparison(p, trace_memory(p)), err=json_)
 
 
 @app.command()
@@ -205,6 +213,50 @@ def report(
     target = png or run_dir / "report.png"
     write_run_chart(records, target, title=run_dir.name)
     typer.echo(f"wrote {target}")
+
+
+data_app = typer.Typer(help="Build and look at the tokenized, packed data cache of a spec.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+@_user_errors
+def data_prepare(spec: SpecArg, set_: SetOpt = None) -> None:
+    """Tokenize and pack a spec's data into its cache ahead of training (reused by execute)."""
+    from lowmem.spec import format_bytes
+    from lowmem.train.loop import prepare_data
+
+    def show(records: int, read: int, total: int) -> None:
+        share = read / total if total else 1.0
+        bar = "#" * int(30 * share)
+        sys.stderr.write(f"\r[{bar:<30}] {share:6.1%}  {records:,} records  {format_bytes(read)}")
+        sys.stderr.flush()
+
+    run = load_spec(spec, set_ or [])
+    _, dataset = prepare_data(run, progress=show)
+    sys.stderr.write("\n")
+    meta = dataset.metadata
+    typer.echo(f"{dataset.path}: {len(dataset):,} rows of {dataset.seq_len} tokens")
+    for key in ("n_documents", "n_tokens", "n_trained", "n_padding", "padding_fraction", "n_skipped", "n_split",
+                "n_truncated", "n_dropped"):
+        if key in meta:
+            value = meta[key]
+            typer.echo(f"  {key:<17} {value:.2%}" if key == "padding_fraction" else f"  {key:<17} {value:,}")
+
+
+@data_app.command("inspect")
+@_user_errors
+def data_inspect(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    rows: Annotated[int, typer.Option("--rows", "-n", help="How many packed rows to show.")] = 2,
+) -> None:
+    """Decode a few packed rows: one document per line, [[...]] marks tokens the loss does not train on."""
+    from lowmem.data import inspect_rows
+    from lowmem.train.loop import prepare_data
+
+    tokenizer, dataset = prepare_data(load_spec(spec, set_ or []))
+    typer.echo(inspect_rows(dataset.path, tokenizer, n=rows))
 
 
 def _is_plan(path: Path) -> bool:

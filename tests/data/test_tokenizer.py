@@ -99,3 +99,14 @@ def test_load_or_train_reuses_the_cache(kjv_slice: Path, tmp_path: Path, monkeyp
     other.write_text('{"text": "x"}\n')
     with pytest.raises(AssertionError, match="retrained"):
         load_or_train_tokenizer(other, SMALL_VOCAB, tmp_path)
+
+
+def test_spec_minimum_vocab_matches_the_tokenizer():
+    import msgspec
+
+    from lowmem.data.tokenizer import MIN_VOCAB_SIZE
+    from lowmem.spec import TrainTokenizer
+
+    TrainTokenizer(vocab_size=MIN_VOCAB_SIZE)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"kind": "train", "vocab_size": MIN_VOCAB_SIZE - 1}, TrainTokenizer)

@@ -258,7 +258,7 @@ def run_specs(clip=_clip_norms):
         model=st.one_of(st.builds(ModelSpec, preset=_text, init_seed=st.integers(0, 2**31)),
                         st.builds(ModelSpec, path=_text)),
         data=st.builds(DataSpec, source=_text, text_field=_text, cache_dir=_text, eval_rows=st.integers(0, 99),
-                       tokenizer=st.one_of(st.builds(TrainTokenizer, vocab_size=st.integers(259, 262144)),
+                       tokenizer=st.one_of(st.builds(TrainTokenizer, vocab_size=st.integers(324, 262144)),
                                            st.builds(FileTokenizer, path=_text))),
         method=st.one_of(st.just(Full()), st.builds(Lora, **_lora_fields),
                          st.builds(QLora, **_lora_fields, quant_block_size=st.integers(1, 256)),

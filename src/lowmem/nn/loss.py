@@ -277,7 +277,7 @@ CE_IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] 
 
 def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes: int,
                     n_kept: int | None = None, *, n_chunks: int = 8,
-                    chunk_tokens: int | None = None) -> int:
+                    chunk_tokens: int | None = None, weight_grad: bool = True) -> int:
     """Peak bytes one `CE_IMPLEMENTATIONS[kind]` call holds over its forward and backward.
 
     Counts what the loss allocates beyond its inputs (hidden, weight, labels), with both hidden
@@ -313,6 +313,8 @@ def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes:
         dtype_bytes: bytes per element of hidden and weight (2 for bf16, 4 for fp32).
         n_kept: K, positions with a target; default all of them.
         n_chunks, chunk_tokens: as given to the chunked / fused implementation.
+        weight_grad: whether the output weight requires grad (False for LoRA/QLoRA/DoRA, whose head is
+            frozen: no (V, D) gradient is made, only the gradient wrt hidden).
 
     Returns:
         bytes, an int.
@@ -326,19 +328,24 @@ def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes:
     upcast = b != FP32_BYTES
     if kind == "standard":
         L = N * V * FP32_BYTES
+        if not weight_grad:  # only the (N, D) gradient; the saved fp32 weight cast stays when upcast
+            return 3 * L + upcast * (N + V) * D * FP32_BYTES
         grads = (1 + upcast) * (N + V) * D * FP32_BYTES  # fp32 grads (+ the saved fp32 casts)
         return max(3 * L + upcast * (N + V) * D * FP32_BYTES, L + grads)
     if kind == "chunked":
         C = -(-K // n_chunks)
         L = C * V * FP32_BYTES
         if upcast:
-            weight_grad = V * D * (FP32_BYTES + b) + C * D * FP32_BYTES
+            grad_w = V * D * (FP32_BYTES + b) + C * D * FP32_BYTES
             accumulate = L + V * D * (2 * FP32_BYTES + b)
         else:
-            weight_grad = V * D * FP32_BYTES
+            grad_w = V * D * FP32_BYTES
             accumulate = 3 * V * D * FP32_BYTES
         gathered = K * D * b if K < N else 0
-        return max(3 * L + weight_grad + (K - C) * D * b + gathered, accumulate)
+        if not weight_grad:  # nothing to accumulate; the recomputed fp32 weight copy stays when upcast
+            return 3 * L + upcast * (V * D * FP32_BYTES + C * D * FP32_BYTES) + (K - C) * D * b + gathered
+        return max(3 * L + grad_w + (K - C) * D * b + gathered, accumulate)
     C = min(K, chunk_tokens or default_chunk_tokens(K, V, D))
     rows = C * D * (2 * FP32_BYTES + upcast * b) + K * INDEX_BYTES  # fp32 chunk rows, their grad
-    return C * V * FP32_BYTES + (1 + upcast) * V * D * FP32_BYTES + N * D * b + rows
+    accumulator = V * D * FP32_BYTES if weight_grad else 0  # fp32 grad_weight, not made for a frozen head
+    return C * V * FP32_BYTES + accumulator + upcast * V * D * FP32_BYTES + N * D * b + rows

@@ -26,10 +26,10 @@ from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, Opt
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "mixed-bf16": 2, "fp16": 2}
 FP32 = 4
 
-# Share of peak FLOP/s a training step reaches, by device: CPU fp32 GEMMs at these sizes reach about a
-# third of peak (measured on the development machine); GPUs without compile about 40% (MFU of torchtune
-# recipes without compile, README ladder).
-EFFICIENCY = {"cpu": 0.35, "cuda": 0.40}
+# Share of peak FLOP/s a training step reaches, by device: on CPU 0.45 of the profile's peak (fitted on the
+# development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
+# compile about 40% (MFU of torchtune recipes without compile, README ladder). Not yet checked on a GPU.
+EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
 
 
 def weight_bytes(precision: str) -> int:
@@ -123,7 +123,11 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     t = trainable
     upcast = D * FP32 if a != FP32 else 0
     norm_out = D * a if t.full else 0
-    per_token = 2 * D * a + 3 * Q * a + 3 * F * a + 2 * FP32 + H * FP32
+    # the block input and the attention residual are saved by the norms as themselves in fp32; below fp32 the
+    # norms save their fp32 upcasts instead (counted in `upcast`) and RoPE saves its cos/sin cast to the
+    # compute dtype for q and k (4 head_dim vectors)
+    residuals = 2 * D * a if a == FP32 else 4 * cfg.head_dim * a
+    per_token = residuals + 3 * Q * a + 3 * F * a + 2 * FP32 + H * FP32
     per_token += upcast + norm_out + (D * a if any(t.trains(n) for n in ("wq", "wk", "wv")) else 0)
     per_token += upcast + norm_out + (D * a if t.trains("w1") or t.trains("w3") else 0)
     per_token += (Q * a if t.trains("wo") else 0) + (F * a if t.trains("w2") else 0)
@@ -166,10 +170,11 @@ def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, bat
     return block + 2 * n_tokens * cfg.dim * a
 
 
-def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> int:
+def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, trainable: Trainable = None) -> int:
     """Peak bytes the loss holds beyond its inputs (see `lowmem.nn.loss.loss_peak_bytes` for the derivation)."""
+    head_trains = trainable is None or trainable.full
     return loss_peak_bytes(strategies.cross_entropy, n_tokens, cfg.vocab_size, cfg.dim,
-                           DTYPE_BYTES[strategies.precision])
+                           DTYPE_BYTES[strategies.precision], weight_grad=head_trains)
 
 
 def batch_bytes(n_tokens: int) -> int:
@@ -206,7 +211,7 @@ def estimate_memory(
     grads = n_trainable * wb
     opt = optimizer_state_bytes(optimizer, trainable_shapes, wb)
     acts = activation_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
-    loss = logits_bytes(cfg, strategies, n_tokens)
+    loss = logits_bytes(cfg, strategies, n_tokens, trainable)
     batch = batch_bytes(n_tokens)
     recompute = recompute_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
     # gradients of earlier micro-batches are alive while later ones run forward

@@ -63,7 +63,8 @@ class ModelSpec(Spec, kw_only=True):
 class TrainTokenizer(Spec, kw_only=True, tag="train", tag_field="kind"):
     """Train a sentencepiece BPE tokenizer on the corpus (cached by content)."""
 
-    vocab_size: Annotated[int, Meta(ge=259, le=262144)] = 4096
+    # 256 byte-fallback pieces + 4 specials + room for merges: lowmem.data.tokenizer.MIN_VOCAB_SIZE (tested equal)
+    vocab_size: Annotated[int, Meta(ge=324, le=262144)] = 4096
 
 
 class FileTokenizer(Spec, kw_only=True, tag="file", tag_field="kind"):

@@ -33,12 +33,12 @@ from lowmem.data import (
     prepare_packed_dataset,
     shipped_corpus,
 )
+from lowmem.data.corpus import source_size_bytes
 from lowmem.data.loader import split_rows
 from lowmem.data.tokenizer import Tokenizer
 from lowmem.nn import forward, init_params, load_hf, output_weight, save_hf
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
 from lowmem.nn.peft_io import save_peft
-from lowmem.nn.quant import dequantize_nf4, quantize_nf4
 from lowmem.plan import Plan, plan
 from lowmem.spec.structs import Dora, FileTokenizer, Lora, QLora, RunSpec
 from lowmem.spec.units import format_bytes
@@ -146,6 +146,8 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
     spec = p.spec
     adapters = lora_settings(spec.method)
     if p.strategies.nf4_block_size:
+        from lowmem.nn.quant import quantize_nf4  # imports torchao (seconds): only for QLoRA
+
         params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
                               scaler_block_size=p.strategies.nf4_scaler_block_size)
     if adapters is not None:
@@ -323,6 +325,8 @@ def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings 
     if p.spec.model.path is None:  # a preset's random base exists only in this run: save it for the adapter
         base = {k: v for k, v in detached.items() if k not in set(trainable_names(detached))}
         if p.strategies.nf4_block_size:  # the weights QLoRA trained against: the dequantized NF4 base
+            from lowmem.nn.quant import dequantize_nf4
+
             base = dequantize_nf4(base)
         save_hf(base, p.model, base_dir, overwrite=True)
         shutil.copyfile(tokenizer.path, base_dir / "tokenizer.model")
@@ -349,8 +353,11 @@ def check_executable(p: Plan) -> None:
         )
 
 
-def prepare_data(spec: RunSpec) -> tuple[Tokenizer, PackedDataset]:
-    """Tokenizer (trained and cached, or from a file) and the packed, memory-mapped dataset."""
+def prepare_data(spec: RunSpec, progress=None) -> tuple[Tokenizer, PackedDataset]:
+    """Tokenizer (trained and cached, or from a file) and the packed, memory-mapped dataset.
+
+    `progress(records_read, bytes_read, total_bytes)` is called while a new packed file is written.
+    """
     source = spec.data.source
     corpus = shipped_corpus(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
     if not corpus.exists():
@@ -362,7 +369,14 @@ def prepare_data(spec: RunSpec) -> tuple[Tokenizer, PackedDataset]:
         tokenizer = Tokenizer(tok_spec.path)
     else:
         tokenizer = load_or_train_tokenizer(corpus, tok_spec.vocab_size, cache, data=spec.data)
-    path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, spec.data)
+    hook = None
+    if progress is not None:
+        total = source_size_bytes(corpus)
+
+        def hook(records: int, read: int) -> None:
+            progress(records, read, total)
+
+    path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, spec.data, progress=hook)
     dataset = PackedDataset(path)
     needed = spec.data.eval_rows + spec.train.micro_batch
     if len(dataset) < needed:
