@@ -131,6 +131,7 @@ def execute(
     from lowmem.plan import plan, render_plan
     from lowmem.train import describe_memory
     from lowmem.train import execute as run
+    from lowmem.train.distributed import launch_rank
     from lowmem.train.loop import check_executable
 
     if spec_or_plan.is_dir():
@@ -140,10 +141,13 @@ def execute(
         spec_or_plan = spec_or_plan / "plan.json"
     p = _load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan) else plan(load_spec(spec_or_plan, set_ or []))
     check_executable(p)
-    if not quiet:
+    secondary = launch_rank() != 0  # under torchrun, rank 0 alone speaks
+    if not quiet and not secondary:
         typer.echo(render_plan(p))
         typer.echo("")
     result = run(p, out, progress=not quiet, resume=resume)
+    if secondary:
+        return
     typer.echo("")
     if result.interrupted:
         typer.echo(f"interrupted after step {result.steps}: checkpoint written; continue with "

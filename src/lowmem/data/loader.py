@@ -168,14 +168,16 @@ class _EpochSchedule:
     """Which rows make batch (epoch, cursor): a pure function of the seed, shared by loader and thread."""
 
     def __init__(
-        self, dataset: RowSource, row_indices: np.ndarray, micro_batch: int, seed: int, shuffle: bool
+        self, dataset: RowSource, row_indices: np.ndarray, micro_batch: int, seed: int, shuffle: bool,
+        rank: int = 0, world_size: int = 1,
     ):
         self.dataset = dataset
         self.row_indices = row_indices
         self.micro_batch = micro_batch
         self.seed = seed
         self.shuffle = shuffle
-        self.batches_per_epoch = len(row_indices) // micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = len(row_indices) // (micro_batch * world_size)
         self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order, reused within it
 
     def order(self, epoch: int) -> np.ndarray:
@@ -188,7 +190,9 @@ class _EpochSchedule:
         return cached[1]
 
     def batch(self, epoch: int, cursor: int) -> dict[str, torch.Tensor]:
-        rows = self.order(epoch)[cursor * self.micro_batch : (cursor + 1) * self.micro_batch]
+        global_batch = self.micro_batch * self.world_size
+        start = cursor * global_batch + self.rank * self.micro_batch  # this rank's slice of the global batch
+        rows = self.order(epoch)[start : start + self.micro_batch]
         return make_batch(*self.dataset.rows(rows))
 
     def advance(self, epoch: int, cursor: int) -> tuple[int, int]:
@@ -204,13 +208,19 @@ class BatchLoader:
     epoch e + 1. Batch (e, c) depends only on (seed, e, c), so `state_dict()` — the (epoch, cursor) of the
     next batch the consumer will get — is all it takes to resume.
 
+    Data parallel: with `world_size` W > 1, the schedule is that of one loader with `micro_batch * W` rows
+    per batch, and rank r gets rows [r * micro_batch, (r + 1) * micro_batch) of each such global batch. So the
+    ranks' batches are disjoint, their union is the single-process batch of `micro_batch * W` rows, and the
+    state (epoch, cursor) is the same on every rank.
+
     Args:
         dataset: a PackedDataset (anything with `rows(indices)` and `__len__`).
         row_indices: (N,) rows to draw from, e.g. the train side of `split_rows`.
-        micro_batch: rows per batch.
+        micro_batch: rows per batch (per rank).
         seed: shuffling seed.
         shuffle: permute each epoch.
         prefetch: batches made ahead in a daemon thread; 0 makes them in the caller's thread.
+        rank, world_size: this process's share of each global batch (see above); 0, 1 in a single process.
     """
 
     def __init__(
@@ -222,6 +232,8 @@ class BatchLoader:
         *,
         shuffle: bool = True,
         prefetch: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         row_indices = np.asarray(row_indices, dtype=np.int64)
         if row_indices.ndim != 1:
@@ -230,10 +242,12 @@ class BatchLoader:
             raise ValueError(
                 f"row_indices must lie in [0, {len(dataset)}) for a dataset of {len(dataset)} rows"
             )
-        if micro_batch < 1 or len(row_indices) < micro_batch:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} with world_size={world_size}; use 0 <= rank < world_size")
+        if micro_batch < 1 or len(row_indices) < micro_batch * world_size:
             raise ValueError(
-                f"micro_batch={micro_batch} with {len(row_indices)} rows gives no full batch; "
-                "use 1 <= micro_batch <= the number of rows"
+                f"micro_batch={micro_batch} x world_size={world_size} with {len(row_indices)} rows gives no full "
+                "batch; use 1 <= micro_batch x world_size <= the number of rows"
             )
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch}; use 0 (no thread) or a positive queue size")
@@ -241,7 +255,7 @@ class BatchLoader:
         self.micro_batch = micro_batch
         self.seed = seed
         self.prefetch = prefetch
-        self._schedule = _EpochSchedule(dataset, row_indices, micro_batch, seed, shuffle)
+        self._schedule = _EpochSchedule(dataset, row_indices, micro_batch, seed, shuffle, rank, world_size)
         self.batches_per_epoch = self._schedule.batches_per_epoch
         self._epoch, self._cursor = 0, 0
         self._thread: threading.Thread | None = None

@@ -28,7 +28,7 @@ def render_plan(p: Plan) -> str:
     ]
     width = max(len(d.strategy) for d in p.decisions)
     for d in p.decisions:
-        lines.append(f"  {d.strategy:<{width}}  {d.value:<6} [{d.source}] {d.reason}")
+        lines.append(f"  {d.strategy:<{width}}  {d.value:<8} [{d.source}] {d.reason}")
     lines += ["", f"memory at peak ({p.memory.peak_phase})"]
     for c in p.memory.components:
         share = c.bytes / p.memory.peak_bytes if p.memory.peak_bytes else 0

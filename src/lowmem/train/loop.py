@@ -40,8 +40,9 @@ from lowmem.nn import forward, init_params, load_hf, output_weight, save_hf
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
 from lowmem.nn.peft_io import save_peft
 from lowmem.plan import Plan, plan
-from lowmem.spec.structs import Dora, FileTokenizer, Lora, QLora, RunSpec
+from lowmem.spec.structs import SGD, AdamW, Dora, FileTokenizer, Full, Lora, QLora, RunSpec
 from lowmem.spec.units import format_bytes
+from lowmem.train import distributed
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
 from lowmem.train.memory import LiveTensorTracker
 from lowmem.train.optim import build_optimizer, lr_at
@@ -107,11 +108,17 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
         n_tokens += int(micro_n)
         if tracker and not in_backward:
             tracker.reclassify((t.grad for t in trainable), "gradients")
+    world = distributed.world_size()
+    if world > 1:  # every rank's share of the step: the loss and the gradients are over all of them
+        loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
+        n_tokens = int(n_tokens)
     if in_backward:
         grad_norm = math.sqrt(optimizer.grad_sq_sum)
     else:
-        # normalize by the target tokens of the whole step, not per micro-batch (torchtune #1875)
-        scale = 1.0 / max(n_tokens, 1)
+        # normalize by the target tokens of the whole step, not per micro-batch (torchtune #1875); under FSDP
+        # the reduce-scatter already averaged the ranks' summed-loss gradients (divided by `world`), so the
+        # gradient of (sum over all ranks' tokens) / n_tokens is theirs times world / n_tokens
+        scale = world / max(n_tokens, 1)
         for t in trainable:
             t.grad.mul_(scale)
         grad_norm = _clip(trainable, spec.train.clip_grad_norm)
@@ -136,13 +143,19 @@ class Training(NamedTuple):
     loss_of: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # batch -> (loss_sum, n_tokens)
 
 
-def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker) -> Training:
+def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker,
+                   world: int = 1) -> Training:
     """Apply the plan's strategies to initial `params`: NF4, adapters, trainable mask, optimizer and loss.
 
     `params` are the initial weights in the plan's dtype (`param_dtype`). `loss_of(batch, training=True)`
     runs forward and the plan's loss, counting the loss's tensors as "logits" while `tracker` is active.
     `lowmem.plan.trace.trace_memory` calls this under FakeTensorMode, so the traced step is this very one.
+    With `world` > 1 (a process group is up) the params are sharded with FSDP2 (`lowmem.train.distributed`):
+    the returned params and trainable params are then the sharded DTensors, and `loss_of` runs inside the
+    shell module's forward so that FSDP gathers the weights forward needs.
     """
+    if world > 1:
+        return _build_sharded_training(p, params, tracker)
     spec = p.spec
     adapters = lora_settings(spec.method)
     if p.strategies.nf4_block_size:
@@ -170,6 +183,56 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
     return Training(params, adapters, trainable_params, optimizer, loss_of)
 
 
+def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker) -> Training:
+    """`build_training` for full fine-tuning sharded over the process group with FSDP2."""
+    for t in params.values():
+        t.requires_grad_(True)
+    shell = distributed.shard(params, p.model.n_layers, p.hardware.device)
+    sharded = distributed.named_params(shell)  # DTensors, each rank holding its shard
+    optimizer = build_optimizer(p.spec.optimizer, list(sharded.values()))
+    run_block = distributed.block_runner(shell, p.model, block_runner(p.strategies))
+    loss_fn = loss_function(p.strategies)
+
+    def loss_in_shell(module, batch, training: bool):
+        params = distributed.named_params(module)  # the root's weights full (FSDP gathered them), blocks sharded
+        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
+                         run_block=run_block, training=training)
+        with tracker.category("logits"):
+            return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                           softcap=p.model.final_logit_softcap)
+
+    def loss_of(batch, training: bool = True):
+        return shell(loss_in_shell, batch, training)
+
+    return Training(sharded, None, sharded, optimizer, loss_of)
+
+
+def check_distributable(p: Plan, world: int, resume: bool) -> None:
+    """Refuse, before anything runs, what this version cannot do data-parallel over `world` processes."""
+    if world == 1:
+        return
+    spec = p.spec
+    unsupported = [
+        (not isinstance(spec.method, Full), f"method.kind = {_kind(spec.method)!r}: only full fine-tuning "
+         "(method.kind = 'full') runs under FSDP in this version"),
+        (p.strategies.optimizer_in_backward, "memory.strategies.optimizer_in_backward: its per-parameter hooks "
+         "do not see FSDP's reduced gradients; turn it off"),
+        (not isinstance(spec.optimizer, AdamW | SGD), f"optimizer.kind = {_kind(spec.optimizer)!r} is not tested "
+         "on sharded (DTensor) parameters; use 'adamw' or 'sgd'"),
+        (spec.output.save_every > 0, f"output.save_every = {spec.output.save_every}: checkpoints of sharded "
+         "runs are not written yet (they need torch.distributed.checkpoint); set output.save_every = 0"),
+        (resume, "--resume: checkpoints of sharded runs are not written yet, so there is nothing to resume"),
+    ]
+    reasons = [why for bad, why in unsupported if bad]
+    if reasons:
+        raise ValueError(f"this run has {world} processes (torchrun): " + "; ".join(reasons)
+                         + ". Or run a single process (no torchrun).")
+
+
+def _kind(tagged: msgspec.Struct) -> str:
+    return tagged.__struct_config__.tag
+
+
 def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True,
             resume: bool = False) -> RunResult:
     """Run a plan (a RunSpec is planned for this machine first) and write the run directory.
@@ -180,6 +243,19 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     """
     p = plan_or_spec if isinstance(plan_or_spec, Plan) else plan(plan_or_spec)
     check_executable(p)
+    with distributed.process_group(p.hardware.device):
+        return _execute(p, out_dir, progress=progress, resume=resume)
+
+
+def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: bool) -> RunResult:
+    """`execute` once the process group (if any) is up: under torchrun every rank runs this.
+
+    Data parallel over W ranks: `train.micro_batch` is per rank (torchtune's convention), so one optimizer
+    step sees micro_batch x W x grad_accum rows and equals a single-process step with micro_batch x W.
+    Rank 0 alone writes plan.json, metrics.jsonl, memory.json (its own measured memory) and the final model.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    check_distributable(p, world, resume)
     spec = p.spec
     out = Path(out_dir if out_dir is not None else spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,18 +266,23 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     if not resume and latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose "
                          "another --out so nothing is overwritten")
-    (out / "plan.json").write_bytes(msgspec.json.format(msgspec.json.encode(p), indent=2))
+    if rank == 0:
+        (out / "plan.json").write_bytes(msgspec.json.format(msgspec.json.encode(p), indent=2))
 
     torch.manual_seed(spec.train.seed)
-    tokenizer, dataset = prepare_data(spec)
+    if rank != 0:  # rank 0 trains the tokenizer and packs the data into the cache; the others then read it
+        distributed.barrier()
+    tokenizer, dataset = prepare_data(spec, world=world)
+    if rank == 0:
+        distributed.barrier()
     train_rows, eval_rows = split_rows(len(dataset), spec.data.eval_rows, spec.train.seed)
-    total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows))
+    total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows), world)
 
     tracker = LiveTensorTracker()
     params, adapters, trainable_params, optimizer, loss_of = build_training(
-        p, _initial_params(p, param_dtype(p.strategies)), tracker)
+        p, _initial_params(p, param_dtype(p.strategies)), tracker, world)
     trainable = list(trainable_params.values())
-    loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed)
+    loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed, rank=rank, world_size=world)
     first_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainable_params, optimizer, fingerprint)
@@ -211,14 +292,16 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     def save(step: int) -> None:
         save_checkpoint(out, step, trainable_params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
 
-    metrics = _open_metrics(out / "metrics.jsonl", first_step)
-    printer = _Progress(total_steps, enabled=progress)
+    metrics = _open_metrics(out / "metrics.jsonl", first_step) if rank == 0 else open(os.devnull, "w")
+    printer = _Progress(total_steps, enabled=progress and rank == 0)
+    tokens_per_step = p.tokens_per_step * world  # the plan's count is one process's
     tracker.add_existing(params.values(), "parameters")  # frozen base weights count too
     tracker.add_existing(_state_tensors(optimizer), "optimizer_state")
     losses, measured, eval_loss, interrupted = [], None, None, False
     start = time.perf_counter()
     tokens_done, steady_start, steady_tokens = 0, None, 0
-    with _StopOnSignal() as stop:
+    # Under torchrun the launcher stops all ranks together; a signal is not turned into a checkpoint there.
+    with _StopOnSignal(enabled=world == 1) as stop:
         try:
             for step in range(first_step, total_steps):
                 measuring = step - first_step < MEASURE_STEPS
@@ -229,14 +312,14 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
                 else:
                     stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, None)
                 losses.append(stats.loss)
-                tokens_done += p.tokens_per_step
+                tokens_done += tokens_per_step
                 elapsed = time.perf_counter() - start
                 if step - first_step + 1 == MEASURE_STEPS:  # steady speed excludes the slower, measured steps
                     steady_start, steady_tokens = time.perf_counter(), tokens_done
                 record = {"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                          "tokens": (step + 1) * p.tokens_per_step, "tokens_per_s": tokens_done / elapsed,
+                          "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_done / elapsed,
                           "elapsed_s": elapsed}
-                if spec.train.eval_every and len(eval_rows) >= spec.train.micro_batch and (
+                if spec.train.eval_every and len(eval_rows) >= spec.train.micro_batch * world and (
                     (step + 1) % spec.train.eval_every == 0 or step + 1 == total_steps
                 ):
                     eval_loss = evaluate(loss_of, dataset, eval_rows, spec)
@@ -262,10 +345,17 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
         tokens_per_s = tokens_done / max(end - start, 1e-9)
 
     report = memory_report(p, measured)
-    (out / "memory.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
+    if rank == 0:
+        (out / "memory.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
     model_dir = None
     if spec.output.save_final and not interrupted:
-        model_dir = save_final(p, params, adapters, tokenizer, out)
+        if world > 1:
+            params = _gathered(params, keep=rank == 0)
+        if rank == 0:
+            model_dir = save_final(p, params, adapters, tokenizer, out)
+        else:
+            model_dir = out / "model"
+        distributed.barrier()  # the model is on disk when any rank returns
     return RunResult(
         out_dir=str(out), steps=first_step + len(losses), first_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan, eval_loss=eval_loss, tokens_per_s=tokens_per_s,
@@ -289,15 +379,27 @@ def _open_metrics(path: Path, first_step: int):
     return open(path, "a")
 
 
+def _gathered(params: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Sharded params gathered in full one tensor at a time (a collective each); only a `keep` rank holds them."""
+    full = {}
+    for name, t in params.items():
+        gathered = t.detach().full_tensor()
+        if keep:
+            full[name] = gathered
+        del gathered
+    return full
+
+
 class _StopOnSignal:
     """SIGINT/SIGTERM ask the loop to checkpoint after the current step and stop (main thread only)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested = False
+        self.enabled = enabled
         self._previous = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -353,10 +455,11 @@ def check_executable(p: Plan) -> None:
         )
 
 
-def prepare_data(spec: RunSpec, progress=None) -> tuple[Tokenizer, PackedDataset]:
+def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenizer, PackedDataset]:
     """Tokenizer (trained and cached, or from a file) and the packed, memory-mapped dataset.
 
     `progress(records_read, bytes_read, total_bytes)` is called while a new packed file is written.
+    `world`: the data-parallel processes, each taking `train.micro_batch` rows per batch.
     """
     source = spec.data.source
     corpus = shipped_corpus(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
@@ -378,11 +481,12 @@ def prepare_data(spec: RunSpec, progress=None) -> tuple[Tokenizer, PackedDataset
 
     path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, spec.data, progress=hook)
     dataset = PackedDataset(path)
-    needed = spec.data.eval_rows + spec.train.micro_batch
+    needed = spec.data.eval_rows + spec.train.micro_batch * world
     if len(dataset) < needed:
+        per = f" x {world} processes" if world > 1 else ""
         raise ValueError(
             f"data.source = {source!r} packs into {len(dataset)} rows of {spec.train.seq_len} tokens; "
-            f"data.eval_rows ({spec.data.eval_rows}) + train.micro_batch ({spec.train.micro_batch}) need "
+            f"data.eval_rows ({spec.data.eval_rows}) + train.micro_batch ({spec.train.micro_batch}){per} need "
             f"{needed}. Use more data, a shorter train.seq_len or fewer eval rows."
         )
     return tokenizer, dataset
@@ -390,14 +494,19 @@ def prepare_data(spec: RunSpec, progress=None) -> tuple[Tokenizer, PackedDataset
 
 @torch.no_grad()
 def evaluate(loss_of, dataset: PackedDataset, eval_rows, spec: RunSpec) -> float:
-    """Mean loss per target token over up to `train.eval_batches` batches of the held-out rows, in order."""
-    loader = BatchLoader(dataset, eval_rows, spec.train.micro_batch, spec.train.seed, shuffle=False, prefetch=0)
+    """Mean loss per target token over up to `train.eval_batches` batches of the held-out rows, in order.
+
+    Under data parallelism each rank takes its slice of every batch (as in training) and the sums are reduced.
+    """
+    loader = BatchLoader(dataset, eval_rows, spec.train.micro_batch, spec.train.seed, shuffle=False, prefetch=0,
+                         rank=distributed.rank(), world_size=distributed.world_size())
     total, count = 0.0, 0
     for _ in range(min(spec.train.eval_batches, loader.batches_per_epoch)):
         loss_sum, n = loss_of(next(loader), training=False)
         total += loss_sum.item()
         count += int(n)
     loader.close()
+    total, count = distributed.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
@@ -424,14 +533,19 @@ def _initial_params(p: Plan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
     """Clip to the global norm `max_norm` (0: no clipping) and return the norm before clipping."""
+    if distributed.is_sharded(params[0].grad):  # FSDP's gradients: the norm over all shards
+        norm = torch.nn.utils.get_total_norm([t.grad for t in params]).full_tensor()
+        if max_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
     if max_norm == 0:
         norms = torch.stack([t.grad.float().norm() for t in params])
         return float(norms.norm())
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-def _steps_for_epochs(spec: RunSpec, n_train_rows: int) -> int:
-    rows_per_step = spec.train.micro_batch * spec.train.grad_accum
+def _steps_for_epochs(spec: RunSpec, n_train_rows: int, world: int = 1) -> int:
+    rows_per_step = spec.train.micro_batch * spec.train.grad_accum * world
     return max(1, math.ceil(spec.train.epochs * n_train_rows / rows_per_step))
 
 

@@ -77,7 +77,9 @@ def _storages(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
     if type(tensor) is not torch.Tensor and is_traceable_wrapper_subclass(tensor):
         inner_names, _ = tensor.__tensor_flatten__()
         for name in inner_names:
-            yield from _storages(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):  # DTensor also flattens to its (opaque) device mesh
+                yield from _storages(inner)
         return
     try:
         yield tensor.untyped_storage()

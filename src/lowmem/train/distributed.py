@@ -1,0 +1,178 @@
+"""Data-parallel training with FSDP2: the process group, rank helpers, and the module shell FSDP shards.
+
+`torchrun --nproc_per_node N -m lowmem.cli execute SPEC` starts N processes; each reads only the variables
+torchrun defines (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) to join the group. Parameters stay
+a flat dict of canonical names used by the pure `forward(params, ...)`; `ParamShell` only *holds* them as
+`nn.Parameter`s in a module tree that mirrors the names (`layers.3.attn.wq` is `shell.layers.get_submodule("3").attn.wq`),
+because `torch.distributed.fsdp.fully_shard` shards modules. Each block `layers.{i}` is one FSDP unit, the
+root (embeddings, final norm, output) another, as torchtitan and torchtune do.
+
+FSDP2 swaps a unit's registered parameters between sharded DTensors and full tensors in the unit's forward
+pre-hook, so the full weights of block i exist only while block i's holder runs its forward. `run_block`
+below routes each call of forward's per-layer seam through that module.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lowmem.nn.config import ModelConfig
+from lowmem.nn.llama import block_param_names
+
+
+def world_size() -> int:
+    """Processes in the default group; 1 when none was started."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 when none was started."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or any launcher setting its variables) started this process with WORLD_SIZE > 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """The rank torchrun gave this process (RANK), before or without a process group; 0 when not launched."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Join the group torchrun described (gloo on CPU, NCCL on CUDA) for the block; no-op in a single process.
+
+    A group already initialized by the caller is used as it is and left open.
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        yield
+        return
+    if not dist.is_available():
+        raise ValueError("torchrun started several processes but this torch build has no torch.distributed; "
+                         "run a single process, or install a torch build with distributed support")
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend)  # reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (env://)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum each value over ranks, in float64 (identity in a single process)."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def is_sharded(t: torch.Tensor | None) -> bool:
+    """True for a DTensor (an FSDP-sharded parameter or gradient)."""
+    if t is None or not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class _Holder(nn.Module):
+    """A node of the shell's tree: parameters and child holders only."""
+
+    def forward(self, fn: Callable, *args):
+        return fn(self, *args)
+
+
+class ParamShell(_Holder):
+    """Holds the tensors of a params dict as parameters under their canonical names; no logic.
+
+    `shell(fn, *args)` returns `fn(shell, *args)`: FSDP's hooks run around it, and `fn` reads the
+    tensors it needs (`named_params(shell)`) while they are full.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, tensor in params.items():
+            *path, leaf = name.split(".")
+            node: nn.Module = self
+            for part in path:
+                if not hasattr(node, part):
+                    node.add_module(part, _Holder())
+                node = getattr(node, part)
+            node.register_parameter(leaf, nn.Parameter(tensor, requires_grad=tensor.requires_grad))
+
+
+def layer(shell: ParamShell, i: int) -> nn.Module:
+    """The holder of the `layers.{i}.*` tensors."""
+    return getattr(shell.layers, str(i))
+
+
+def named_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's current parameters by canonical name (full or sharded, as FSDP left them right now)."""
+    return dict(module.named_parameters())
+
+
+def shard(params: dict[str, torch.Tensor], n_layers: int, device: str) -> ParamShell:
+    """Put `params` (identical on every rank) in a shell and shard it: each block, then the root.
+
+    The blocks reshard after forward (their full weights are gathered again in backward); the root keeps its
+    full weights from forward to backward (`reshard_after_forward=False`): it is needed first in backward.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    shell = ParamShell(params)
+    mesh = init_device_mesh(device, (world_size(),))
+    for i in range(n_layers):
+        fully_shard(layer(shell, i), mesh=mesh)
+    fully_shard(shell, mesh=mesh, reshard_after_forward=False)
+    return shell
+
+
+def block_runner(shell: ParamShell, cfg: ModelConfig, inner: Callable[..., torch.Tensor] | None):
+    """The `run_block` seam of `forward` for a sharded shell.
+
+    `forward` hands the seam the layer's weights as it read them from the params dict, i.e. the sharded
+    parameters of block i's holder; the first one identifies the block. The call then goes through that
+    block's module, so FSDP gathers its weights, and `block_fn` gets the full ones, in the same order (then
+    `inner`, e.g. activation checkpointing, wraps it as in a single process).
+    """
+    names = block_param_names(cfg)
+    block_of = {id(getattr(layer(shell, i), names[0])): layer(shell, i) for i in range(cfg.n_layers)}
+
+    def run_block(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors):
+        module = block_of.get(id(tensors[0]))
+        assert module is not None, "run_block got weights that are not a block's sharded parameters"
+
+        def call(module: nn.Module, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
+            full = named_params(module)  # inside the module's forward: FSDP has gathered them
+            weights = [full[name] for name in names]
+            return (inner or _call)(block_fn, h, *weights, cos, sin, mask)
+
+        return module(call, h, *tensors[len(names):])
+
+    return run_block
+
+
+def _call(block_fn: Callable[..., torch.Tensor], *tensors) -> torch.Tensor:
+    return block_fn(*tensors)
+
+
+def full_tensors(shell: ParamShell) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each parameter gathered in full, one at a time (a collective: every rank must iterate)."""
+    for name, param in shell.named_parameters():
+        yield name, param.detach().full_tensor()
