@@ -19,3 +19,10 @@ def test_ladder_smoke(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| QLoRA r=8 (NF4 base) |" in result.stdout
+
+
+def test_data_benchmark_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/data.py"), "--smoke", "--out", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "best-fit packing of 2,000,000 tokens" in result.stdout
