@@ -224,6 +224,18 @@ def test_close_stops_the_thread(packed_file: Path):
     loader.close()
 
 
+def test_ranks_split_each_global_batch(packed_file: Path):
+    # data parallel: rank r's batch is its slice of the single-process batch of micro_batch x world rows
+    ds, rows = PackedDataset(packed_file), np.arange(3, 43)
+    single = take(BatchLoader(ds, rows, 6, seed=1, prefetch=0), 9)  # crosses into the second epoch
+    ranks = [take(BatchLoader(ds, rows, 2, seed=1, prefetch=0, rank=r, world_size=3), 9) for r in range(3)]
+    for step, batch in enumerate(single):
+        np.testing.assert_array_equal(np.concatenate([r[step] for r in ranks]), batch)
+    assert BatchLoader(ds, rows, 2, seed=1, rank=2, world_size=3).batches_per_epoch == 6
+    with pytest.raises(ValueError, match="use 0 <= rank < world_size"):
+        BatchLoader(ds, rows, 2, seed=1, rank=3, world_size=3)
+
+
 def test_loader_rejects_bad_arguments(packed_file: Path):
     ds = PackedDataset(packed_file)
     with pytest.raises(ValueError, match="gives no full batch"):

@@ -3,8 +3,8 @@
 `torchrun --nproc_per_node N -m lowmem.cli execute SPEC` starts N processes; each reads only the variables
 torchrun defines (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) to join the group. Parameters stay
 a flat dict of canonical names used by the pure `forward(params, ...)`; `ParamShell` only *holds* them as
-`nn.Parameter`s in a module tree that mirrors the names (`layers.3.attn.wq` is `shell.layers.get_submodule("3").attn.wq`),
-because `torch.distributed.fsdp.fully_shard` shards modules. Each block `layers.{i}` is one FSDP unit, the
+`nn.Parameter`s in a module tree that mirrors the names (`layers.3.attn.wq` is
+`shell.get_submodule("layers.3.attn").wq`), because `torch.distributed.fsdp.fully_shard` shards modules. Each block `layers.{i}` is one FSDP unit, the
 root (embeddings, final norm, output) another, as torchtitan and torchtune do.
 
 FSDP2 swaps a unit's registered parameters between sharded DTensors and full tensors in the unit's forward
@@ -172,7 +172,15 @@ def _call(block_fn: Callable[..., torch.Tensor], *tensors) -> torch.Tensor:
     return block_fn(*tensors)
 
 
-def full_tensors(shell: ParamShell) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each parameter gathered in full, one at a time (a collective: every rank must iterate)."""
-    for name, param in shell.named_parameters():
-        yield name, param.detach().full_tensor()
+def gather_full(params: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Sharded params gathered in full, one tensor per collective (every rank must call this).
+
+    Only a rank with `keep` holds the full tensors afterwards; the others drop each as soon as it is gathered.
+    """
+    full = {}
+    for name, t in params.items():
+        gathered = t.detach().full_tensor()
+        if keep:
+            full[name] = gathered
+        del gathered
+    return full

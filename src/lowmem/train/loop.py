@@ -240,6 +240,8 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     With `resume`, continue from the newest complete checkpoint in the run directory (same plan required);
     the resumed run's losses equal those of a run never stopped. SIGINT/SIGTERM finish the current step,
     write a checkpoint and return with `interrupted=True`.
+    Under `torchrun --nproc_per_node N` every process calls this and they train data-parallel with FSDP2
+    (gloo on CPU, NCCL on CUDA); `train.micro_batch` is then per process. See `_execute`.
     """
     p = plan_or_spec if isinstance(plan_or_spec, Plan) else plan(plan_or_spec)
     check_executable(p)
@@ -350,7 +352,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     model_dir = None
     if spec.output.save_final and not interrupted:
         if world > 1:
-            params = _gathered(params, keep=rank == 0)
+            params = distributed.gather_full(params, keep=rank == 0)
         if rank == 0:
             model_dir = save_final(p, params, adapters, tokenizer, out)
         else:
@@ -377,17 +379,6 @@ def _open_metrics(path: Path, first_step: int):
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
     return open(path, "a")
-
-
-def _gathered(params: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """Sharded params gathered in full one tensor at a time (a collective each); only a `keep` rank holds them."""
-    full = {}
-    for name, t in params.items():
-        gathered = t.detach().full_tensor()
-        if keep:
-            full[name] = gathered
-        del gathered
-    return full
 
 
 class _StopOnSignal:
