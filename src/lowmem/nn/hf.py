@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -147,12 +148,22 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike[str], *
     dtype_name = str(params["tok_embeddings"].dtype).removeprefix("torch.")
     tensors = {hf: torch.cat([params[n].detach().to("cpu") for n in parts]).contiguous()
                for hf, parts in hf_layout(cfg).items()}
+    return write_dir_atomic(out, {CONFIG_FILE: cfg.to_hf_config(dtype=dtype_name)}, {WEIGHTS_FILE: tensors})
+
+
+def write_dir_atomic(out: Path, json_files: dict[str, Any], tensor_files: dict[str, dict[str, torch.Tensor]]
+                     ) -> Path:
+    """Write JSON and safetensors files into a temporary sibling of `out`, fsync, and rename it into place.
+
+    `out` ends up absent, as it was, or complete: never half-written. Used for HF models and PEFT adapters.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        config_path = tmp / CONFIG_FILE
-        config_path.write_text(json.dumps(cfg.to_hf_config(dtype=dtype_name), indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for f in (config_path, tmp / WEIGHTS_FILE, tmp):
+        for name, obj in json_files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        for name, tensors in tensor_files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        for f in [*(tmp / n for n in (*json_files, *tensor_files)), tmp]:
             _fsync(f)
         _replace_dir(tmp, out)
     except BaseException:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lowmem.nn.config import ModelConfig
-from lowmem.nn.hf import _fsync, _replace_dir, from_hf_name, to_hf_name
+from lowmem.nn.hf import from_hf_name, to_hf_name, write_dir_atomic
 from lowmem.nn.lora import TARGETS, LoraSettings, adapted_names, trainable_names
 
 __all__ = ["ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "from_peft_name", "load_peft", "save_peft",
@@ -111,19 +108,8 @@ def save_peft(params: Params, cfg: ModelConfig, settings: LoraSettings, out_dir:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {to_peft_name(n): params[n].detach().to("cpu").contiguous() for n in names}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        config_path = tmp / ADAPTER_CONFIG_FILE
-        config_path.write_text(json.dumps(_peft_config(settings, base_model_name_or_path), indent=2) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-        for f in (config_path, tmp / ADAPTER_WEIGHTS_FILE, tmp):
-            _fsync(f)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(out.parent)
-    return out
+    return write_dir_atomic(out, {ADAPTER_CONFIG_FILE: _peft_config(settings, base_model_name_or_path)},
+                            {ADAPTER_WEIGHTS_FILE: tensors})
 
 
 def load_peft(adapter_dir: str | os.PathLike[str], params: Params,

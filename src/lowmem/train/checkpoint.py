@@ -24,6 +24,8 @@ import msgspec
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowmem.nn.hf import _fsync as _fsync_file
+
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -145,11 +147,3 @@ def _rotate(run_dir: Path, keep: int) -> None:
     for d in root.iterdir():  # temporary directories of killed runs
         if d.name.startswith(".tmp-") and not d.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
