@@ -357,3 +357,12 @@ def test_plan_trace_shows_analytic_and_traced_side_by_side():
                                       "--set", "data.tokenizer.vocab_size=512", "--set", "train.seq_len=64"])
     assert result.exit_code == 0, result.output
     assert "analytic" in result.output and "traced" in result.output
+
+
+def test_validate_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from lowmem.cli import app; "
+            "r = CliRunner().invoke(app, ['validate', 'examples/quickstart.toml']); "
+            "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

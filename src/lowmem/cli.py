@@ -49,11 +49,10 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from lowmem.plan import PlanError
-
+        # PlanError is a ValueError: caught without importing the planner (and torch) for `validate`
         try:
             return fn(*args, **kwargs)
-        except (_UserError, SpecError, PlanError, ValueError, FileNotFoundError, msgspec.ValidationError) as err:
+        except (_UserError, SpecError, ValueError, FileNotFoundError, msgspec.ValidationError) as err:
             _fail(str(err))
 
     return wrapper
