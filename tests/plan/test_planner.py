@@ -179,3 +179,16 @@ def test_png_chart_is_written(tiny_spec, tmp_path):
     out = tmp_path / "plan.png"
     write_memory_chart(plan(tiny_spec("memory.budget=64MiB"), "cpu"), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_budget_between_off_and_full_picks_every_k_checkpointing(tiny_spec):
+    fixed = ("model.preset=quickstart-5m", "train.seq_len=256", "memory.strategies.chunked_cross_entropy=off",
+             "memory.strategies.fused_cross_entropy=off", "memory.precision=fp32")
+    p_all = plan(tiny_spec(*fixed), "cpu")
+    by_value = {a.strategies.activation_checkpointing: a for a in p_all.alternatives}
+    assert by_value["full"].peak_bytes < by_value["every-2"].peak_bytes < by_value["every-4"].peak_bytes \
+        < by_value["off"].peak_bytes
+    assert by_value["every-2"].tokens_per_s > by_value["full"].tokens_per_s
+    budget = int((by_value["every-2"].peak_bytes + by_value["every-4"].peak_bytes) / 2 / 0.9)
+    chosen = plan(tiny_spec(*fixed, f"memory.budget={budget}"), "cpu")
+    assert chosen.strategies.activation_checkpointing == "every-2"

@@ -26,8 +26,8 @@ CATALOGUE: dict[str, StrategyInfo] = {
     ),
     "activation_checkpointing": StrategyInfo(
         name="activation_checkpointing",
-        saves="keeps only each block's input; activations drop from L blocks to L inputs + 1 block",
-        costs="one extra forward of every block (about +33% FLOPs)",
+        saves="keeps only each checkpointed block's input (every block, or every 2nd/4th: 0, k, 2k, ...)",
+        costs="one extra forward of each checkpointed block (up to about +33% FLOPs for every block)",
     ),
     "activation_offloading": StrategyInfo(
         name="activation_offloading",

@@ -154,15 +154,25 @@ def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, ba
     shared += 2 * n_tokens * cfg.head_dim * FP32
     if a != FP32:
         shared += n_tokens * cfg.dim * FP32  # hidden upcast to fp32 for the loss
-    if strategies.activation_checkpointing == "full":
-        return cfg.n_layers * n_tokens * cfg.dim * a + shared  # only block inputs are saved
-    return cfg.n_layers * block + shared
+    n_ckpt = checkpointed_layers(cfg, strategies)  # these keep only their input
+    return n_ckpt * n_tokens * cfg.dim * a + (cfg.n_layers - n_ckpt) * block + shared
+
+
+def checkpointed_layers(cfg: ModelConfig, strategies: Strategies) -> int:
+    """How many blocks activation checkpointing recomputes: none, every k-th (0, k, 2k, ...), or all."""
+    value = strategies.activation_checkpointing
+    if value == "off":
+        return 0
+    if value == "full":
+        return cfg.n_layers
+    k = int(value.removeprefix("every-"))
+    return -(-cfg.n_layers // k)
 
 
 def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
                     trainable: Trainable = FULL) -> int:
     """Extra bytes while one checkpointed block is recomputed in backward (zero without checkpointing)."""
-    if strategies.activation_checkpointing != "full":
+    if checkpointed_layers(cfg, strategies) == 0:
         return 0
     a = DTYPE_BYTES[strategies.precision]
     # the recomputed block's activations plus the (N, D) gradients alive around it: the incoming gradient, the
@@ -275,8 +285,11 @@ def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> str:
 
 
 def _acts_note(cfg: ModelConfig, strategies: Strategies) -> str:
-    if strategies.activation_checkpointing == "full":
+    n_ckpt = checkpointed_layers(cfg, strategies)
+    if n_ckpt == cfg.n_layers:
         return f"{cfg.n_layers} block inputs kept, one block recomputed at a time"
+    if n_ckpt:
+        return f"{n_ckpt} of {cfg.n_layers} blocks keep only their input, the others everything autograd saves"
     return f"{cfg.n_layers} blocks, everything autograd saves"
 
 
@@ -288,8 +301,7 @@ def flops_per_token(cfg: ModelConfig, strategies: Strategies, seq_len: int) -> f
     attn = 2 * seq_len * Q  # QK^T and AV, 2 FLOPs per MAC, half of them masked by causality
     forward = 2 * L * block_weights + L * attn + 2 * cfg.vocab_size * D
     total = 3 * forward
-    if strategies.activation_checkpointing == "full":
-        total += 2 * L * block_weights + L * attn  # blocks run forward twice
+    total += checkpointed_layers(cfg, strategies) * (2 * block_weights + attn)  # recomputed blocks run twice
     if strategies.cross_entropy == "chunked":
         total += 2 * cfg.vocab_size * D  # the output projection is recomputed in backward
     return float(total)

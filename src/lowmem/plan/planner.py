@@ -233,7 +233,8 @@ def _check_supported(spec: RunSpec) -> None:
 def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
     precisions = AVAILABLE_PRECISIONS if spec.memory.precision == "auto" else (spec.memory.precision,)
     toggles = spec.memory.strategies
-    ckpt = {"auto": ("off", "full"), "on": ("full",), "off": ("off",)}[toggles.activation_checkpointing]
+    partial = ("every-4", "every-2") if resolve_model(spec).n_layers >= 4 else ()  # between off and full
+    ckpt = {"auto": ("off", *partial, "full"), "on": ("full",), "off": ("off",)}[toggles.activation_checkpointing]
     if toggles.fused_cross_entropy == "on":
         losses = ("fused",)
     elif toggles.chunked_cross_entropy == "on":

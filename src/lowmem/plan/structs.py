@@ -17,7 +17,8 @@ class Strategies(msgspec.Struct, **_STRUCT):
     """The concrete strategy values `execute` applies; nothing here is left to decide at run time."""
 
     precision: Literal["fp32", "bf16", "mixed-bf16", "fp16"]
-    activation_checkpointing: Literal["off", "full"]
+    # "every-k": blocks 0, k, 2k, ... keep only their input and are recomputed in backward; the rest save all
+    activation_checkpointing: Literal["off", "every-4", "every-2", "full"]
     cross_entropy: Literal["standard", "chunked", "fused"]
     activation_offloading: bool = False
     optimizer_in_backward: bool = False

@@ -170,7 +170,7 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
         t.requires_grad_(True)
     optimizer = make_optimizer(p.strategies, partial(build_optimizer, spec.optimizer),
                                list(trainable_params.values()))
-    run_block = block_runner(p.strategies)
+    run_block = block_runner(p.strategies, params)
     loss_fn = loss_function(p.strategies)
 
     def loss_of(batch, training: bool = True):
@@ -190,7 +190,7 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], tracker: L
     shell = distributed.shard(params, p.model.n_layers, p.hardware.device)
     sharded = distributed.named_params(shell)  # DTensors, each rank holding its shard
     optimizer = build_optimizer(p.spec.optimizer, list(sharded.values()))
-    run_block = distributed.block_runner(shell, p.model, block_runner(p.strategies))
+    run_block = distributed.block_runner(shell, p.model, block_runner(p.strategies, params))
     loss_fn = loss_function(p.strategies)
 
     def loss_in_shell(module, batch, training: bool):

@@ -21,11 +21,30 @@ def _checkpointed(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor 
     return torch.utils.checkpoint.checkpoint(block_fn, *tensors, use_reentrant=False)
 
 
-def block_runner(strategies: Strategies) -> Callable[..., torch.Tensor] | None:
-    """activation_checkpointing: the `run_block` seam of `lowmem.nn.llama.forward` (None = plain call)."""
-    if strategies.activation_checkpointing == "full":
+def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None = None
+                 ) -> Callable[..., torch.Tensor] | None:
+    """activation_checkpointing: the `run_block` seam of `lowmem.nn.llama.forward` (None = plain call).
+
+    For "every-k" the seam recognizes block i by its `layers.{i}.attn_norm` tensor (the first weight `forward`
+    passes; a norm is never adapted or quantized, so it is the very tensor in `params`) and checkpoints blocks
+    0, k, 2k, ... A weight it does not know (e.g. FSDP's gathered copy) is checkpointed: the safe side for memory.
+    """
+    value = strategies.activation_checkpointing
+    if value == "full":
         return _checkpointed
-    return None
+    if value == "off":
+        return None
+    k = int(value.removeprefix("every-"))
+    layer_of = {id(t): int(name.split(".")[1]) for name, t in (params or {}).items()
+                if name.startswith("layers.") and name.endswith(".attn_norm")}
+
+    def every_k(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors: torch.Tensor | None):
+        layer = layer_of.get(id(tensors[0]))
+        if layer is None or layer % k == 0:
+            return _checkpointed(block_fn, h, *tensors)
+        return block_fn(h, *tensors)
+
+    return every_k
 
 
 def loss_function(strategies: Strategies) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
