@@ -38,13 +38,18 @@ def make_hf_model(variant: str, seed: int = 0):
         rms_norm_eps=1e-5, attn_implementation="eager", **HF_VARIANTS[variant],
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
+    return randomize_(transformers.LlamaForCausalLM(config).eval(), vector_center=1.0, vector_spread=0.2)
+
+
+def randomize_(model, vector_center: float, vector_spread: float):
+    """Redraw a tiny HF model's weights in place (global RNG): matrices ~ N(0, 1/fan_in), vectors (norms,
+    biases) ~ center + spread * N(0, 1), so attention is not uniform and norm/bias bugs show. Returns it."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
             else:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(vector_center + vector_spread * torch.randn_like(p))
     return model
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from tests.nn.conftest import randomize_
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.generate import generate
@@ -38,14 +39,7 @@ def make_model(family: str, seed: int = 0):
     config_cls, model_cls, extra = FAMILIES[family]
     config = getattr(transformers, config_cls)(**COMMON, **extra)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            else:
-                p.copy_(0.5 + 0.3 * torch.randn_like(p))
-    return model
+    return randomize_(getattr(transformers, model_cls)(config).eval(), vector_center=0.5, vector_spread=0.3)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

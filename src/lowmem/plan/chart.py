@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from lowmem.plan.estimate import estimate_memory
-from lowmem.plan.planner import resolve_model, trainable_shapes
+from lowmem.plan.planner import trainable_shapes
 from lowmem.plan.structs import Plan
 
 COLORS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer_state": "#55a868", "activations": "#c44e52",
@@ -20,7 +20,7 @@ def write_memory_chart(p: Plan, path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--png needs matplotlib: pip install 'lowmem[plot]'") from None
-    cfg = resolve_model(p.spec)
+    cfg = p.model
     shapes, trains = trainable_shapes(p.spec, cfg)
     rivals = sorted((a for a in p.alternatives if not a.chosen), key=lambda a: -a.tokens_per_s)[:MAX_ALTERNATIVES]
     rows = [("chosen", p.strategies, p.tokens_per_s)] + [("", a.strategies, a.tokens_per_s) for a in rivals]

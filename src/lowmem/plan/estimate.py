@@ -18,6 +18,7 @@ import math
 import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes
+from lowmem.nn.lora import TARGETS
 from lowmem.nn.loss import loss_peak_bytes
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
@@ -131,10 +132,9 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     per_token += upcast + norm_out + (D * a if any(t.trains(n) for n in ("wq", "wk", "wv")) else 0)
     per_token += upcast + norm_out + (D * a if t.trains("w1") or t.trains("w3") else 0)
     per_token += (Q * a if t.trains("wo") else 0) + (F * a if t.trains("w2") else 0)
-    kv = cfg.n_kv_heads * cfg.head_dim
-    dims = {"wq": (D, Q), "wk": (D, kv), "wv": (D, kv), "wo": (Q, D), "w1": (D, F), "w3": (D, F), "w2": (F, D)}
+    shapes = param_shapes(cfg)
     for name in t.adapted:
-        d_in, d_out = dims[name]
+        d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
         per_token += t.rank * a + (d_in * (a + 1) if t.dropout else 0) + (2 * d_out * a if t.dora else 0)
     seq_len = n_tokens // batch
     mask = batch * seq_len * seq_len * a if packed else 0
@@ -211,9 +211,10 @@ def estimate_memory(
     params = (n_params + (0 if trainable.full else n_trainable)) * wb  # adapters come on top of the base
     dequant_scratch = 0
     if strategies.nf4_block_size:
-        from lowmem.nn.quant import nf4_bytes  # imports torchao: only when planning QLoRA
+        from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
 
-        quantized = [_numel(s) for name, s in param_shapes(cfg).items() if _is_projection(name)]
+        shapes = param_shapes(cfg)
+        quantized = [_numel(shapes[name]) for name in quantized_names(cfg, TARGETS)]
         params -= sum(quantized) * wb
         params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=wb)
                       for n in quantized)
@@ -317,10 +318,6 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
     if strategies.optimizer_in_backward:
         overhead *= 0.99  # a Python hook and a small optimizer per parameter
     return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
-
-
-def _is_projection(name: str) -> bool:
-    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

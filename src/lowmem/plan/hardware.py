@@ -89,8 +89,9 @@ def detect_local() -> HardwareProfile:
             peak_flops_bf16=known.peak_flops_bf16 if known else 150e12, bf16_compute=props.major >= 8,
             pcie_bytes_per_s=known.pcie_bytes_per_s if known else 16e9, compute_capability=cc,
         )
-    bf16 = cpu_has_bf16()
-    fp32 = n_cores * (CPU_FLOPS_PER_CORE_FP32_AVX512 if _cpu_flag("avx512f") else CPU_FLOPS_PER_CORE_FP32)
+    flags = cpu_flags()
+    bf16 = cpu_has_bf16(flags)
+    fp32 = n_cores * (CPU_FLOPS_PER_CORE_FP32_AVX512 if "avx512f" in flags else CPU_FLOPS_PER_CORE_FP32)
     return HardwareProfile(
         name=f"local-cpu-{n_cores}c", device="cpu", memory_bytes=host_ram, host_ram_bytes=host_ram,
         n_cores=n_cores, peak_flops_fp32=fp32,
@@ -99,20 +100,19 @@ def detect_local() -> HardwareProfile:
     )
 
 
-def _cpu_flag(flag: str) -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (empty where there is none)."""
     try:
-        return bool(re.search(rf"\b{flag}\b", Path("/proc/cpuinfo").read_text()))
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])
 
 
-def cpu_has_bf16() -> bool:
+def cpu_has_bf16(flags: frozenset[str] | None = None) -> bool:
     """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _host_ram_bytes() -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
+from lowmem.nn.lora import TARGETS
 from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE
 from lowmem.plan.estimate import FULL, Trainable, estimate_memory, estimate_tokens_per_s
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
@@ -32,8 +33,6 @@ from lowmem.spec.structs import (
 from lowmem.spec.units import format_bytes
 
 SUPPORTED_METHODS = (Full, Lora, Dora, QLora)
-PROJECTIONS = {"wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo", "w1": "mlp.w1", "w2": "mlp.w2",
-               "w3": "mlp.w3"}
 SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit)
 
 
@@ -56,7 +55,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
     usable = int(budget * (1 - spec.memory.safety_margin))
 
     candidates = []
-    for strategies in _candidates(spec, hw):
+    for strategies in _candidates(spec, cfg):
         memory = estimate_memory(cfg, strategies, spec.train, spec.optimizer, trainable, what_trains)
         tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw)
         candidates.append((strategies, memory, tps))
@@ -104,7 +103,7 @@ def trainable_shapes(spec: RunSpec, cfg: ModelConfig) -> tuple[list[tuple[int, .
     out = []
     for i in range(cfg.n_layers):
         for target in method.targets:
-            d_out, d_in = shapes[f"layers.{i}.{PROJECTIONS[target]}"]
+            d_out, d_in = shapes[f"layers.{i}.{TARGETS[target]}"]
             out += [(method.rank, d_in), (d_out, method.rank)] + ([(d_out,)] if isinstance(method, Dora) else [])
     return out, Trainable(full=False, adapted=tuple(method.targets), rank=method.rank,
                           dropout=method.dropout > 0, dora=isinstance(method, Dora))
@@ -185,7 +184,7 @@ def _check_supported(spec: RunSpec) -> None:
     if isinstance(spec.method, (Lora, Dora, QLora)) and "output" in spec.method.targets:
         raise PlanError(
             "method.targets: 'output' is not available yet (the output projection feeds the loss as a plain "
-            f"matrix); choose from {', '.join(PROJECTIONS)}"
+            f"matrix); choose from {', '.join(TARGETS)}"
         )
     strategies = spec.memory.strategies
     if strategies.optimizer_in_backward == "on":
@@ -230,10 +229,10 @@ def _check_supported(spec: RunSpec) -> None:
         )
 
 
-def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
+def _candidates(spec: RunSpec, cfg: ModelConfig) -> list[Strategies]:
     precisions = AVAILABLE_PRECISIONS if spec.memory.precision == "auto" else (spec.memory.precision,)
     toggles = spec.memory.strategies
-    partial = ("every-4", "every-2") if resolve_model(spec).n_layers >= 4 else ()  # between off and full
+    partial = ("every-4", "every-2") if cfg.n_layers >= 4 else ()  # between off and full
     ckpt = {"auto": ("off", *partial, "full"), "on": ("full",), "off": ("off",)}[toggles.activation_checkpointing]
     if toggles.fused_cross_entropy == "on":
         losses = ("fused",)
@@ -247,7 +246,7 @@ def _candidates(spec: RunSpec, hw: HardwareProfile) -> list[Strategies]:
     nf4 = {}
     if isinstance(spec.method, QLora):
         nf4 = {"nf4_block_size": spec.method.quant_block_size,
-               "nf4_scaler_block_size": nf4_scaler_block_size(resolve_model(spec), spec.method.quant_block_size)}
+               "nf4_scaler_block_size": nf4_scaler_block_size(cfg, spec.method.quant_block_size)}
     in_backward_allowed = spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0
     in_backward = {"on": (True,), "off": (False,), "auto": (False, True) if in_backward_allowed else (False,)}[
         toggles.optimizer_in_backward]

@@ -71,11 +71,17 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint in a run directory, or None."""
+    steps = _step_dirs(run_dir)
+    return steps[-1] if steps else None
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (temporary directories are not among them)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     steps = sorted((int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)))
-    return steps[-1][1] if steps else None
+    return [d for _, d in steps]
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -140,10 +146,9 @@ def _join_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
 
 
 def _rotate(run_dir: Path, keep: int) -> None:
-    root = run_dir / "checkpoints"
-    steps = sorted((int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)))
-    for _, d in steps[:-keep] if keep > 0 else []:
+    steps = _step_dirs(run_dir)
+    for d in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(d)
-    for d in root.iterdir():  # temporary directories of killed runs
+    for d in (run_dir / "checkpoints").iterdir():  # temporary directories of killed runs
         if d.name.startswith(".tmp-") and not d.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(d, ignore_errors=True)

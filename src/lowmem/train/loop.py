@@ -100,7 +100,7 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
         if in_backward:
             # the hooks step during backward, so the loss is normalized first (grad_accum is 1: planner rule)
             optimizer.grad_sq_sum = 0.0
-            with tracker.category("optimizer_state") if tracker else contextlib.nullcontext():
+            with _category(tracker, "optimizer_state"):
                 (micro_loss / max(int(micro_n), 1)).backward()
         else:
             micro_loss.backward()
@@ -122,7 +122,7 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
         for t in trainable:
             t.grad.mul_(scale)
         grad_norm = _clip(trainable, spec.train.clip_grad_norm)
-        with tracker.category("optimizer_state") if tracker else contextlib.nullcontext():
+        with _category(tracker, "optimizer_state"):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss = loss_sum / max(n_tokens, 1)
@@ -131,6 +131,11 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
             f"loss became {loss} at step {step + 1}; lower optimizer.lr ({spec.optimizer.lr}) or use precision fp32"
         )
     return StepStats(loss=loss, n_tokens=n_tokens, grad_norm=grad_norm, lr=lr)
+
+
+def _category(tracker: LiveTensorTracker | None, name: str):
+    """`tracker.category(name)`, or nothing when memory is not being measured this step."""
+    return tracker.category(name) if tracker else contextlib.nullcontext()
 
 
 class Training(NamedTuple):
