@@ -193,7 +193,7 @@ def report(
     png: Annotated[Path | None, typer.Option("--png", help="Chart file (default RUN_DIR/report.png).",
                                              show_default=False)] = None,
 ) -> None:
-    """Summarize a run: loss (train and eval), learning rate, speed, planned vs measured memory; PNG chart."""
+    """Summarize a run: loss, learning rate, speed, planned vs measured memory; a PNG chart incl. memory over time."""
     import json
 
     from lowmem.train import describe_memory
@@ -210,11 +210,12 @@ def report(
     typer.echo(f"{run_dir}: {last['step']} steps, loss {records[0]['loss']:.4f} -> {last['loss']:.4f}"
                + (f", eval {evals[-1]['eval_loss']:.4f}" if evals else "")
                + f", {last['tokens_per_s']:,.0f} tokens/s, {last['elapsed_s']:.0f} s")
-    memory = run_dir / "memory.json"
-    if memory.is_file():
-        typer.echo(describe_memory(json.loads(memory.read_text())))
+    memory_file = run_dir / "memory.json"
+    memory = json.loads(memory_file.read_text()) if memory_file.is_file() else None
+    if memory:
+        typer.echo(describe_memory(memory))
     target = png or run_dir / "report.png"
-    write_run_chart(records, target, title=run_dir.name)
+    write_run_chart(records, target, title=run_dir.name, memory=memory)
     typer.echo(f"wrote {target}")
 
 

@@ -262,12 +262,19 @@ class MemorySpec(Spec, kw_only=True):
 
 
 class OutputSpec(Spec, kw_only=True):
-    """Where the run writes (relative paths are relative to the working directory)."""
+    """Where the run writes (relative paths are relative to the working directory).
+
+    Every logged step goes to `metrics.jsonl`; `log_to` adds TensorBoard (event files in `DIR/tensorboard`)
+    and/or Weights & Biases (project `wandb_project`, default the run's name; its mode — online, offline —
+    is wandb's own setting, e.g. `WANDB_MODE=offline`). Each needs its package: `pip install 'lowmem[tensorboard]'`.
+    """
 
     dir: str = "runs/{name}"
     save_final: bool = True
     save_every: NonNegInt = 0  # a resumable checkpoint every N optimizer steps (0: only on SIGINT/SIGTERM)
     keep: PositiveInt = 2  # checkpoints kept; older ones are deleted after a new one is complete
+    log_to: tuple[Literal["tensorboard", "wandb"], ...] = ()
+    wandb_project: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -3,7 +3,8 @@
 A run directory holds::
 
     plan.json        the plan that ran (`lowmem execute plan.json` runs it again)
-    metrics.jsonl    one JSON record per logged step and per evaluation
+    metrics.jsonl    one JSON record per logged step and per evaluation (incl. resident memory over time)
+    tensorboard/     TensorBoard event files, when `output.log_to` includes it (W&B: `wandb/`)
     memory.json      planned versus measured peak memory, by component
     model/           final weights in Hugging Face format (config.json, model.safetensors, tokenizer.model)
     checkpoints/     step-NNNNNNNN/ resumable checkpoints (see lowmem.train.checkpoint), newest `output.keep`
@@ -44,8 +45,9 @@ from lowmem.spec.structs import SGD, AdamW, Dora, FileTokenizer, Full, Lora, QLo
 from lowmem.spec.units import format_bytes
 from lowmem.train import distributed
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
-from lowmem.train.memory import LiveTensorTracker
+from lowmem.train.memory import LiveTensorTracker, resident_bytes
 from lowmem.train.optim import build_optimizer, lr_at
+from lowmem.train.sinks import close_sinks, open_sinks
 from lowmem.train.strategies import (
     InBackwardOptimizer,
     block_runner,
@@ -300,6 +302,12 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
         save_checkpoint(out, step, trainable_params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
 
     metrics = _open_metrics(out / "metrics.jsonl", first_step) if rank == 0 else open(os.devnull, "w")
+    try:
+        sinks = open_sinks(spec, out, first_step) if rank == 0 else []
+    except BaseException:
+        metrics.close()
+        loader.close()
+        raise
     printer = _Progress(total_steps, enabled=progress and rank == 0)
     tokens_per_step = p.tokens_per_step * world  # the plan's count is one process's
     tracker.add_existing(params.values(), "parameters")  # frozen base weights count too
@@ -325,7 +333,9 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
                     steady_start, steady_tokens = time.perf_counter(), tokens_done
                 record = {"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                           "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_done / elapsed,
-                          "elapsed_s": elapsed}
+                          "elapsed_s": elapsed, "rss_bytes": resident_bytes()}
+                if measuring:
+                    record["tensor_peak_bytes"] = measured["peak_bytes"]
                 if spec.train.eval_every and len(eval_rows) >= spec.train.micro_batch * world and (
                     (step + 1) % spec.train.eval_every == 0 or step + 1 == total_steps
                 ):
@@ -334,6 +344,8 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
                 if (step + 1) % spec.train.log_every == 0 or step + 1 == total_steps or "eval_loss" in record:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    for sink in sinks:
+                        sink.write(record)
                     printer.update(record, done_before=first_step)
                 if stop.requested:
                     save(step + 1)
@@ -344,6 +356,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
         finally:
             loader.close()
             metrics.close()
+            close_sinks(sinks)
             printer.close()
     end = time.perf_counter()
     if steady_start is not None and tokens_done > steady_tokens:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import weakref
 from collections import deque
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
-__all__ = ["LiveTensorTracker", "measure_cuda_peak"]
+__all__ = ["LiveTensorTracker", "measure_cuda_peak", "resident_bytes"]
 
 DEFAULT_CATEGORY = "activations"
 
@@ -346,3 +347,19 @@ def measure_cuda_peak(fn: Callable[[], Any], device: torch.device | int | None =
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux `/proc/self/statm`), or None where that file does not exist.
+
+    Cheap enough to read every step: it is the memory-over-time series in `metrics.jsonl` (`rss_bytes`), which
+    includes what tensors do not (the interpreter, libraries, allocator caches, memory-mapped data pages).
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
