@@ -4,9 +4,11 @@
     python benchmarks/ladder.py --smoke    # tiny model, seconds (what CI runs)
 
 Each row adds one strategy to the row above (as torchtune's ladder does), then LoRA and QLoRA branch off
-the last full fine-tuning row. Measured memory is peak live tensor bytes (LiveTensorTracker) on CPU, or
-torch.cuda.max_memory_allocated on a GPU; tokens/s is over the steps after the first two (memory-tracked)
-ones. Writes a Markdown table and JSON under benchmarks/results/.
+the last full fine-tuning row. Then the planner chooses by itself (every strategy `auto`, precision kept) for
+budgets of 100%, 50%, 30% and 20% of the baseline's planned peak: those rows show what it picked. Measured
+memory is peak live tensor bytes (LiveTensorTracker) on CPU, or torch.cuda.max_memory_allocated on a GPU;
+tokens/s is over the steps after the first two (memory-tracked) ones. Writes a Markdown table, JSON and (with
+matplotlib) a PNG chart under benchmarks/results/.
 """
 
 import argparse
@@ -60,6 +62,25 @@ BRANCHES = [
     ("LoRA r=8 (all attention projections)", ["method.kind=lora"]),
     ("QLoRA r=8 (NF4 base)", ["method.kind=qlora"]),
 ]
+# the planner's own choice, every strategy auto, at these fractions of the baseline's planned peak
+AUTO_BUDGETS = (1.0, 0.5, 0.3, 0.2)
+AUTO = [f"memory.strategies.{name}=auto" for name in
+        ("activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy", "optimizer_in_backward")]
+
+
+def chosen(p) -> str:
+    """The strategies a plan turned on, in a few words."""
+    s = p.strategies
+    parts = [s.precision]
+    if s.activation_checkpointing != "off":
+        parts.append(f"ckpt {s.activation_checkpointing}")
+    if s.cross_entropy != "standard":
+        parts.append(f"{s.cross_entropy} CE")
+    if s.optimizer_in_backward:
+        parts.append("opt-in-bwd")
+    if s.compile:
+        parts.append("compile")
+    return ", ".join(parts)
 
 
 def run(smoke: bool, threads: int) -> list[dict]:
@@ -75,26 +96,69 @@ def run(smoke: bool, threads: int) -> list[dict]:
             current = overrides + extra if i < len(LADDER) else overrides[:-1] + extra
             if i < len(LADDER):
                 overrides = current
-            spec = decode_spec(text, "toml", overrides=current)
-            p = plan(spec)
-            result = execute(p, Path(tmp) / str(i), progress=False)
-            rows.append({"row": name, "planned_bytes": result.planned_peak_bytes,
-                         "measured_bytes": result.measured_peak_bytes,
-                         "error": (result.planned_peak_bytes - result.measured_peak_bytes) / result.measured_peak_bytes,
-                         "planned_tokens_per_s": p.tokens_per_s, "tokens_per_s": result.tokens_per_s,
-                         "loss": result.final_loss, "steps": result.steps})
-            print(f"{name}: {format_bytes(result.measured_peak_bytes)}", flush=True)
+            rows.append(_measure(name, plan(decode_spec(text, "toml", overrides=current)), Path(tmp) / str(i)))
+        baseline_bytes = rows[0]["planned_bytes"]
+        for fraction in AUTO_BUDGETS:
+            budget = int(baseline_bytes * fraction / (1 - SAFETY_MARGIN))  # usable = fraction x baseline
+            spec = decode_spec(text, "toml", overrides=[*AUTO, f"memory.budget={budget}B",
+                                                        f"memory.safety_margin={SAFETY_MARGIN}"])
+            try:
+                p = plan(spec)
+            except ValueError as err:  # no plan fits: the row says so (the planner names the smallest budget)
+                rows.append({"row": f"auto, {fraction:.0%} of baseline", "refused": str(err).splitlines()[0]})
+                continue
+            rows.append(_measure(f"auto, {fraction:.0%} of baseline: {chosen(p)}", p, Path(tmp) / f"auto{fraction}"))
     return rows
+
+
+SAFETY_MARGIN = 0.05
+
+
+def _measure(name: str, p, out: Path) -> dict:
+    result = execute(p, out, progress=False)
+    print(f"{name}: {format_bytes(result.measured_peak_bytes)}", flush=True)
+    return {"row": name, "planned_bytes": result.planned_peak_bytes, "measured_bytes": result.measured_peak_bytes,
+            "error": (result.planned_peak_bytes - result.measured_peak_bytes) / result.measured_peak_bytes,
+            "planned_tokens_per_s": p.tokens_per_s, "tokens_per_s": result.tokens_per_s,
+            "loss": result.final_loss, "steps": result.steps}
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
     lines = [header, "", "| row | measured peak | planned peak | error | tokens/s | est. tokens/s | loss |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['row']} | — | — | — | — | — | planner refused: {r['refused']} |")
+            continue
         lines.append(f"| {r['row']} | {format_bytes(r['measured_bytes'])} | {format_bytes(r['planned_bytes'])} | "
                      f"{r['error']:+.1%} | {r['tokens_per_s']:,.0f} | {r['planned_tokens_per_s']:,.0f} | "
                      f"{r['loss']:.3f} |")
     return "\n".join(lines)
+
+
+def write_chart(rows: list[dict], path: Path, title: str) -> bool:
+    """Measured and planned peak per row as paired horizontal bars; False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if "refused" not in r][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    ys = range(len(rows))
+    mib = 2**20
+    ax.barh([y + 0.2 for y in ys], [r["measured_bytes"] / mib for r in rows], height=0.4, label="measured")
+    ax.barh([y - 0.2 for y in ys], [r["planned_bytes"] / mib for r in rows], height=0.4, label="planned")
+    ax.set_yticks(list(ys), [r["row"] for r in rows], fontsize=8)
+    ax.set_xlabel("peak memory (MiB)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -114,6 +178,8 @@ def main() -> None:
     name = "ladder_smoke" if args.smoke else "ladder"
     (args.out / f"{name}.md").write_text(table + "\n")
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if write_chart(rows, args.out / f"{name}.png", header.splitlines()[0].removeprefix("## ")):
+        print(f"wrote {args.out / f'{name}.png'}")
 
 
 if __name__ == "__main__":

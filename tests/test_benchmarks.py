@@ -19,6 +19,7 @@ def test_ladder_smoke(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| QLoRA r=8 (NF4 base) |" in result.stdout
+    assert "| auto, 100% of baseline: fp32" in result.stdout  # the planner's own pick, measured
 
 
 def test_data_benchmark_smoke(tmp_path):
