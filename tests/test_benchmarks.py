@@ -1,8 +1,12 @@
 """CI runs the benchmarks at smoke size so the scripts keep working (their figures are not asserted here)."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +31,17 @@ def test_data_benchmark_smoke(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "best-fit packing of 2,000,000 tokens" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None,
+                    reason="the HF peer needs transformers and peft (pip install -e '.[dev]')")
+def test_peers_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/peers.py"), "--smoke", "--out", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| full | HF Trainer + peft |" in result.stdout and "| lora | lowmem |" in result.stdout
+    rows = json.loads((tmp_path / "peers_smoke.json").read_text())["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
+    # same initial weights and rows: the first step's loss agrees across the tools
+    first = {(r["method"], r["tool"]): r["first_loss"] for r in rows}
+    assert first["full", "hf"] == pytest.approx(first["full", "lowmem"], abs=1e-3)

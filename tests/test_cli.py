@@ -62,7 +62,7 @@ def test_top_level_help_lists_the_commands(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
-    assert commands == ["validate", "plan", "execute", "export", "report", "generate", "data"]
+    assert commands == ["validate", "plan", "execute", "export", "report", "generate", "download", "data"]
 
 
 def test_no_arguments_shows_help(runner):

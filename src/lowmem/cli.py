@@ -170,6 +170,7 @@ def export(
     """Write a run's model as one Hugging Face checkpoint; with --merge, adapters are merged into the base."""
     import shutil
 
+    from lowmem.data.tokenizer import load_tokenizer
     from lowmem.nn import save_hf
     from lowmem.nn.generate import find_model_files, load_model
     from lowmem.nn.lora import merge_adapters
@@ -182,7 +183,8 @@ def export(
     if settings is not None:
         params = merge_adapters(params, settings)
     save_hf(params, cfg, out)
-    shutil.copyfile(files.tokenizer_path, Path(out) / "tokenizer.model")
+    for f in load_tokenizer(files.tokenizer_path).files:  # the tokenizer file and its HF config files
+        shutil.copyfile(f, Path(out) / f.name)
     typer.echo(f"wrote {out}" + (" (adapters merged)" if settings is not None else ""))
 
 
@@ -291,8 +293,8 @@ def _load_plan(path: Path, overrides: list[str]):
 @_user_errors
 def generate_cmd(
     model_dir: Annotated[Path, typer.Argument(
-        help="A finished run directory (its model/, or base/ + adapter/) or an HF model directory with "
-             "tokenizer.model.", show_default=False)],
+        help="A finished run directory (its model/, or base/ + adapter/) or an HF model directory with its "
+             "tokenizer (tokenizer.model or tokenizer.json).", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.", show_default=False)],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to add.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.")] = 0.0,
@@ -303,16 +305,42 @@ def generate_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling generator.")] = 0,
 ) -> None:
     """Continue a prompt with a trained model and print the continuation."""
-    from lowmem.data.tokenizer import Tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
     from lowmem.nn.generate import find_model_files, generate, load_model
 
     files = find_model_files(model_dir)
-    tokenizer = Tokenizer(files.tokenizer_path)
+    tokenizer = load_tokenizer(files.tokenizer_path)
     cfg, params, adapters = load_model(files)
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode([prompt])[0]  # training rows start with bos too
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # training rows start with bos too (if any)
+    prompt_ids = bos + tokenizer.encode([prompt])[0]
     new_ids = generate(params, cfg, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
                        top_k=top_k, top_p=top_p, seed=seed, eos_id=tokenizer.eos_id, adapters=adapters)[0]
     typer.echo(tokenizer.decode([t for t in new_ids if t != tokenizer.eos_id]))
+
+
+@app.command()
+@_user_errors
+def download(
+    repo_id: Annotated[str, typer.Argument(help="Hugging Face model repo: org/name (or org/name@revision).",
+                                           show_default=False)],
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).",
+                                                 show_default=False)] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", help="Glob of files to fetch (repeatable); replaces the default: *.json, *.safetensors, "
+        "tokenizer.model, original/tokenizer.model.", show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", help="Glob of files to skip (repeatable).", show_default=False)] = None,
+    local_dir: Annotated[Path | None, typer.Option(
+        "--local-dir", help="Put the files here instead of the Hugging Face cache.", show_default=False)] = None,
+) -> None:
+    """Download a model repo (safetensors, configs, tokenizer) into the Hugging Face cache; needs network.
+
+    A spec then names it as model.path = "org/name". Private and gated repos use HF_TOKEN or `hf auth login`.
+    """
+    from lowmem.nn.hub import download as download_repo
+
+    path = download_repo(repo_id, revision=revision, include=include, exclude=exclude, local_dir=local_dir)
+    typer.echo(f"{repo_id}: {path}")
 
 
 def main() -> None:

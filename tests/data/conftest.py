@@ -28,3 +28,34 @@ def kjv_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_tokenizer(kjv_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     return train_tokenizer(read_documents(kjv_slice), SMALL_VOCAB, out)
+
+
+N_BPE_DOCS = 80  # chapters of the shipped corpus the byte-level BPE trains on (well under a second)
+BPE_VOCAB = 2048
+
+
+@pytest.fixture(scope="session")
+def train_byte_level_bpe():
+    """A function: train_byte_level_bpe(special_tokens) -> a `tokenizers` byte-level BPE shaped like Llama 3's
+    (Split(Llama 3 regex) + ByteLevel), trained on N_BPE_DOCS chapters, the special tokens after its vocab."""
+    return _train_byte_level_bpe
+
+
+def _train_byte_level_bpe(special_tokens: list[str], vocab_size: int = BPE_VOCAB):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lowmem.data.hf_tokenizer import LLAMA3_PATTERN
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(itertools.islice(read_documents(shipped_corpus()), N_BPE_DOCS), trainer)
+    tok.add_special_tokens(special_tokens)
+    return tok

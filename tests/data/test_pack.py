@@ -241,7 +241,7 @@ def test_empty_source_is_an_error(small_tokenizer: Tokenizer, tmp_path: Path):
 
 MEASURE_RSS = """
 import sys
-from lowmem.data import Tokenizer, prepare_packed_dataset
+from lowmem.data import load_tokenizer, prepare_packed_dataset
 import lowmem.data.pack as pack
 from lowmem.spec.structs import DataSpec
 
@@ -252,7 +252,7 @@ def hwm_kib():
 
 # Windows and record batches of 64k tokens: the bounds packing memory is flat at, here below the small corpus.
 pack.WINDOW_TOKENS = pack.TOKENS_PER_RECORD_BATCH = int(sys.argv[4])
-tok = Tokenizer(sys.argv[2])
+tok = load_tokenizer(sys.argv[2])
 # ru_maxrss (= VmHWM) would be set by importing torch; reset it so the peak is the packing's own.
 open("/proc/self/clear_refs", "w").write("5")
 before = hwm_kib()

@@ -59,10 +59,44 @@ def test_chat_trains_only_assistant_turns(small_tokenizer: Tokenizer):
         for r in runs
         if mask[tokens.tolist().index(r[0])]
     ]
-    assert trained_runs == ["Noah built it.", "Two of every sort."]
+    assert trained_runs == ["Noah built it. ", "Two of every sort. "]  # Llama 2 writes " {reply} </s>"
     assert int((tokens[mask == 1] == small_tokenizer.eos_id).sum()) == 2
     full = small_tokenizer.decode(tokens)
     assert "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWho built the ark? [/INST]" in full
+
+
+def test_llama2_chat_equals_meta_reference_encoding(small_tokenizer: Tokenizer):
+    """Meta's Llama 2 chat_completion encodes each exchange as one sentencepiece text
+    `[INST] {user} [/INST] {reply} ` between bos and eos; the segments (the reply a separate, trained text whose
+    leading space the dummy prefix stands for) must give the same ids."""
+    tok = small_tokenizer
+    messages = CHAT["messages"] + [{"role": "user", "content": "  And then?  "},
+                                   {"role": "assistant", "content": " The rain fell.\n"}]
+    system, turns = messages[0]["content"], messages[1:]
+    expected: list[int] = []
+    for i in range(0, len(turns), 2):
+        user, reply = turns[i]["content"], turns[i + 1]["content"]
+        if i == 0:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        text = f"[INST] {user.strip()} [/INST] {reply.strip()} "
+        expected += [tok.bos_id, *tok.encode([text])[0], tok.eos_id]
+    ((tokens, mask),) = encode_segments([record_segments({"messages": messages}, DataSpec(format="chat"), "x")], tok)
+    assert tok.dummy_prefix and tokens.tolist() == expected
+    assert tok.decode(tokens[mask == 1]) == "Noah built it.  Two of every sort.  The rain fell. "  # </s> decodes to ""
+
+
+def test_special_tokens_bos_and_adjacent_text_in_segments(small_tokenizer: Tokenizer):
+    tok = small_tokenizer
+    from lowmem.data.templates import BOS, EOS, SpecialToken
+
+    inst = SpecialToken("[INST]", "mistral", or_text=True)
+    segments = [(BOS, False), (inst, False), (" hi", False), (SpecialToken("</s>", "t"), True)]
+    ((tokens, mask),) = encode_segments([segments], tok)
+    # [INST] is no piece of this tokenizer: it is text, encoded together with the text after it.
+    assert tokens.tolist() == [tok.bos_id, *tok.encode(["[INST] hi"])[0], tok.eos_id]
+    assert mask.tolist() == [0] * (len(tokens) - 1) + [1]
+    with pytest.raises(ValueError, match=r"chat template 'chatml' writes the special token '<\|im_start\|>'"):
+        encode_segments([[(SpecialToken("<|im_start|>", "chatml"), False), (EOS, True)]], tok)
 
 
 def test_columns_rename_fields(small_tokenizer: Tokenizer):
@@ -171,5 +205,5 @@ def test_packed_masks_and_inspect(small_tokenizer: Tokenizer, tmp_path: Path):
     assert "ark" not in trained_text_ and "INST" not in trained_text_ and "briefly" not in trained_text_
     assert int((trained == eos).sum()) == 3
     text = inspect_rows(out, small_tokenizer, n=1)
-    assert "[[<s>[INST] <<SYS>>" in text and "[/INST]]]" in text and "Noah built it.</s>" in text
+    assert "[[<s>[INST] <<SYS>>" in text and "[/INST]]]" in text and "Noah built it. </s>" in text
     assert text.count("  doc ") == 2

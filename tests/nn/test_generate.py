@@ -3,13 +3,14 @@ and the `lowmem generate` command on a tiny trained run."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from lowmem.cli import app
 from lowmem.nn.config import ModelConfig
-from lowmem.nn.generate import generate, init_cache, prefill, sample
+from lowmem.nn.generate import decode_step, generate, init_cache, prefill, sample
 from lowmem.nn.hf import load_hf
 from lowmem.nn.llama import forward, init_params, logits
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
@@ -201,14 +202,14 @@ def trained_run(tiny_spec, tmp_path):
 
 
 def test_cli_generate_prints_the_continuation(trained_run):
-    from lowmem.data.tokenizer import Tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     args = ["generate", str(trained_run), "--prompt", "In the beginning", "--max-new-tokens", "8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
     # The printed text is the greedy continuation of [bos] + prompt.
-    tok = Tokenizer(trained_run / "model" / "tokenizer.model")
+    tok = load_tokenizer(trained_run / "model" / "tokenizer.model")
     cfg, params = load_hf(trained_run / "model")
     ids = generate(params, cfg, [[tok.bos_id] + tok.encode(["In the beginning"])[0]], max_new_tokens=8,
                    eos_id=tok.eos_id)[0]
@@ -240,4 +241,77 @@ def test_cli_generate_without_a_tokenizer_is_one_clean_error(tmp_path, model):
     cfg, params = model
     save_hf(params, cfg, tmp_path / "m")
     result = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "--prompt", "x"])
-    _one_clean_error(result, "no tokenizer.model")
+    _one_clean_error(result, "no tokenizer (tokenizer.model, tokenizer.json")
+
+
+def test_cli_generate_and_export_with_a_tokenizer_json_model(tmp_path):
+    """Qwen2 / HF-layout Llama 3 directories carry tokenizer.json only: generate reads it, export copies it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.nn.hf import save_hf
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(["In the beginning God created the heaven and the earth."] * 20, trainer)
+    cfg = msgspec.structs.replace(CFG, vocab_size=tok.get_vocab_size())
+    params = sharp_params(cfg)
+    save_hf(params, cfg, tmp_path / "m")
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "--prompt", "In the", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    lowmem_tok = load_tokenizer(tmp_path / "m")
+    ids = generate(params, cfg, [lowmem_tok.encode(["In the"])[0]], max_new_tokens=6, eos_id=lowmem_tok.eos_id)[0]
+    assert result.stdout == lowmem_tok.decode([t for t in ids if t != lowmem_tok.eos_id]) + "\n"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out/tokenizer.json").read_bytes() == (tmp_path / "m/tokenizer.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------------ sliding-window cache
+
+
+@pytest.mark.parametrize("layers", ["all", "even"], ids=["mistral", "gemma2-even-layers"])
+def test_sliding_window_cache_is_bounded_and_changes_no_token(layers):
+    """Window 8, prompt 6 + 30 new tokens: the windowed layers keep 8 positions, and greedy decoding equals
+    re-running the whole sequence through `forward` (whose mask applies the window) token for token."""
+    window, T, n_new = 8, 6, 30
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
+                      sliding_window=window, sliding_layers=layers)
+    full = msgspec.structs.replace(cfg, sliding_window=None)
+    params = sharp_params(cfg)
+    prompt = prompts(cfg, B=2, T=T, seed=3)
+    expected = greedy_by_full_forward(params, cfg, prompt, n_new)
+    assert generate(params, cfg, prompt, max_new_tokens=n_new) == expected
+    assert generate(params, full, prompt, max_new_tokens=n_new) != expected  # the window matters here
+
+    cache, full_cache = init_cache(cfg, 2, T + n_new), init_cache(full, 2, T + n_new)
+    windowed = [i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None]
+    assert windowed == ([0, 1] if layers == "all" else [0])
+    for i in range(cfg.n_layers):
+        assert cache.keys[i].shape[2] == (window if i in windowed else T + n_new)
+    per_position = 2 * 2 * cfg.n_kv_heads * cfg.head_dim * 4  # keys + values, B = 2, fp32
+    assert cache.n_bytes == per_position * sum(window if i in windowed else T + n_new for i in range(2))
+    assert full_cache.n_bytes == per_position * 2 * (T + n_new)
+
+    # step by step: logits equal the full forward's at every position, before and after the window fills
+    tokens = torch.cat([prompt, torch.tensor(expected)], dim=1)
+    ref = logits(params, forward(params, tokens, cfg), cfg)  # (B, T + n_new, V)
+    torch.testing.assert_close(prefill(params, tokens[:, :T], cfg, cache), ref[:, T - 1], atol=1e-5, rtol=0)
+    for p in range(T, T + n_new - 1):
+        got = decode_step(params, tokens[:, p], cfg, cache)
+        torch.testing.assert_close(got, ref[:, p], atol=1e-5, rtol=0)
+    assert cache.length == T + n_new - 1 and cache.n_bytes < full_cache.n_bytes
+
+
+def test_sliding_window_prompt_longer_than_the_window():
+    """Prefill of 20 tokens through a window of 4 keeps the last 4 positions and continues exactly."""
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
+                      sliding_window=4)
+    params = sharp_params(cfg, seed=1)
+    prompt = prompts(cfg, B=1, T=20, seed=5)
+    assert generate(params, cfg, prompt, max_new_tokens=10) == greedy_by_full_forward(params, cfg, prompt, 10)

@@ -201,3 +201,47 @@ def test_no_safetensors_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_hf(tmp_path)
+
+
+# ------------------------------------------------------------------------------- loading straight to NF4
+
+
+def test_nf4_while_loading_equals_nf4_after_loading(tmp_path):
+    """`load_hf(convert=nf4_converter(cfg))` quantizes each projection as it is read: the same NF4 tensors,
+    bit for bit, as quantizing the loaded fp32 params; other tensors are plain and equal (also those read
+    into the reused memory of a quantized weight)."""
+    from lowmem.nn.config import ModelConfig
+    from lowmem.nn.llama import is_nf4
+    from lowmem.nn.quant import nf4_converter, quantize_nf4
+
+    cfg = ModelConfig(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256)
+    out = save_hf(init_params(cfg, seed=0), cfg, tmp_path / "ckpt", max_shard_bytes=200_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 2 and (out / "model.safetensors.index.json").exists()
+    for dtype in (torch.float32, torch.bfloat16):
+        _, dense = load_hf(out, dtype=dtype)
+        after = quantize_nf4(dense, cfg, scaler_block_size=128)
+        _, during = load_hf(out, dtype=dtype, convert=nf4_converter(cfg, scaler_block_size=128))
+        assert list(during) == list(after)
+        for name, t in after.items():
+            assert is_nf4(during[name]) is is_nf4(t), name
+            if is_nf4(t):
+                for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"):
+                    assert torch.equal(getattr(during[name], attr), getattr(t, attr)), (name, attr)
+            else:
+                assert torch.equal(during[name], t) and during[name].dtype == dtype, name
+        storages = {during[n].untyped_storage().data_ptr() for n in during if not is_nf4(during[n])}
+        assert len(storages) == sum(not is_nf4(t) for t in during.values())  # no two share memory
+
+
+def test_cast_while_reading_in_small_pieces(tmp_path, monkeypatch):
+    """A cast goes through a bounded buffer, piece by piece (here 40 bytes: 10 fp32 or 20 bf16 values at a
+    time, pieces ending mid-row); the result equals casting the whole tensor."""
+    cfg = tiny()
+    params = init_params(cfg, seed=0)
+    out = save_hf(params, cfg, tmp_path / "ckpt")
+    monkeypatch.setattr(hf_module, "_CAST_BUFFER_BYTES", 40)
+    _, as_bf16 = load_hf(out, dtype=torch.bfloat16)
+    assert all(torch.equal(as_bf16[n], params[n].to(torch.bfloat16)) for n in params)
+    out16 = save_hf(as_bf16, cfg, tmp_path / "ckpt16")
+    _, back = load_hf(out16, dtype=torch.float32)
+    assert all(torch.equal(back[n], as_bf16[n].float()) for n in params)

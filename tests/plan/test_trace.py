@@ -19,6 +19,8 @@ CONFIGS = {
     "lora": ["method.kind=lora", "method.rank=4"],
     "fused-ce": ["memory.strategies.fused_cross_entropy=on", "memory.strategies.chunked_cross_entropy=off"],
     "optimizer-in-backward": ["memory.strategies.optimizer_in_backward=on", "train.clip_grad_norm=0"],
+    "mixed-bf16": ["memory.precision=mixed-bf16"],
+    "fp16-lora": ["memory.precision=fp16", "method.kind=lora", "method.rank=4"],
 }
 
 
@@ -110,3 +112,14 @@ def test_traced_report_encodes_like_the_plan_report(tiny_spec):
     assert msgspec.json.decode(msgspec.json.encode(traced), type=MemoryReport) == traced
     with pytest.raises(ValueError, match="steps=0"):
         trace_memory(plan(tiny_spec()), steps=0)
+
+
+def test_traced_selective_checkpointing_equals_measured(tiny_spec, tmp_path):
+    import msgspec
+
+    p = plan(tiny_spec("train.steps=2", "output.save_final=false", "memory.strategies.activation_checkpointing=off"))
+    p = msgspec.structs.replace(p, strategies=msgspec.structs.replace(p.strategies, activation_checkpointing="selective"))
+    traced = trace_memory(p, steps=2)
+    execute(p, tmp_path, progress=False)
+    measured = json.loads((tmp_path / "memory.json").read_text())
+    assert traced.peak_bytes == pytest.approx(measured["measured_peak_bytes"], rel=0.02)

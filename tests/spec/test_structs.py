@@ -86,7 +86,8 @@ def test_defaults_of_a_minimal_spec():
     assert spec.name == "run"
     assert spec.method == Full()
     assert spec.optimizer == AdamW(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    assert spec.data.tokenizer == TrainTokenizer(vocab_size=4096)
+    assert spec.data.tokenizer is None  # left out: a preset trains one with the defaults
+    assert spec.data.resolved_tokenizer(spec.model.path) == TrainTokenizer(vocab_size=4096)
     assert spec.train.schedule == ScheduleSpec(kind="cosine", warmup_steps=0, min_lr_ratio=0.1)
     assert spec.train.clip_grad_norm == 1.0
     assert spec.memory.budget is None and spec.memory.budget_bytes is None

@@ -1,6 +1,8 @@
-"""Data-parallel training (FSDP2, gloo): two ranks under torchrun equal one process with twice the micro-batch."""
+"""Data-parallel training (FSDP2, gloo): two ranks under torchrun equal one process with twice the micro-batch;
+their sharded checkpoints (DCP) resume on 2 processes to the same bits, and on 1 (or 1 -> 2) within rounding."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from tests.conftest import TINY_SPEC
 from lowmem.plan import plan
 from lowmem.spec import decode_spec, encode_spec
 from lowmem.train import execute
+from lowmem.train.checkpoint import CheckpointError
 from lowmem.train.loop import check_distributable
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -99,7 +102,6 @@ def test_only_rank_0_writes_the_run_directory(runs):
 
 @pytest.mark.parametrize("override, message", [
     ("method.kind=lora", "method.kind = 'lora'"),
-    ("output.save_every=1", "output.save_every = 1"),
     ("optimizer.kind=adafactor", "optimizer.kind = 'adafactor'"),
 ])
 def test_refuses_what_it_cannot_shard(tiny_spec, override, message):
@@ -107,3 +109,126 @@ def test_refuses_what_it_cannot_shard(tiny_spec, override, message):
     check_distributable(p, world=1, resume=False)  # a single process runs it
     with pytest.raises(ValueError, match=message):
         check_distributable(p, world=WORLD, resume=False)
+
+
+def _torchrun(*args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+         "--master_port", str(_free_port()), "-m", "lowmem.cli", "execute", *args, "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+def _checkpointing_spec(data_cache, micro_batch: int):
+    return decode_spec(TINY_SPEC, "toml", overrides=[
+        f"data.cache_dir={data_cache}", "data.eval_rows=8", "train.steps=6", f"train.micro_batch={micro_batch}",
+        "output.save_every=2", "output.keep=5",
+    ])
+
+
+def _back_to_step_2(run_dir, into):
+    """A copy of a finished run as if it had been killed after its step-2 checkpoint."""
+    shutil.copytree(run_dir, into)
+    shutil.rmtree(into / "checkpoints/step-00000004")
+    shutil.rmtree(into / "model")
+    return into
+
+
+def _losses(run_dir) -> list[float]:
+    return [r["loss"] for r in _metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(data_cache, tmp_path_factory):
+    """(root, a 2-process run of 6 steps (micro_batch 2 per rank) checkpointing every 2 steps, its spec file)."""
+    root = tmp_path_factory.mktemp("distributed-checkpoints")
+    spec_file = root / "spec2.toml"
+    spec_file.write_bytes(encode_spec(_checkpointing_spec(data_cache, PER_RANK_BATCH), "toml"))
+    _torchrun(str(spec_file), "--out", str(root / "sharded"))
+    return root, root / "sharded", spec_file
+
+
+def test_sharded_checkpoints_are_per_rank_safetensors(checkpointed):
+    _, run_dir, _ = checkpointed
+    ckpt = run_dir / "checkpoints/step-00000004"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
+        "trainer.json"]  # no pickled DCP .metadata: each shard's offsets are in its safetensors header
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    assert trainer["sharded"] is True and trainer["world_size"] == WORLD and trainer["step"] == 4
+    assert trainer["loader"]["rows_per_batch"] == PER_RANK_BATCH * WORLD
+    shards = [load_file(ckpt / f"shard-0000{r}-model-00001-of-00001.safetensors") for r in (1, 2)]
+    full = load_file(run_dir / "model/model.safetensors")  # HF names; the first block's query weight is shared
+    rows = full["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    assert sum(s["layers.0.attn.wq"].shape[0] for s in shards) == rows  # each rank wrote its half only
+    assert not [d for d in (run_dir / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
+
+
+def test_resume_on_2_processes_equals_the_uninterrupted_run(checkpointed):
+    root, run_dir, spec_file = checkpointed
+    resumed = _back_to_step_2(run_dir, root / "resumed-2")
+    _torchrun(str(spec_file), "--out", str(resumed), "--resume")
+    assert _losses(resumed) == _losses(run_dir)  # bitwise: same ranks, same sums
+    for name, t in load_file(run_dir / "model/model.safetensors").items():
+        assert torch.equal(load_file(resumed / "model/model.safetensors")[name], t), name
+
+
+def test_resume_2_to_1_process_reshards(checkpointed, data_cache):
+    """One process with micro_batch 2 x 2 takes the same rows per step: losses and weights within rounding."""
+    root, run_dir, _ = checkpointed
+    resumed = _back_to_step_2(run_dir, root / "resumed-1")
+    result = execute(plan(_checkpointing_spec(data_cache, PER_RANK_BATCH * WORLD), "cpu"), resumed, progress=False,
+                     resume=True)
+    assert result.resumed_from_step == 2
+    assert _losses(resumed) == pytest.approx(_losses(run_dir), rel=REL_TOL)
+    sharded, single = (load_file(d / "model/model.safetensors") for d in (run_dir, resumed))
+    for name in single:
+        torch.testing.assert_close(single[name], sharded[name], rtol=0, atol=WEIGHT_ATOL["adamw"], msg=name)
+
+
+def test_resume_1_to_2_processes_reshards(checkpointed, data_cache):
+    root, run_dir, spec_file = checkpointed
+    single = root / "single"
+    execute(plan(_checkpointing_spec(data_cache, PER_RANK_BATCH * WORLD), "cpu"), single, progress=False)
+    resumed = _back_to_step_2(single, root / "single-resumed-2")
+    _torchrun(str(spec_file), "--out", str(resumed), "--resume")
+    assert _losses(resumed)[:2] == _losses(single)[:2]  # kept from before the checkpoint
+    assert _losses(resumed) == pytest.approx(_losses(single), rel=REL_TOL)
+    assert _losses(resumed) == pytest.approx(_losses(run_dir), rel=REL_TOL)
+
+
+def test_resume_with_other_rows_per_step_is_refused(checkpointed, data_cache):
+    """The loader's position counts batches of micro_batch x processes rows: that product must be kept."""
+    root, run_dir, _ = checkpointed
+    resumed = _back_to_step_2(run_dir, root / "resumed-wrong")
+    with pytest.raises(CheckpointError, match=r"train\.micro_batch = 4 on 1 process"):
+        execute(plan(_checkpointing_spec(data_cache, PER_RANK_BATCH), "cpu"), resumed, progress=False, resume=True)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_2_process_run_then_resume_gives_the_same_losses(checkpointed):
+    """torchrun and both ranks killed (SIGKILL) after a checkpoint; `--resume` on 2 processes finishes the run."""
+    import os
+    import signal
+    import time
+
+    from lowmem.train.checkpoint import latest_checkpoint
+
+    root, run_dir, spec_file = checkpointed
+    killed = root / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+         str(_free_port()), "-m", "lowmem.cli", "execute", str(spec_file), "--out", str(killed), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(killed) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: nothing gets to clean up
+    proc.wait()
+    assert not (killed / "model").exists(), "the run finished before it was killed"
+    _torchrun(str(spec_file), "--out", str(killed), "--resume")
+    assert _losses(killed) == _losses(run_dir)
+    assert not [d for d in (killed / "checkpoints").iterdir() if d.name.startswith(".tmp-")]

@@ -13,6 +13,7 @@ import torch
 
 from lowmem.plan.estimate import optimizer_state_bytes
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec
+from lowmem.train.checkpoint import load_checkpoint, save_checkpoint
 from lowmem.train.optim import build_optimizer
 
 pytestmark = [
@@ -208,3 +209,30 @@ def test_lr_assigned_between_steps_scales_the_next_update(name):
 def test_paged_needs_the_bitsandbytes_backend():
     with pytest.raises(ValueError, match=r"optimizer\.paged"):
         build_optimizer(AdamW8bit(backend="torchao", paged=True), [torch.zeros(4, requires_grad=True)])
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_checkpoint_files_resume_bitwise(name, tmp_path):
+    """3 steps, a real checkpoint directory (safetensors + trainer.json), a fresh optimizer loads it, 2 more
+    steps on both: the same bits. torchao's quantized states (tensor subclasses) go through their inner tensors."""
+    x, y, init = _problem()
+    spec = _spec(name)
+    params = _leaves(init)
+    optimizer = build_optimizer(spec, params)
+    _train(optimizer, params, 3, x, y)
+    names = ["weight", "bias"]
+    fingerprint = {"optimizer": name}
+    path = save_checkpoint(tmp_path, 3, dict(zip(names, params, strict=True)), optimizer, {"epoch": 0, "cursor": 3},
+                           fingerprint, keep=1)
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "trainer.json"]
+
+    resumed_params = _leaves([torch.zeros_like(p) for p in params])  # the checkpoint must supply the values
+    resumed = build_optimizer(spec, resumed_params)
+    load_checkpoint(path, dict(zip(names, resumed_params, strict=True)), resumed, fingerprint)
+    for before, after in zip(optimizer.state.values(), resumed.state.values(), strict=True):
+        assert {k: type(v) for k, v in before.items()} == {k: type(v) for k, v in after.items()}
+
+    _train(optimizer, params, 2, x, y)
+    _train(resumed, resumed_params, 2, x, y)
+    for p, q in zip(params, resumed_params, strict=True):
+        assert torch.equal(p, q), (p - q).abs().max()

@@ -15,7 +15,13 @@ from lowmem.data.corpus import iter_rows, read_documents, shipped_corpus, source
 from lowmem.data.loader import BatchLoader, PackedDataset, inspect_rows, make_batch, split_rows
 from lowmem.data.pack import PackCounts, RowBlock, pack_documents, pack_token_lists, prepare_packed_dataset
 from lowmem.data.templates import CHAT_TEMPLATES, TEMPLATE_VERSION, render_chat, render_instruct
-from lowmem.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+from lowmem.data.tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_or_train_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 __all__ = [
     "CHAT_TEMPLATES",
@@ -24,10 +30,12 @@ __all__ = [
     "PackCounts",
     "PackedDataset",
     "RowBlock",
+    "SentencePieceTokenizer",
     "Tokenizer",
     "inspect_rows",
     "iter_rows",
     "load_or_train_tokenizer",
+    "load_tokenizer",
     "make_batch",
     "pack_documents",
     "pack_token_lists",

@@ -360,7 +360,7 @@ def packed_cache_key(source: str | Path, tokenizer: Tokenizer, seq_len: int, dat
         f"packing={data.packing}",
         f"too_long={data.too_long}",
         f"bad_rows={data.bad_rows}",
-        f"template={TEMPLATE_VERSION}",
+        f"template={TEMPLATE_VERSION},{data.chat_template}",
         f"window={WINDOW_DOCS},{WINDOW_TOKENS},{CARRY_FRACTION}",
         f"pack_format={PACK_FORMAT_VERSION}",
     ]
@@ -384,7 +384,8 @@ def prepare_packed_dataset(
         tokenizer: encodes `docs_per_batch` records per batch call.
         seq_len: tokens per row.
         cache_dir: where `packed/` lives.
-        data: format, columns, train_on_prompt, packing, too_long and bad_rows are used (all in the key).
+        data: format, columns, chat_template, train_on_prompt, packing, too_long and bad_rows are used (all in
+            the key; resolve chat_template "auto" first, see lowmem.data.templates.resolve_chat_template).
         progress: called after each batch with (records read, bytes of the source read); the total is
             `lowmem.data.corpus.source_size_bytes(source_path)`.
     Returns:

@@ -6,8 +6,9 @@ Formats (field names are spec keys; `data.columns` maps a key to the source colu
 - `instruct`: `instruction` and `output` (non-empty strings), `input` (optional string) → the Alpaca
   template in `lowmem.data.templates`; prompt tokens masked unless `train_on_prompt`.
 - `chat`: `messages`, a list of `{role, content}` (keys renamable via columns `role` / `content`): an
-  optional system message, then user and assistant alternating, ending with assistant → the chat template;
-  system and user text masked unless `train_on_prompt`, assistant replies and their `</s>` trained.
+  optional system message, then user and assistant alternating, ending with assistant → the chat template
+  `data.chat_template` (resolved from the model family first, see `templates.resolve_chat_template`);
+  system and user text masked unless `train_on_prompt`, assistant replies and their end-of-turn token trained.
 
 The loss mask marks *targets*: `loss_mask[t] == 1` means predicting token t (from tokens < t) is in the loss.
 """
@@ -24,9 +25,10 @@ from lowmem.data.corpus import Row, iter_rows, preview
 from lowmem.data.templates import (
     CHAT_ROLES,
     CHAT_TEMPLATES,
-    DEFAULT_CHAT_TEMPLATE,
     Segment,
     Special,
+    SpecialToken,
+    chat_template_name,
     render_instruct,
 )
 from lowmem.spec.structs import DataSpec
@@ -80,7 +82,7 @@ def record_segments(record: dict, data: DataSpec, where: str) -> list[Segment]:
         segments = render_instruct(instruction, input, output)
     else:
         messages = check_messages(_field(record, data, "messages", where), data, where)
-        segments = CHAT_TEMPLATES[DEFAULT_CHAT_TEMPLATE](messages)
+        segments = CHAT_TEMPLATES[chat_template_name(data.chat_template)](messages)
     if data.train_on_prompt:
         segments = [(piece, True) for piece, _ in segments]
     return segments
@@ -142,20 +144,76 @@ def check_messages(messages: object, data: DataSpec, where: str) -> list[dict[st
 def encode_segments(
     segment_lists: Sequence[list[Segment]], tokenizer: Tokenizer
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(tokens int32 (L,), loss_mask uint8 (L,)) per record; all text segments go through one batch encode."""
-    texts = [piece for segments in segment_lists for piece, _ in segments if isinstance(piece, str)]
-    encoded = iter(tokenizer.encode(texts))
-    special_ids = {Special.BOS: tokenizer.bos_id, Special.EOS: tokenizer.eos_id}
-    documents = []
+    """(tokens int32 (L,), loss_mask uint8 (L,)) per record; all text goes through one batch encode.
+
+    Special pieces become their ids (BOS is dropped where the tokenizer has no bos); adjacent text pieces with
+    the same mask are encoded as one text. With a `dummy_prefix` tokenizer (sentencepiece), a text piece after
+    the document's first drops one leading space, which the tokenizer's own word-boundary prefix stands for.
+    """
+    resolve = _special_resolver(tokenizer)
+    parts_per_doc: list[list[tuple[list[int] | str, bool]]] = []
+    texts: list[str] = []
     for segments in segment_lists:
+        parts: list[tuple[list[int] | str, bool]] = []
+        for piece, trainable in segments:
+            value = piece if isinstance(piece, str) else resolve(piece)
+            if isinstance(value, str) and parts and isinstance(parts[-1][0], str) and parts[-1][1] == trainable:
+                parts[-1] = (parts[-1][0] + value, trainable)
+            else:
+                parts.append((value, trainable))
+        first_text = True
+        for i, (value, trainable) in enumerate(parts):
+            if isinstance(value, str):
+                if tokenizer.dummy_prefix and not first_text and value.startswith(" "):
+                    parts[i] = (value := value[1:], trainable)
+                texts.append(value)
+                first_text = False
+        parts_per_doc.append(parts)
+    encoded = iter(tokenizer.encode(texts))
+    documents = []
+    for parts in parts_per_doc:
         ids: list[int] = []
         mask: list[int] = []
-        for piece, trainable in segments:
-            piece_ids = [special_ids[piece]] if isinstance(piece, Special) else next(encoded)
+        for value, trainable in parts:
+            piece_ids = next(encoded) if isinstance(value, str) else value
             ids += piece_ids
             mask += [int(trainable)] * len(piece_ids)
         documents.append((np.asarray(ids, np.int32), np.asarray(mask, np.uint8)))
     return documents
+
+
+def _special_resolver(tokenizer: Tokenizer):
+    """piece → its ids (or, for an `or_text` token the tokenizer lacks, its text), memoized per call."""
+    cache: dict[Special | SpecialToken, list[int] | str] = {}
+
+    def resolve(piece: Special | SpecialToken) -> list[int] | str:
+        if piece not in cache:
+            cache[piece] = _special_ids(piece, tokenizer)
+        return cache[piece]
+
+    return resolve
+
+
+def _special_ids(piece: Special | SpecialToken, tokenizer: Tokenizer) -> list[int] | str:
+    if piece is Special.BOS:
+        return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if piece is Special.EOS:
+        if tokenizer.eos_id is None:
+            raise ValueError(
+                f"{tokenizer} has no eos token, which ends every document; name one as eos_token in a "
+                "tokenizer_config.json next to the tokenizer file"
+            )
+        return [tokenizer.eos_id]
+    i = tokenizer.special_id(piece.text)
+    if i is not None:
+        return [i]
+    if piece.or_text:
+        return piece.text
+    raise ValueError(
+        f"chat template {piece.template!r} writes the special token {piece.text!r}, which {tokenizer} does not "
+        "have; use the template of the model's family (data.chat_template, \"auto\" for a checkpoint) or the "
+        "tokenizer that came with the model"
+    )
 
 
 def _field(record: dict, data: DataSpec, key: str, where: str) -> object:

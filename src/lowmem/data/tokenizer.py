@@ -1,12 +1,20 @@
-"""A small sentencepiece tokenizer: train (BPE, byte fallback), cache by content, batch-encode."""
+"""Tokenizers behind one interface: sentencepiece `.model`, tiktoken ranks files and byte-level BPE
+`tokenizer.json` (`load_tokenizer`); and training a small sentencepiece BPE on a corpus, cached by content.
+
+Which file a model directory's tokenizer is read from, and how bos / eos are found, is `load_tokenizer`'s
+docstring. The byte-level BPE kinds (Llama 3, Qwen2) live in `lowmem.data.hf_tokenizer`.
+"""
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +36,123 @@ MIN_VOCAB_SIZE = 4 + N_BYTE_PIECES + 64  # specials + bytes + room for some char
 # into pieces of at most this many characters (at whitespace, which BPE never merges across anyway).
 TRAIN_PIECE_CHARS = 2048
 
+# Hugging Face files next to a tokenizer that say which tokens are bos / eos / pad (and add_bos_token).
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
-class Tokenizer:
-    """A sentencepiece model with batched, multithreaded encoding.
+
+class Tokenizer(abc.ABC):
+    """What lowmem needs of a tokenizer, whatever file it was read from (see `load_tokenizer`).
+
+    Attributes:
+        path: the tokenizer file.
+        files: the files to copy next to a saved model (`path` and its tokenizer_config.json /
+            special_tokens_map.json), so that `load_tokenizer(model_dir)` gives the same tokenizer.
+        key: content hash of `files`: packed-data caches key on it.
+        vocab_size: one more than the largest id.
+        bos_id: the token put before a document, or None when the family has none (Qwen2) or
+            tokenizer_config.json says add_bos_token = false.
+        eos_id: the token after a document (tokenizer_config.json's eos_token where given), or None.
+        pad_id: the id that fills padding (masked anyway): the pad token, or 0 when there is none.
+        dummy_prefix: encoding prepends a word boundary ("▁") to every text, as sentencepiece does with
+            add_dummy_prefix; a text segment that continues a document then drops one leading space.
+    """
+
+    path: Path
+    files: tuple[Path, ...]
+    key: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+    dummy_prefix: bool = False
+
+    @abc.abstractmethod
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no bos/eos); special tokens are never produced from text."""
+
+    @abc.abstractmethod
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """Text of one sequence of ids (special tokens as their text)."""
+
+    @abc.abstractmethod
+    def special_id(self, text: str) -> int | None:
+        """The id of the special token written `text` (e.g. "<|eot_id|>"), or None if there is none."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """What tokenizer_config.json / special_tokens_map.json next to a tokenizer file say.
+
+    `tokens` holds bos_token / eos_token / pad_token where a file names them (None: explicitly none);
+    `added` is tokenizer_config.json's added_tokens_decoder (text → id).
+    """
+
+    tokens: dict[str, str | None]
+    add_bos: bool | None
+    added: dict[str, int]
+    files: tuple[Path, ...]
+
+    def resolve(self, tokenizer: Tokenizer, defaults: dict[str, str | None]) -> tuple[int | None, int | None, int]:
+        """(bos_id, eos_id, pad_id): the named tokens' ids, falling back to the family's `defaults`."""
+
+        def token_id(name: str) -> int | None:
+            text = self.tokens[name] if name in self.tokens else defaults.get(name)
+            if text is None:
+                return None
+            i = tokenizer.special_id(text)
+            if i is None:
+                where = self.files[0] if name in self.tokens else tokenizer.path
+                raise ValueError(f"{where}: {name} is {text!r}, which is not a token of {tokenizer.path}")
+            return i
+
+        bos = None if self.add_bos is False else token_id("bos_token")
+        pad = token_id("pad_token")
+        return bos, token_id("eos_token"), 0 if pad is None else pad
+
+
+def read_token_config(directory: Path) -> TokenConfig:
+    """The TokenConfig of the tokenizer files in `directory` (tokenizer_config.json wins over the map)."""
+    tokens: dict[str, str | None] = {}
+    add_bos = None
+    added: dict[str, int] = {}
+    files = []
+    for name in CONFIG_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        files.append(path)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key in config and key not in tokens:
+                value = config[key]
+                tokens[key] = value.get("content") if isinstance(value, dict) else value
+        if add_bos is None and isinstance(config.get("add_bos_token"), bool):
+            add_bos = config["add_bos_token"]
+        for i, token in (config.get("added_tokens_decoder") or {}).items():
+            added.setdefault(token["content"], int(i))
+    return TokenConfig(tokens=tokens, add_bos=add_bos, added=added, files=tuple(files))
+
+
+def files_key(files: tuple[Path, ...]) -> str:
+    """sha256 over the names and bytes of `files`."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (Llama 2, Mistral, Gemma, Phi-3, or one lowmem trained) with batched encoding.
+
+    Special tokens are its control / user-defined pieces plus tokenizer_config.json's added_tokens_decoder
+    (Phi-3's chat tokens exist only there). bos / eos / pad come from tokenizer_config.json where present,
+    else from the model.
 
     Args:
         path: a sentencepiece `.model` file.
@@ -40,28 +162,35 @@ class Tokenizer:
     def __init__(self, path: str | Path, *, num_threads: int = -1):
         self.path = Path(path)
         model_bytes = self.path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{self.path}: not a sentencepiece model, tiktoken ranks file or tokenizer.json ({err})"
+            ) from None
         self.num_threads = num_threads
+        config = read_token_config(self.path.parent)
+        self.files = (self.path, *config.files)
         # Content key: identifies the model whatever file it was loaded from (used by pack caches).
-        self.key = hashlib.sha256(model_bytes).hexdigest()
+        self.key = hashlib.sha256(model_bytes).hexdigest() if not config.files else files_key(self.files)
+        self._added = config.added
+        self._added_text = {i: text for text, i in config.added.items() if i >= self._sp.vocab_size()}
+        self.vocab_size = max([self._sp.vocab_size(), *(i + 1 for i in config.added.values())])
+        self.dummy_prefix = self._sp.encode("x", out_type=str)[0].startswith("\u2581")
+        defaults = {
+            name: self._sp.id_to_piece(i) if i >= 0 else None
+            for name, i in (("bos_token", self._sp.bos_id()), ("eos_token", self._sp.eos_id()),
+                            ("pad_token", self._sp.pad_id()))
+        }
+        self.bos_id, self.eos_id, self.pad_id = config.resolve(self, defaults)
 
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.vocab_size()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        """The id that fills padding: the model's pad piece, or 0 when it has none (padding is masked anyway)."""
-        pad = self._sp.pad_id()
-        return pad if pad >= 0 else 0
+    def special_id(self, text: str) -> int | None:
+        if text in self._added:
+            return self._added[text]
+        i = self._sp.piece_to_id(text)
+        if self._sp.is_unknown(i) and self._sp.id_to_piece(i) != text:
+            return None
+        return None if self._sp.is_byte(i) or self._sp.is_unused(i) else i
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no bos/eos), encoded by sentencepiece's thread pool."""
@@ -70,11 +199,61 @@ class Tokenizer:
         return self._sp.encode(texts, out_type=int, num_threads=self.num_threads)
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
-        """Text of one sequence of ids."""
-        return self._sp.decode([int(i) for i in ids])
+        """Text of one sequence of ids; added tokens beyond the sentencepiece vocab decode to their text."""
+        parts, run = [], []
+        for i in (int(i) for i in ids):
+            if i in self._added_text:
+                parts += [self._sp.decode(run), self._added_text[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*parts, self._sp.decode(run)])
 
-    def __repr__(self) -> str:
-        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer in a file, or in a model directory.
+
+    A file is read by its content: a sentencepiece model, a tiktoken ranks file (Llama 3's
+    `original/tokenizer.model`) or a byte-level BPE `tokenizer.json` (Llama 3, Qwen2). In a directory, a
+    sentencepiece `tokenizer.model` comes first (sentencepiece families also ship a `tokenizer.json`
+    converted from it, which is not byte-level), then `tokenizer.json`, then a tiktoken `tokenizer.model`,
+    then `original/tokenizer.model`. bos / eos / pad follow tokenizer_config.json / special_tokens_map.json
+    next to the file when present (Qwen2: no bos; add_bos_token = false: none put before documents).
+
+    Raises:
+        ValueError naming the path when there is no tokenizer there or its kind is not supported.
+    """
+    from lowmem.data.hf_tokenizer import is_tiktoken_file, load_tiktoken_file, load_tokenizer_json
+
+    path = Path(path)
+    if path.is_dir():
+        path = _tokenizer_file_in(path)
+    if not path.is_file():
+        raise ValueError(
+            f"{path}: no such file; give a tokenizer.model, a tokenizer.json or a model directory holding one"
+        )
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"{"):
+        return load_tokenizer_json(path)
+    if is_tiktoken_file(path):
+        return load_tiktoken_file(path)
+    return SentencePieceTokenizer(path)
+
+
+def _tokenizer_file_in(directory: Path) -> Path:
+    from lowmem.data.hf_tokenizer import is_tiktoken_file
+
+    model = directory / "tokenizer.model"
+    if model.is_file() and not is_tiktoken_file(model):
+        return model
+    for candidate in (directory / "tokenizer.json", model, directory / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"{directory}: no tokenizer.json, tokenizer.model or original/tokenizer.model; point "
+        "data.tokenizer.path at the model's tokenizer file"
+    )
 
 
 def train_tokenizer(
@@ -84,7 +263,7 @@ def train_tokenizer(
     seed: int = 0,
     *,
     max_sentences: int = 300_000,
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Train a BPE sentencepiece model on `documents` and write it atomically to `out_path`.
 
     Byte fallback is on, so any text encodes (no unk for unseen characters); normalization is identity, so
@@ -129,7 +308,7 @@ def train_tokenizer(
             "use more text or a smaller vocab_size"
         ) from None
     write_bytes_atomic(Path(out_path), model.getvalue())
-    return Tokenizer(out_path)
+    return SentencePieceTokenizer(out_path)
 
 
 def load_or_train_tokenizer(
@@ -139,7 +318,7 @@ def load_or_train_tokenizer(
     *,
     text_field: str = "text",
     data: DataSpec | None = None,
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """The tokenizer for (source content, vocab_size), trained once and then loaded from the cache.
 
     It trains on each record's `text_field`, or, given `data`, on each record rendered by `data.format`'s
@@ -150,7 +329,7 @@ def load_or_train_tokenizer(
     key = tokenizer_cache_key(corpus_path, vocab_size, text_field=text_field, data=data)
     model_path = Path(cache_dir) / "tokenizers" / key / "tokenizer.model"
     if model_path.is_file():
-        return Tokenizer(model_path)
+        return SentencePieceTokenizer(model_path)
     texts = read_documents(corpus_path, text_field) if data is None else read_segment_texts(corpus_path, data)
     return train_tokenizer(texts, vocab_size, model_path)
 
@@ -168,7 +347,7 @@ def tokenizer_cache_key(
             if data.format == "text" and not columns
             else (
                 f"format={data.format} text_field={data.text_field} columns={columns} bad_rows={data.bad_rows} "
-                f"template={TEMPLATE_VERSION}"
+                f"template={TEMPLATE_VERSION},{data.chat_template}"
             )
         )
     parts = [

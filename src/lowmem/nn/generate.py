@@ -62,18 +62,25 @@ Params = dict[str, torch.Tensor]
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values, each (B, KV, T_max, hd), of which the first `length` positions are filled.
+    """Per-layer keys and values, each (B, KV, capacity, hd), for up to `max_len` positions; `length` are done.
 
+    A full-attention layer's capacity is `max_len`, filled in order. A sliding-window layer (Mistral, Phi-3,
+    Gemma 2's even layers) keeps only the last `window` positions, since no later query reaches further back,
+    so its cache is bounded by the window however long the text: after each step its first
+    min(length, window) slots hold positions length - min(length, window) .. length - 1, oldest first.
     The tensors are preallocated once; `prefill` and `decode_step` write into them and advance `length`.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    windows: list[int | None]  # per layer: its sliding window, or None for full attention
+    max_len: int
     length: int = 0
 
     @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
+    def n_bytes(self) -> int:
+        """Bytes the cache tensors hold."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -82,9 +89,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = 
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache length {max_len} exceeds cfg.max_seq_len = {cfg.max_seq_len}; "
                          "shorten the prompt or ask for fewer new tokens")
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
-                   values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)])
+    windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+    shapes = [(batch, cfg.n_kv_heads, max_len if w is None else min(w, max_len), cfg.head_dim) for w in windows]
+    return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
+                   values=[torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
+                   windows=windows, max_len=max_len)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,18 +108,30 @@ def attention_with_cache(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo
                          logit_softcap: float | None = None) -> torch.Tensor:
     """`llama.attention` for T new tokens at positions start..start+T-1 that also attend to the cache.
 
-    x (B, T, D) → (B, T, D). Writes the new tokens' keys and values (after RoPE) into cache_k/cache_v
-    (B, KV, T_max, hd) at [start, start + T); a query at position p attends to cached keys 0..p, or with a
-    sliding `window` to keys p - window + 1..p. The cache keeps every position (it is not a ring buffer).
+    x (B, T, D) → (B, T, D). A query at position p attends to keys 0..p, or with a sliding `window` to
+    keys p - window + 1..p. Without a window, the new keys and values (after RoPE) are written into
+    cache_k/cache_v (B, KV, max_len, hd) at [start, start + T). With one, the cache (B, KV, window, hd)
+    holds the last min(start, window) positions before `start` (see `KVCache`) and is updated to the last
+    min(start + T, window) positions after this call.
     """
     B, T, _ = x.shape
     end = start + T
     q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv)
-    cache_k[:, :, start:end] = k
-    cache_v[:, :, start:end] = v
-    k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, KV, L, hd), L = end
-    # Query i sits at position start + i, so it sees keys 0..start + i: a causal mask shifted by `start`.
-    mask = causal_mask(T, x.device, window, start)  # (T, L)
+    if window is None:
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, KV, L, hd), L = end
+        # Query i sits at position start + i, so it sees keys 0..start + i: a causal mask shifted by `start`.
+        mask = causal_mask(T, x.device, None, start)  # (T, L)
+    else:
+        n_cached = min(start, cache_k.shape[2])
+        first = start - n_cached  # the position of the oldest cached key
+        k = torch.cat([cache_k[:, :, :n_cached], k], dim=2)  # (B, KV, L, hd), L = n_cached + T
+        v = torch.cat([cache_v[:, :, :n_cached], v], dim=2)
+        mask = causal_mask(T, x.device, window, start)[:, first:]  # (T, L): keys first..end-1
+        n_kept = min(end, cache_k.shape[2])
+        cache_k[:, :, :n_kept] = k[:, :, -n_kept:]  # `k` is a new tensor (cat): no overlap with the cache
+        cache_v[:, :, :n_kept] = v[:, :, -n_kept:]
     y = attend(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)  # (B, H, T, hd)
     y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
     return linear(y, wo)  # (B, T, D)
@@ -144,7 +165,7 @@ def _forward_with_cache(params: Params, tokens: torch.Tensor, cfg: ModelConfig, 
     h = embed(params, tokens, cfg)  # (B, T, D)
     for i in range(cfg.n_layers):
         layer = {n: _weight(params, f"layers.{i}.{n}", adapters, False) for n in names}
-        h = block_with_cache(h, layer, cos, sin, cache.keys[i], cache.values[i], start, cfg.layer_window(i),
+        h = block_with_cache(h, layer, cos, sin, cache.keys[i], cache.values[i], start, cache.windows[i],
                              cfg=cfg)
     cache.length = start + T
     hidden = _norm(h[:, -1], params["norm"], cfg)  # (B, D): only the last position is sampled
@@ -278,7 +299,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_ids: list[list[int]] | tor
 
 
 class ModelFiles(NamedTuple):
-    """Where a model to generate from lives: HF weights, optional PEFT adapter, sentencepiece tokenizer."""
+    """Where a model to generate from lives: HF weights, optional PEFT adapter, tokenizer file."""
 
     model_dir: Path
     adapter_dir: Path | None
@@ -289,7 +310,7 @@ def find_model_files(path: str | os.PathLike[str]) -> ModelFiles:
     """The model in a lowmem run directory (`model/`, or `base/` + `adapter/`) or an HF model directory.
 
     An adapter-only run whose base lives elsewhere finds it through `adapter/adapter_config.json`'s
-    `base_model_name_or_path`. The tokenizer is the `tokenizer.model` next to the base weights.
+    `base_model_name_or_path`. The tokenizer is the one stored next to the base weights (TOKENIZER_FILES).
 
     Raises:
         FileNotFoundError naming what was looked for, when there is no model or no tokenizer.
@@ -312,11 +333,15 @@ def find_model_files(path: str | os.PathLike[str]) -> ModelFiles:
             f"{root}: no model found; expected a finished lowmem run (model/, or base/ + adapter/) or an "
             "HF model directory (config.json + model.safetensors)"
         )
-    tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.model; lowmem generates with a sentencepiece "
-                                "tokenizer stored next to the weights (copy the model's tokenizer.model there)")
-    return ModelFiles(model_dir, adapter_dir, tokenizer_path)
+    found = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's "
+                                "tokenizer files next to its weights")
+    return ModelFiles(model_dir, adapter_dir, found[0])
+
+
+# where an HF model directory keeps its tokenizer (lowmem.data.load_tokenizer reads any of them)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
 
 
 def _adapter_base(adapter_dir: Path) -> Path:

@@ -8,13 +8,19 @@ gate and up projections as `mlp.gate_up_proj`, which are split on load and fused
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -22,7 +28,7 @@ from safetensors.torch import save_file
 
 from lowmem.nn.config import ModelConfig, param_shapes
 
-__all__ = ["from_hf_name", "hf_layout", "load_hf", "save_hf", "to_hf_name"]
+__all__ = ["from_hf_name", "hf_layout", "load_hf", "read_hf_config", "save_hf", "to_hf_name"]
 
 Params = dict[str, torch.Tensor]
 
@@ -129,7 +135,7 @@ def hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 
 def save_hf(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike[str], *,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, max_shard_bytes: int | None = None) -> Path:
     """Write `config.json` + `model.safetensors` to `out_dir`, atomically.
 
     Files are written and fsynced in a temporary directory next to `out_dir`, which is then renamed
@@ -137,18 +143,47 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike[str], *
     A tied output is stored once, as `model.embed_tokens.weight`. The config's dtype is that of
     `tok_embeddings`. An existing `out_dir` raises FileExistsError unless `overwrite`.
 
+    With `max_shard_bytes`, tensors go in checkpoint order into shards `model-00001-of-0000N.safetensors`
+    of at most that many bytes each (a larger tensor gets a shard of its own), listed in
+    `model.safetensors.index.json`, as transformers' `save_pretrained(max_shard_size=...)` writes them.
+
     Returns the output directory.
     """
     out = Path(out_dir)
     expected = param_shapes(cfg)
     _check_names_and_shapes(params, expected, where="params passed to save_hf")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes = {max_shard_bytes}: must be positive, or None for one file")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype_name = str(params["tok_embeddings"].dtype).removeprefix("torch.")
     tensors = {hf: torch.cat([params[n].detach().to("cpu") for n in parts]).contiguous()
                for hf, parts in hf_layout(cfg).items()}
-    return write_dir_atomic(out, {CONFIG_FILE: cfg.to_hf_config(dtype=dtype_name)}, {WEIGHTS_FILE: tensors})
+    json_files: dict[str, Any] = {CONFIG_FILE: cfg.to_hf_config(dtype=dtype_name)}
+    if max_shard_bytes is None:
+        return write_dir_atomic(out, json_files, {WEIGHTS_FILE: tensors})
+    shards = _shard(tensors, max_shard_bytes)
+    json_files[INDEX_FILE] = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": {name: file for file, shard in shards.items() for name in shard},
+    }
+    return write_dir_atomic(out, json_files, shards)
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Split `tensors` (in order) into HF-named shards of at most `max_shard_bytes` (or one big tensor) each."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n_bytes = t.numel() * t.element_size()
+        if groups[-1] and size + n_bytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += n_bytes
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
 def write_dir_atomic(out: Path, json_files: dict[str, Any], tensor_files: dict[str, dict[str, torch.Tensor]]
@@ -200,15 +235,33 @@ def _replace_dir(src: Path, dst: Path) -> None:
 # load
 
 
+def read_hf_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig of an HF checkpoint directory's `config.json` (errors name the file and key)."""
+    config_path = Path(model_dir) / CONFIG_FILE
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf_config(hf_config, source=str(config_path))
+
+
 def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu") -> tuple[ModelConfig, Params]:
+            device: torch.device | str = "cpu", *,
+            convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[ModelConfig, Params]:
     """Read an HF checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3) into (config, params).
 
     Reads `config.json` and either `model.safetensors` or the shards listed in
-    `model.safetensors.index.json`, tensor by tensor through `safe_open`, casting each to `dtype` on
-    `device` as it goes. Shapes are checked against the config before a tensor is read. A tied
-    checkpoint may omit `lm_head.weight` (and one that stores it anyway has the copy skipped). Fused
-    tensors (Phi-3) are split into their canonical parts, each its own copy.
+    `model.safetensors.index.json`, tensor by tensor, each straight from the file into a tensor of `dtype`
+    (see `_read_rows`: no file page is mapped into the process, and a cast goes through one small buffer),
+    then onto `device`. Peak memory is therefore the loaded params plus one tensor, not the checkpoint.
+    Shapes are checked against the config before a tensor is read. A tied checkpoint may omit
+    `lm_head.weight` (and one that stores it anyway has the copy skipped). Fused tensors (Phi-3) are
+    read as their canonical parts, each its own tensor.
+
+    Args:
+        convert: called as `convert(name, tensor)` on each canonical tensor as soon as it is read, and
+            its result kept instead; e.g. `lowmem.nn.quant.nf4_converter(...)` quantizes the projections
+            while loading, so the full-precision model is never whole in memory (QLoRA).
 
     Raises:
         ValueError naming the file and tensor for a missing, unexpected or wrongly shaped tensor, and
@@ -216,17 +269,32 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
     """
     root = Path(model_dir)
     config_path = root / CONFIG_FILE
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    cfg = ModelConfig.from_hf_config(hf_config, source=str(config_path))
+    cfg = read_hf_config(root)
     expected = param_shapes(cfg)
     layout = hf_layout(cfg)
 
     params: Params = {}
+    buffer = torch.empty(_CAST_BUFFER_BYTES, dtype=torch.uint8)  # reused by every cast (`_read_rows`)
+    with _large_allocations_returned() if convert is not None else contextlib.nullcontext():
+        _read_params(root, cfg, expected, layout, params, buffer, device, dtype, convert)
+    missing = [hf for hf, parts in layout.items() if parts[0] not in params]
+    if missing:
+        raise ValueError(
+            f"{root}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"({len(missing)} in all) required by {config_path}"
+        )
+    return cfg, {n: params[n] for n in expected}
+
+
+def _read_params(root: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]],
+                 layout: dict[str, tuple[str, ...]], params: Params, buffer: torch.Tensor,
+                 device: torch.device | str, dtype: torch.dtype,
+                 convert: Callable[[str, torch.Tensor], torch.Tensor] | None) -> None:
+    """load_hf's reading loop: every weight file, tensor by tensor, into `params` (converted as read)."""
+    config_path = root / CONFIG_FILE
     for file, names in _weight_files(root).items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        entries = _safetensors_entries(file)
+        with open(file, "rb", buffering=0) as fh:
             for hf_name in names:
                 if _IGNORED_HF.fullmatch(hf_name):
                     continue
@@ -243,24 +311,117 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
                     raise ValueError(f"{file}: tensor {hf_name!r} appears in more than one shard")
                 sizes = [expected[n][0] for n in parts]
                 want = (sum(sizes), *expected[parts[0]][1:])
-                shape = tuple(f.get_slice(hf_name).get_shape())
-                if shape != want:
+                entry = entries[hf_name]
+                if entry.shape != want:
                     raise ValueError(
-                        f"{file}: tensor {hf_name!r} has shape {shape}, expected {want} from {config_path}"
+                        f"{file}: tensor {hf_name!r} has shape {entry.shape}, expected {want} from {config_path}"
                     )
-                tensor = f.get_tensor(hf_name)
-                if len(parts) == 1:
-                    params[parts[0]] = tensor.to(device=device, dtype=dtype)
-                    continue
-                for name, piece in zip(parts, tensor.split(sizes), strict=True):
-                    params[name] = piece.to(device=device, dtype=dtype, copy=True).contiguous()
-    missing = [hf for hf, parts in layout.items() if parts[0] not in params]
-    if missing:
-        raise ValueError(
-            f"{root}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-            f"({len(missing)} in all) required by {config_path}"
-        )
-    return cfg, {n: params[n] for n in expected}
+                row = 0
+                for name, n_rows in zip(parts, sizes, strict=True):
+                    shape = (n_rows, *entry.shape[1:])
+                    tensor = torch.empty(shape, dtype=dtype)
+                    _read_rows(fh, file, hf_name, entry, row, tensor, buffer)
+                    tensor = tensor.to(device)
+                    if convert is not None:
+                        tensor = convert(name, tensor)
+                    params[name] = tensor
+                    del tensor  # before the next read: one full-precision tensor alive at a time
+                    row += n_rows
+
+
+# glibc mallopt parameter (malloc.h): allocations at least this large are served by mmap
+_M_MMAP_THRESHOLD = -3
+
+
+@contextlib.contextmanager
+def _large_allocations_returned():
+    """While loading with a converter, make glibc serve allocations of 64 KiB or more by mmap.
+
+    Quantizing as we read frees many large temporaries between the small tensors it keeps. glibc's dynamic
+    mmap threshold rises after the first large free, so later temporaries come from the heap, and the heap
+    cannot shrink past the kept tensors between them: measured, peak RSS reached 2.3-3.2x the NF4 model
+    (benchmarks/load_memory.py). With a fixed 64 KiB threshold every temporary is unmapped when freed and the
+    peak is the model plus one weight. Afterwards the threshold is left at 32 MiB, the ceiling glibc's own
+    dynamic threshold grows to on 64-bit, so training allocates as it would have. A no-op without glibc.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.malloc_trim(0)
+
+
+# A cast (bf16 file -> fp32 params, fp32 -> bf16, ...) reads the file in pieces of this size and converts
+# each into its place in the output, so a cast costs this much beyond the output tensor itself.
+_CAST_BUFFER_BYTES = 1024 * 1024
+# safetensors dtype names (https://github.com/huggingface/safetensors, "Format") of the float tensors
+# lowmem reads.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class _Entry(NamedTuple):
+    """Where one tensor lies in a safetensors file: its dtype name, shape and absolute byte offset."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+def _safetensors_entries(file: Path) -> dict[str, _Entry]:
+    """Tensor name -> `_Entry`, from the file's header: an 8-byte little-endian length, then that much JSON
+    whose `data_offsets` count from the end of the header. (safetensors' Python API gives shapes, not offsets.)
+    """
+    with open(file, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    data_start = 8 + header_len
+    return {name: _Entry(e["dtype"], tuple(e["shape"]), data_start + e["data_offsets"][0])
+            for name, e in header.items() if name != "__metadata__"}
+
+
+def _read_rows(fh: BinaryIO, file: Path, hf_name: str, entry: _Entry, first_row: int, out: torch.Tensor,
+               buffer: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor `out` (any float dtype) with rows first_row.. of a stored tensor.
+
+    Read with plain file reads, not through a memory map: the bytes land in `out` (same dtype) or, for a
+    cast, piecewise in `buffer` (uint8) and are converted into `out`. So the process holds `out` and the
+    buffer, and no page of the file, which a memory map would count in its RSS until it is unmapped.
+    """
+    stored = _SAFETENSORS_DTYPES.get(entry.dtype)
+    if stored is None:
+        raise ValueError(f"{file}: tensor {hf_name!r} is stored as {entry.dtype}; lowmem reads "
+                         f"{sorted(_SAFETENSORS_DTYPES)} (convert the checkpoint to bf16 or fp32)")
+    item = stored.itemsize
+    start = entry.offset + first_row * math.prod(entry.shape[1:]) * item
+    flat = out.view(-1)
+    if stored == out.dtype:
+        _read_exactly(fh, file, hf_name, start, flat.view(torch.uint8))
+        return
+    per_piece = max(1, buffer.numel() // item)
+    for lo in range(0, flat.numel(), per_piece):
+        n = min(per_piece, flat.numel() - lo)
+        piece = buffer[: n * item]
+        _read_exactly(fh, file, hf_name, start + lo * item, piece)
+        flat[lo:lo + n].copy_(piece.view(stored))
+
+
+def _read_exactly(fh: BinaryIO, file: Path, hf_name: str, offset: int, out: torch.Tensor) -> None:
+    """Fill the uint8 tensor `out` from `offset` of the open file (one read may return less: loop)."""
+    view = memoryview(out.numpy())
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:])
+        if not n:
+            raise ValueError(f"{file}: tensor {hf_name!r} is cut short (file ends {len(view) - done} bytes "
+                             "early); the download or copy is incomplete")
+        done += n
 
 
 def _weight_files(root: Path) -> dict[Path, list[str]]:

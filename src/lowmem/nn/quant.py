@@ -1,6 +1,7 @@
 """NF4 base weights for QLoRA: a params → params transform that changes the leaf type of the projections.
 
     base = quantize_nf4(init_params(cfg, seed=0), cfg)             # every wq..w3 → torchao NF4Tensor
+    cfg, base = load_hf(path, convert=nf4_converter(read_hf_config(path)))  # or as read, never whole in fp32
     params = add_adapters(base, cfg, settings, seed=0)             # LoRA/DoRA on top, as for a dense base
     hidden = forward(params, tokens, cfg, adapters=settings)       # `linear` dispatches on NF4 leaves
     merged = merge_adapters(dequantize_nf4(params), settings)      # plain tensors again, for export
@@ -14,16 +15,21 @@ module chooses which weights become NF4 and sizes them for the planner.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
-from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
+    NF4Tensor,
+    SubclassTensorArgs,
+    get_block_absmax,
+    to_nf4,
+)
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import _NF4_MODULE, dense_weight, is_nf4
 from lowmem.nn.lora import TARGETS
 
-__all__ = ["NF4_LEVELS", "dequantize_nf4", "nf4_bytes", "quantize_nf4", "quantized_names"]
+__all__ = ["NF4_LEVELS", "dequantize_nf4", "nf4_bytes", "nf4_converter", "quantize_nf4", "quantized_names"]
 
 Params = dict[str, torch.Tensor]
 
@@ -77,18 +83,78 @@ def quantize_nf4(params: Params, cfg: ModelConfig, *, targets: Iterable[str] = t
     """
     out = dict(params)
     for name in quantized_names(cfg, targets):
-        w = params[name]
-        if is_nf4(w):
-            raise ValueError(f"{name} is already NF4; quantize a plain base (or dequantize_nf4 it first)")
-        numel_multiple = block_size * scaler_block_size
-        if w.numel() % numel_multiple:
-            raise ValueError(
-                f"{name} has shape {tuple(w.shape)} ({w.numel()} elements), not a multiple of block_size * "
-                f"scaler_block_size = {block_size} * {scaler_block_size} = {numel_multiple}; pass a smaller "
-                "scaler_block_size, or leave this projection out of targets"
-            )
-        out[name] = to_nf4(w.detach().contiguous(), block_size, scaler_block_size)
+        out[name] = _quantize_weight(name, params[name], block_size, scaler_block_size)
     return out
+
+
+def nf4_converter(cfg: ModelConfig, *, targets: Iterable[str] = tuple(TARGETS), block_size: int = 64,
+                  scaler_block_size: int = 256) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """`quantize_nf4` one tensor at a time: a `convert(name, tensor)` for `lowmem.nn.hf.load_hf`.
+
+    The returned function quantizes the weights `quantize_nf4` would (same targets, same checks and
+    errors) and returns every other tensor unchanged, so
+
+        load_hf(path, convert=nf4_converter(cfg))  ==  quantize_nf4(load_hf(path), cfg)
+
+    while only one full-precision weight is alive at a time. `cfg` is the checkpoint's
+    (`lowmem.nn.hf.read_hf_config(path)`).
+    """
+    names = frozenset(quantized_names(cfg, targets))
+
+    def convert(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in names:
+            return tensor
+        return _quantize_weight(name, tensor, block_size, scaler_block_size, quantize=_to_nf4_in_chunks)
+
+    return convert
+
+
+# torchao's `to_nf4` finds each weight's nearest NF4 level over chunks of 2**20 elements, through a
+# (2**20, 16) difference matrix: about 130 MB of transient memory for an fp32 weight of any size. Loading a
+# checkpoint straight into NF4 keeps one weight in full precision at a time, and there that transient would
+# be most of the peak (benchmarks/load_memory.py). `_to_nf4_in_chunks` runs the same torchao steps over
+# chunks of this many elements: a few MB at a time.
+_NF4_CHUNK_NUMEL = 2**16
+
+
+def _to_nf4_in_chunks(w: torch.Tensor, block_size: int, scaler_block_size: int) -> NF4Tensor:
+    """`to_nf4(w, block_size, scaler_block_size)`, bit for bit (tested), with a bounded transient.
+
+    The steps of torchao's `NF4Tensor.from_tensor`, each with torchao's function: double-quantized block
+    scales (`double_quantize_scalers`), each block divided by its absmax, nearest level
+    (`quantize_tensor_nearest`), two 4-bit codes per byte (first in the high nibble).
+    """
+    flat = w.reshape(-1)  # (numel,); `w` is contiguous
+    numel = flat.numel()
+    n_blocks = numel // block_size
+    scalers, factor, mean = NF4Tensor.double_quantize_scalers(flat, block_size, scaler_block_size)
+    levels = to_nf4(torch.ones(block_size * scaler_block_size, dtype=w.dtype, device=w.device),
+                    block_size, scaler_block_size).nf4  # torchao's 16-level table, in w's dtype
+    absmax = get_block_absmax(flat, block_size)  # (n_blocks,)
+    codes = torch.empty(numel // 2, dtype=torch.uint8, device=w.device)
+    step = max(block_size, _NF4_CHUNK_NUMEL // block_size * block_size)
+    for lo in range(0, numel, step):
+        hi = min(lo + step, numel)
+        scaled = flat[lo:hi].view(-1, block_size) / absmax[lo // block_size:hi // block_size, None]
+        idx = NF4Tensor.quantize_tensor_nearest(scaled.flatten(), levels).to(torch.uint8)  # (hi - lo,)
+        codes[lo // 2:hi // 2] = idx[::2] << 4 | idx[1::2]
+    meta = SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype, w.device, w.requires_grad)
+    return NF4Tensor(meta, block_size, n_blocks, scaler_block_size, scalers, factor, mean, codes, levels)
+
+
+def _quantize_weight(name: str, w: torch.Tensor, block_size: int, scaler_block_size: int,
+                     quantize: Callable[[torch.Tensor, int, int], torch.Tensor] = to_nf4) -> torch.Tensor:
+    """torchao's NF4 of the plain weight `w` (named `name` in errors); see `quantize_nf4`."""
+    if is_nf4(w):
+        raise ValueError(f"{name} is already NF4; quantize a plain base (or dequantize_nf4 it first)")
+    numel_multiple = block_size * scaler_block_size
+    if w.numel() % numel_multiple:
+        raise ValueError(
+            f"{name} has shape {tuple(w.shape)} ({w.numel()} elements), not a multiple of block_size * "
+            f"scaler_block_size = {block_size} * {scaler_block_size} = {numel_multiple}; pass a smaller "
+            "scaler_block_size, or leave this projection out of targets"
+        )
+    return quantize(w.detach().contiguous(), block_size, scaler_block_size)
 
 
 def dequantize_nf4(params: Params) -> Params:

@@ -21,13 +21,23 @@ class StrategyInfo(msgspec.Struct, frozen=True, kw_only=True):
 CATALOGUE: dict[str, StrategyInfo] = {
     "precision": StrategyInfo(
         name="precision",
-        saves="bf16 halves weights, gradients, optimizer states and activations",
-        costs="bf16 compute is slow on CPUs without AVX512-BF16/AMX (about 300x on the dev machine)",
+        saves="bf16 halves weights, gradients, optimizer states and activations; mixed-bf16 and fp16 keep fp32 "
+              "master weights, gradients and optimizer states and halve the activations (a frozen LoRA base is "
+              "held in the compute dtype)",
+        costs="bf16 compute is slow on CPUs without AVX512-BF16/AMX (about 300x on a development machine); "
+              "mixed-bf16/fp16 hold a 16-bit copy of each block's weights until its backward (one block at a time "
+              "when checkpointed); fp16 skips steps whose scaled gradients overflow",
+        requires="auto picks bf16/mixed-bf16 only with native bf16 arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs) "
+                 "and fp16 only on GPUs without bf16 (on CPU it is slower than fp32: FP16_CPU_REASON); fp16 not "
+                 "with optimizer_in_backward (an overflowing step must be skippable)",
     ),
     "activation_checkpointing": StrategyInfo(
         name="activation_checkpointing",
-        saves="keeps only each checkpointed block's input (every block, or every 2nd/4th: 0, k, 2k, ...)",
-        costs="one extra forward of each checkpointed block (up to about +33% FLOPs for every block)",
+        saves="full / every-k: keeps only each checkpointed block's input (every block, or every 2nd/4th: 0, k, "
+              "2k, ...); selective: every block keeps its input and its matmul and attention outputs only",
+        costs="full / every-k: one extra forward of each checkpointed block (up to about +33% FLOPs for every "
+              "block); selective: only the elementwise ops (norms, RoPE, SiLU, gating) run again",
+        requires="selective: not together with compile (the policy sees aten ops, a compiled block is one graph)",
     ),
     "activation_offloading": StrategyInfo(
         name="activation_offloading",
@@ -57,12 +67,20 @@ CATALOGUE: dict[str, StrategyInfo] = {
     ),
     "compile": StrategyInfo(
         name="compile",
-        saves="fuses elementwise ops, fewer saved intermediates",
-        costs="compile time at start",
-        available=False,
-        unavailable_reason="not implemented in this version",
+        saves="torch.compile (inductor) of the block: fused elementwise kernels, fewer saved intermediates",
+        costs="compile time at start (COMPILE_SECONDS_PER_BLOCK per distinct block graph); chosen only when the "
+              "run's estimated time saved repays it",
+        requires="a C compiler for inductor on CPU; not together with selective checkpointing",
     ),
 }
 
 # precision values the executor runs today
-AVAILABLE_PRECISIONS = ("fp32", "bf16")
+AVAILABLE_PRECISIONS = ("fp32", "bf16", "mixed-bf16", "fp16")
+
+# fp16 on CPU, measured on the development CPU (AVX512-FP16 and AMX-BF16, no AMX-FP16), torch 2.13: 512x1024 @
+# 1024x1024 matmuls ran at fp32 36.5, bf16 81.6, fp16 42.9 GFLOP/s, and a whole quickstart-5m training step at
+# 413 tokens/s in fp16 against 2,612 in fp32 (fp16 elementwise ops and their backward are slow there). So auto
+# never picks fp16 for a CPU; forced, it runs (same memory as mixed-bf16) and the plan warns.
+FP16_CPU_REASON = ("fp16 on CPU is slower than fp32 (measured: matmuls 43 vs 37 GFLOP/s, a training step 413 vs "
+                   "2,612 tokens/s on an AVX512-FP16 CPU) and needs loss scaling; mixed-bf16 or bf16 give the same "
+                   "memory without scaling where the CPU has bf16 instructions, else fp32")

@@ -24,8 +24,34 @@ from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "mixed-bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "mixed-bf16": 2, "fp16": 2}  # the compute dtype: activations
+MASTER_BYTES = {"fp32": 4, "bf16": 2, "mixed-bf16": 4, "fp16": 4}  # trained weights, gradients, optimizer states
 FP32 = 4
+
+# fp16 compute on CPU, relative to fp32: a quickstart-5m step (8 x 256 tokens) ran at 413 vs 2,612 tokens/s on
+# the development CPU (AVX512-FP16 but no AMX-FP16; torch 2.13; /tmp/lm/bench_prec.py in the commit message of
+# mixed precision). fp16 matmuls alone ran at about fp32 speed (catalogue.FP16_CPU_REASON): the elementwise
+# ops and their backward in fp16 are what is slow.
+FP16_OVER_FP32_CPU = 0.16
+
+# torch.compile (inductor) time per distinct block graph, cold cache: the first compiled step took 38 s for the
+# tiny preset and 53 s for quickstart-5m (forward and backward graphs; one graph serves every layer), plus 1-2 s
+# for a second variant on the next step; development CPU (2 cores shared with other work, gcc 12, torch 2.13),
+# /tmp/lm/speed.py. Compile time is Python-side tracing and code generation: assumed about the same on a GPU host.
+COMPILE_SECONDS_PER_BLOCK = 45.0
+# Steady-state speed of a compiled block relative to eager: 1.13x on the development CPU (quickstart-5m fp32,
+# 8 x 256 tokens, min of 6 interleaved forward+backward rounds: 0.718 vs 0.814 s). On CUDA assumed 1.1x (fused
+# elementwise kernels; not measured here).
+COMPILE_SPEEDUP = {"cpu": 1.13, "cuda": 1.1}
+
+# Selective checkpointing runs no matmul twice, yet on the development CPU (quickstart-5m, 8 x 256 tokens, fp32,
+# min of 8 interleaved forward+backward rounds, /tmp/lm/speed.py) its step took 4.27 s against 3.34 s off and
+# 4.95 s full: 58% of full recompute's extra time (elementwise ops are memory-bound there, and the policy adds a
+# Python dispatch per op). Counted as that share of full recompute's FLOPs.
+SELECTIVE_RECOMPUTE_SHARE = 0.6
+# mixed precision casts every block weight to the compute dtype (forward and recompute) and each weight gradient
+# back: memory-bound work proportional to the parameters, about 1% of a step at these token counts
+MIXED_CAST_OVERHEAD = 0.99
 
 # Share of peak FLOP/s a training step reaches, by device: on CPU 0.45 of the profile's peak (fitted on the
 # development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
@@ -34,8 +60,29 @@ EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
 
 
 def weight_bytes(precision: str) -> int:
-    """Bytes per parameter of the weights the model computes with (fp32 master copies are extra)."""
-    return DTYPE_BYTES[precision]
+    """Bytes per trained parameter (its gradient and optimizer states too): fp32 masters under mixed precision."""
+    return MASTER_BYTES[precision]
+
+
+def cast_copy_bytes(cfg: ModelConfig, precision: str, trainable: "Trainable") -> int:
+    """Bytes of one block's low-precision weight copies under mixed precision (0 otherwise).
+
+    `lowmem.train.strategies` casts each block's fp32 master tensors to the compute dtype inside the block;
+    every copy is saved by the op that uses it (a linear saves its weight for the input's gradient, the
+    norm's product its weight) until that block's backward. A frozen base is stored in the compute dtype
+    already, so under LoRA only the adapters are copied.
+    """
+    a, wb = DTYPE_BYTES[precision], MASTER_BYTES[precision]
+    if a == wb:
+        return 0
+    shapes = param_shapes(cfg)
+    if trainable.full:
+        return sum(_numel(s) for n, s in shapes.items() if n.startswith("layers.0.")) * a
+    total = 0
+    for name in trainable.adapted:
+        d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
+        total += trainable.rank * (d_in + d_out) + (d_out if trainable.dora else 0)
+    return total * a
 
 
 def optimizer_state_bytes(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]], param_bytes: int) -> int:
@@ -141,12 +188,38 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     return n_tokens * per_token + mask
 
 
+def selective_block_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str,
+                          trainable: Trainable = FULL) -> int:
+    """Bytes one block keeps under selective checkpointing: its input and the outputs of its matmuls and SDPA.
+
+    `lowmem.train.strategies.SAVED_OPS`: every projection's matmul output (q, k, v, wo, w1, w3, w2; frozen ones
+    too: the policy looks at ops, not at what trains), each adapter's two matmul outputs (rank, out), DoRA's
+    B @ A product (a weight-sized (out, in) matrix per adapted weight, made for the row norm), and SDPA's output
+    with its fp32 per-head logsumexp. Everything elementwise (norms, RoPE, SiLU, the gating product, GQA's
+    repeated heads, the mask) is recomputed. Checked against `LiveTensorTracker` (tests/plan/test_estimate.py).
+    """
+    a = DTYPE_BYTES[precision]
+    D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
+    KV = cfg.n_kv_heads * cfg.head_dim
+    per_token = D * a  # the input
+    per_token += (Q + 2 * KV + D + 2 * F + D) * a  # wq wk wv wo w1 w3 w2
+    per_token += Q * a + H * FP32  # SDPA output and logsumexp
+    shapes = param_shapes(cfg)
+    weight_sized = 0
+    for name in trainable.adapted:
+        d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
+        per_token += (trainable.rank + d_out) * a
+        weight_sized += d_out * d_in * a if trainable.dora else 0
+    return n_tokens * per_token + weight_sized
+
+
 def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
                      trainable: Trainable = FULL) -> int:
     """Activations alive at the start of backward."""
     a = DTYPE_BYTES[strategies.precision]
     seq_len = n_tokens // batch
     block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    block += cast_copy_bytes(cfg, strategies.precision, trainable)
     # final RMSNorm (input, normalized if its weight trains, scaled) + the bool document mask + the fp32 RoPE
     # tables
     final_norm = (3 if trainable.full else 2) * cfg.dim * a + FP32
@@ -154,16 +227,18 @@ def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, ba
     shared += 2 * n_tokens * cfg.head_dim * FP32
     if a != FP32:
         shared += n_tokens * cfg.dim * FP32  # hidden upcast to fp32 for the loss
+    if strategies.activation_checkpointing == "selective":
+        return cfg.n_layers * selective_block_bytes(cfg, n_tokens, batch, strategies.precision, trainable) + shared
     n_ckpt = checkpointed_layers(cfg, strategies)  # these keep only their input
     return n_ckpt * n_tokens * cfg.dim * a + (cfg.n_layers - n_ckpt) * block + shared
 
 
 def checkpointed_layers(cfg: ModelConfig, strategies: Strategies) -> int:
-    """How many blocks activation checkpointing recomputes: none, every k-th (0, k, 2k, ...), or all."""
+    """How many blocks activation checkpointing recomputes (in part, for selective): none, every k-th, or all."""
     value = strategies.activation_checkpointing
     if value == "off":
         return 0
-    if value == "full":
+    if value in ("full", "selective"):
         return cfg.n_layers
     k = int(value.removeprefix("every-"))
     return -(-cfg.n_layers // k)
@@ -179,6 +254,11 @@ def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, bat
     # residual branches' gradients and their sum; 5 of them fitted against the traced step (lowmem plan
     # --trace) on quickstart-5m, full and LoRA, with and without the fused loss: within 4%
     block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    block += cast_copy_bytes(cfg, strategies.precision, trainable)  # the recomputed block's weight copies
+    if strategies.activation_checkpointing == "selective":
+        # the recompute reuses the block's kept outputs (counted in `activation_bytes`) instead of making them
+        # again; fitted against the traced step: within 1.5% of the peak on tiny (2 layers) and quickstart-5m (6)
+        block -= selective_block_bytes(cfg, n_tokens, batch, strategies.precision, trainable)
     return block + 5 * n_tokens * cfg.dim * a
 
 
@@ -186,7 +266,13 @@ def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, traina
     """Peak bytes the loss holds beyond its inputs (see `lowmem.nn.loss.loss_peak_bytes` for the derivation)."""
     head_trains = trainable is None or trainable.full
     return loss_peak_bytes(strategies.cross_entropy, n_tokens, cfg.vocab_size, cfg.dim,
-                           DTYPE_BYTES[strategies.precision], weight_grad=head_trains)
+                           head_bytes(strategies.precision, head_trains), weight_grad=head_trains)
+
+
+def head_bytes(precision: str, head_trains: bool) -> int:
+    """Bytes per element of the loss's inputs: the output head's dtype (a trained fp32 master under mixed
+    precision, whose final norm then also returns fp32 hidden states; else the compute dtype)."""
+    return MASTER_BYTES[precision] if head_trains else DTYPE_BYTES[precision]
 
 
 def batch_bytes(n_tokens: int) -> int:
@@ -208,15 +294,17 @@ def estimate_memory(
     n_trainable = sum(_numel(s) for s in trainable_shapes)
     n_tokens = train.micro_batch * train.seq_len
 
-    params = (n_params + (0 if trainable.full else n_trainable)) * wb  # adapters come on top of the base
+    # adapters come on top of the base; a frozen base is held in the compute dtype (it needs no fp32 master)
+    base_b = wb if trainable.full else DTYPE_BYTES[strategies.precision]
+    params = n_params * base_b + (0 if trainable.full else n_trainable * wb)
     dequant_scratch = 0
     if strategies.nf4_block_size:
         from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
 
         shapes = param_shapes(cfg)
         quantized = [_numel(shapes[name]) for name in quantized_names(cfg, TARGETS)]
-        params -= sum(quantized) * wb
-        params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=wb)
+        params -= sum(quantized) * base_b
+        params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=base_b)
                       for n in quantized)
         # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
         # length of one op (measured in tests/nn/test_quant.py)
@@ -247,7 +335,7 @@ def estimate_memory(
         optimizer_step = params + grads + opt + update_temp
     if recompute and in_recompute > max(backward_start, optimizer_step):
         components = (
-            Component(name="parameters", bytes=params, note=f"{n_params:,} x {wb} B"),
+            Component(name="parameters", bytes=params, note=f"{n_params:,} x {base_b} B"),
             Component(name="gradients", bytes=max(grads_in_backward, head_grad), note="output head and accumulated"),
             Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
             Component(name="activations", bytes=acts + recompute, note=_acts_note(cfg, strategies)),
@@ -256,7 +344,7 @@ def estimate_memory(
         return MemoryReport(components=components, peak_bytes=in_recompute, peak_phase="block recompute in backward")
     if backward_start >= optimizer_step:
         components = (
-            Component(name="parameters", bytes=params, note=f"{n_params:,} x {wb} B"),
+            Component(name="parameters", bytes=params, note=f"{n_params:,} x {base_b} B"),
             Component(name="gradients", bytes=grads_in_backward,
                       note="accumulated over micro-batches" if grads_in_backward else "none yet at backward start"),
             Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
@@ -268,7 +356,7 @@ def estimate_memory(
              if dequant_scratch else ())
         return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward")
     components = (
-        Component(name="parameters", bytes=params, note=f"{n_params:,} x {wb} B"),
+        Component(name="parameters", bytes=params, note=f"{n_params:,} x {base_b} B"),
         Component(name="gradients", bytes=grads, note=f"{n_trainable:,} trainable x {wb} B"),
         Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
         Component(name="temporaries", bytes=update_temp, note="update of the largest parameter"),
@@ -302,21 +390,36 @@ def flops_per_token(cfg: ModelConfig, strategies: Strategies, seq_len: int) -> f
     attn = 2 * seq_len * Q  # QK^T and AV, 2 FLOPs per MAC, half of them masked by causality
     forward = 2 * L * block_weights + L * attn + 2 * cfg.vocab_size * D
     total = 3 * forward
-    total += checkpointed_layers(cfg, strategies) * (2 * block_weights + attn)  # recomputed blocks run twice
+    recompute = checkpointed_layers(cfg, strategies) * (2 * block_weights + attn)  # recomputed blocks run twice
+    if strategies.activation_checkpointing == "selective":
+        recompute *= SELECTIVE_RECOMPUTE_SHARE  # no matmul again, but every elementwise op and the policy's dispatch
+    total += recompute
     if strategies.cross_entropy == "chunked":
         total += 2 * cfg.vocab_size * D  # the output projection is recomputed in backward
     return float(total)
 
 
+def peak_flops(precision: str, hw: HardwareProfile) -> float:
+    """The device's peak FLOP/s in the compute dtype of `precision`."""
+    if precision == "fp32":
+        return hw.peak_flops_fp32
+    if precision == "fp16" and hw.device == "cpu":
+        return hw.peak_flops_fp32 * FP16_OVER_FP32_CPU
+    return hw.peak_flops_bf16  # bf16; fp16 runs on the same tensor cores on GPUs
+
+
 def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int, hw: HardwareProfile) -> float:
     """Tokens per second from FLOPs per token, the device's peak for the compute dtype and an efficiency."""
-    bf16_compute = strategies.precision in ("bf16", "mixed-bf16", "fp16")
-    peak = hw.peak_flops_bf16 if bf16_compute else hw.peak_flops_fp32
+    peak = peak_flops(strategies.precision, hw)
     # the fused loss loops over chunks in Python and makes its gradients in forward: a small fixed cost, so it
     # is chosen when memory asks for it, not when standard CE fits
     overhead = 0.97 if strategies.cross_entropy == "fused" else 1.0
+    if DTYPE_BYTES[strategies.precision] != MASTER_BYTES[strategies.precision]:
+        overhead *= MIXED_CAST_OVERHEAD
     if strategies.optimizer_in_backward:
         overhead *= 0.99  # a Python hook and a small optimizer per parameter
+    if strategies.compile:
+        overhead *= COMPILE_SPEEDUP[hw.device]
     return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
 
 

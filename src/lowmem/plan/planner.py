@@ -8,20 +8,28 @@ estimates each candidate's peak memory and tokens/s, and picks the fastest that 
 import itertools
 import json
 import math
-from pathlib import Path
+import shutil
 
 import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
+from lowmem.nn.hub import resolve_model_dir
 from lowmem.nn.lora import TARGETS
-from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE
-from lowmem.plan.estimate import FULL, Trainable, estimate_memory, estimate_tokens_per_s
+from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE, FP16_CPU_REASON
+from lowmem.plan.estimate import (
+    COMPILE_SECONDS_PER_BLOCK,
+    FULL,
+    Trainable,
+    estimate_memory,
+    estimate_tokens_per_s,
+)
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies
 from lowmem.spec.structs import (
     SGD,
     Adafactor,
     AdamW,
+    AdamW4bit,
     AdamW8bit,
     Dora,
     Full,
@@ -33,7 +41,7 @@ from lowmem.spec.structs import (
 from lowmem.spec.units import format_bytes
 
 SUPPORTED_METHODS = (Full, Lora, Dora, QLora)
-SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit)
+SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit, AdamW4bit)
 
 
 class PlanError(ValueError):
@@ -44,6 +52,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
     """Compile a spec into a Plan for `hardware` (a profile, a profile name, or None for this machine)."""
     hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
     _check_supported(spec)
+    _check_compile(spec, hw)
     cfg = resolve_model(spec)
     if spec.train.seq_len > cfg.max_seq_len:
         raise PlanError(
@@ -55,18 +64,23 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
     usable = int(budget * (1 - spec.memory.safety_margin))
 
     candidates = []
-    for strategies in _candidates(spec, cfg):
+    for strategies in _candidates(spec, cfg, hw):
         memory = estimate_memory(cfg, strategies, spec.train, spec.optimizer, trainable, what_trains)
         tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw)
         candidates.append((strategies, memory, tps))
     fitting = [c for c in candidates if c[1].peak_bytes <= usable]
     if not fitting:
         raise PlanError(_nothing_fits(spec, budget, usable, candidates))
-    # fastest first; among equals the smaller peak
-    chosen = max(fitting, key=lambda c: (c[2], -c[1].peak_bytes))
+    # fastest over the whole run (compile time counted) first; among equals the smaller peak
+    chosen = max(fitting, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
     strategies, memory, tps = chosen
 
     warnings = []
+    if strategies.precision == "fp16" and hw.device == "cpu":
+        warnings.append(f"memory.precision = 'fp16' on {hw.name}: {FP16_CPU_REASON}")
+    if strategies.precision in ("bf16", "mixed-bf16") and not hw.bf16_compute:
+        warnings.append(f"memory.precision = {strategies.precision!r}: {hw.name} has no native bf16 arithmetic, so "
+                        "bf16 compute is emulated and very slow there; fp32 would be faster")
     if budget > hw.memory_bytes:
         warnings.append(
             f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
@@ -132,11 +146,14 @@ def resolve_model(spec: RunSpec) -> ModelConfig:
             cfg = preset(spec.model.preset)
         except ValueError as err:
             raise PlanError(f"model.preset: {err}") from None
-        tok = spec.data.tokenizer
+        tok = spec.data.resolved_tokenizer(None)
         if isinstance(tok, TrainTokenizer):
             return msgspec.structs.replace(cfg, vocab_size=tok.vocab_size)
-        return msgspec.structs.replace(cfg, vocab_size=_sentencepiece_vocab(tok.path))
-    config_path = Path(spec.model.path) / "config.json"
+        return msgspec.structs.replace(cfg, vocab_size=_tokenizer_vocab(tok.path))
+    try:  # a directory, or an `org/name` repo in the local HF cache
+        config_path = resolve_model_dir(spec.model.path) / "config.json"
+    except ValueError as err:
+        raise PlanError(str(err)) from None
     try:
         raw = json.loads(config_path.read_text())
     except FileNotFoundError:
@@ -150,29 +167,27 @@ def resolve_model(spec: RunSpec) -> ModelConfig:
         cfg = ModelConfig.from_hf_config(raw, source=str(config_path))
     except (ValueError, msgspec.ValidationError) as err:
         raise PlanError(str(err)) from None
-    if isinstance(spec.data.tokenizer, TrainTokenizer):
-        raise PlanError(
-            "data.tokenizer.kind = 'train' cannot be used with model.path: a pretrained model needs its own "
-            "tokenizer; set data.tokenizer = { kind = \"file\", path = \"<model dir>/tokenizer.model\" }"
-        )
-    vocab = _sentencepiece_vocab(spec.data.tokenizer.path)
+    try:
+        tok = spec.data.resolved_tokenizer(str(config_path.parent))
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    vocab = _tokenizer_vocab(tok.path)
     if vocab > cfg.vocab_size:
         raise PlanError(
-            f"data.tokenizer.path has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}; "
+            f"the tokenizer {tok.path!r} has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}; "
             "use the tokenizer that came with the model"
         )
     return cfg
 
 
-def _sentencepiece_vocab(path: str) -> int:
-    import sentencepiece
+def _tokenizer_vocab(path: str) -> int:
+    """The vocab size of the tokenizer file or model directory `path` (any kind load_tokenizer reads)."""
+    from lowmem.data.tokenizer import load_tokenizer
 
-    if not Path(path).is_file():
-        raise PlanError(f"data.tokenizer.path = {path!r}: no such file; give a sentencepiece .model file")
     try:
-        return sentencepiece.SentencePieceProcessor(model_file=path).vocab_size()
-    except (RuntimeError, OSError) as err:
-        raise PlanError(f"data.tokenizer.path = {path!r}: not a sentencepiece model ({err})") from None
+        return load_tokenizer(path).vocab_size
+    except (ValueError, OSError) as err:
+        raise PlanError(f"data.tokenizer.path = {path!r}: {err}") from None
 
 
 def _check_supported(spec: RunSpec) -> None:
@@ -205,15 +220,10 @@ def _check_supported(spec: RunSpec) -> None:
             "memory.strategies.chunked_cross_entropy and memory.strategies.fused_cross_entropy are both 'on'; "
             "they are two ways of computing the same loss: turn one of them to 'auto' or 'off'"
         )
-    # torchao's low-bit optimizers run (lowmem.train.optim builds them), but their state is a tensor subclass
-    # that safetensors cannot write, so a checkpoint (or a clean stop on SIGINT) would fail mid-run
-    torchao_state = isinstance(spec.optimizer, AdamW8bit) and spec.optimizer.backend == "torchao"
-    if not isinstance(spec.optimizer, SUPPORTED_OPTIMIZERS) or torchao_state:
+    if not isinstance(spec.optimizer, SUPPORTED_OPTIMIZERS):
         raise PlanError(
-            f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r}"
-            + (" with backend 'torchao'" if torchao_state else "")
-            + " is not available in this version yet (its state cannot be checkpointed); use optimizer.kind = "
-            "'adamw', 'sgd', 'adafactor' or 'adamw8bit' (backend 'bitsandbytes')"
+            f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r} is not available in this version yet; use "
+            "optimizer.kind = 'adamw', 'sgd', 'adafactor', 'adamw8bit' or 'adamw4bit'"
         )
     for name, info in CATALOGUE.items():
         if name == "precision":
@@ -222,6 +232,12 @@ def _check_supported(spec: RunSpec) -> None:
             raise PlanError(
                 f"memory.strategies.{name} = 'on': {info.unavailable_reason}; set it to 'auto' or 'off'"
             )
+    if spec.memory.precision == "fp16" and strategies.optimizer_in_backward == "on":
+        raise PlanError(
+            "memory.precision = 'fp16' cannot work with memory.strategies.optimizer_in_backward = 'on': fp16's loss "
+            "scaling must skip a step whose gradients overflow, but the in-backward optimizer has already stepped. "
+            "Use memory.precision = 'mixed-bf16' (no loss scaling) or turn optimizer_in_backward 'off'"
+        )
     if spec.memory.precision not in ("auto", *AVAILABLE_PRECISIONS):
         raise PlanError(
             f"memory.precision = {spec.memory.precision!r} is not available in this version yet; "
@@ -229,11 +245,48 @@ def _check_supported(spec: RunSpec) -> None:
         )
 
 
-def _candidates(spec: RunSpec, cfg: ModelConfig) -> list[Strategies]:
-    precisions = AVAILABLE_PRECISIONS if spec.memory.precision == "auto" else (spec.memory.precision,)
+def _check_compile(spec: RunSpec, hw: HardwareProfile) -> None:
+    """A forced compile must be able to run: inductor on this CPU needs a C++ compiler."""
+    if spec.memory.strategies.compile != "on" or hw.device != "cpu" or not hw.name.startswith("local"):
+        return  # a named profile is another machine: its compiler cannot be checked from here
+    if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise PlanError(
+            "memory.strategies.compile = 'on': torch.compile's inductor backend builds C++ kernels on CPU and no "
+            "C++ compiler (g++, c++ or clang++) is on PATH. Install one (e.g. apt-get install g++) or set "
+            "memory.strategies.compile = 'off'"
+        )
+
+
+def _auto_precisions(hw: HardwareProfile) -> tuple[str, ...]:
+    """What `precision = auto` may choose on `hw`: 16-bit compute only where the device runs it fast.
+
+    bf16 and mixed-bf16 need native bf16 arithmetic (emulated it is hundreds of times slower); fp16 only on a GPU
+    without bf16 (pre-Ampere), where it is the fast 16-bit type: elsewhere mixed-bf16 is as fast without loss
+    scaling, and on CPU fp16 is slower than fp32 (`FP16_CPU_REASON`).
+    """
+    if hw.bf16_compute:
+        return ("fp32", "bf16", "mixed-bf16")
+    return ("fp32", "fp16") if hw.device == "cuda" else ("fp32",)
+
+
+def _run_rate(spec: RunSpec, strategies: Strategies, tokens_per_s: float) -> float:
+    """Tokens per second over the whole run: compile time counted against the run's tokens (when known)."""
+    if not strategies.compile:
+        return tokens_per_s
+    if spec.train.steps is None:  # length known only from the data: compile cannot be shown to pay
+        return 0.0
+    tokens = spec.train.steps * spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len
+    return tokens / (tokens / tokens_per_s + COMPILE_SECONDS_PER_BLOCK)
+
+
+def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile) -> list[Strategies]:
+    precisions = _auto_precisions(hw) if spec.memory.precision == "auto" else (spec.memory.precision,)
+    if spec.memory.strategies.optimizer_in_backward == "on":
+        precisions = tuple(p for p in precisions if p != "fp16")
     toggles = spec.memory.strategies
     partial = ("every-4", "every-2") if cfg.n_layers >= 4 else ()  # between off and full
-    ckpt = {"auto": ("off", *partial, "full"), "on": ("full",), "off": ("off",)}[toggles.activation_checkpointing]
+    ckpt = {"auto": ("off", *partial, "selective", "full"), "on": ("full",), "off": ("off",)}[
+        toggles.activation_checkpointing]
     if toggles.fused_cross_entropy == "on":
         losses = ("fused",)
     elif toggles.chunked_cross_entropy == "on":
@@ -250,9 +303,13 @@ def _candidates(spec: RunSpec, cfg: ModelConfig) -> list[Strategies]:
     in_backward_allowed = spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0
     in_backward = {"on": (True,), "off": (False,), "auto": (False, True) if in_backward_allowed else (False,)}[
         toggles.optimizer_in_backward]
+    compile_ = {"on": (True,), "off": (False,), "auto": (False, True)}[toggles.compile]
     return [
-        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob, **nf4)
-        for p, c, ce, ob in itertools.product(precisions, ckpt, losses, in_backward)
+        Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
+                   compile=co, **nf4)
+        for p, c, ce, ob, co in itertools.product(precisions, ckpt, losses, in_backward, compile_)
+        # fp16 must be able to skip a step; selective checkpointing needs the aten ops a compiled block hides
+        if not (p == "fp16" and ob) and not (co and c == "selective")
     ]
 
 
@@ -291,7 +348,7 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
                                   reason="forced by memory.precision"))
     else:
         decisions.append(Decision(strategy="precision", value=strategies.precision, source="auto",
-                                  reason=_why(strategies, "precision", others("precision"), usable, hw)))
+                                  reason=_why(strategies, "precision", others("precision"), usable, hw, spec)))
     # activation checkpointing
     value = strategies.activation_checkpointing
     if overrides.activation_checkpointing != "auto":
@@ -300,13 +357,13 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     else:
         decisions.append(Decision(strategy="activation_checkpointing", value=value, source="auto",
                                   reason=_why(strategies, "activation_checkpointing",
-                                              others("activation_checkpointing"), usable, hw)))
+                                              others("activation_checkpointing"), usable, hw, spec)))
     # the loss: one decision over two toggles
     ce_forced = overrides.chunked_cross_entropy == "on" or overrides.fused_cross_entropy == "on"
     decisions.append(Decision(
         strategy="cross_entropy", value=strategies.cross_entropy, source="user" if ce_forced else "auto",
         reason="forced by memory.strategies" if ce_forced else _why(strategies, "cross_entropy",
-                                                                    others("cross_entropy"), usable, hw),
+                                                                    others("cross_entropy"), usable, hw, spec),
     ))
     value = "on" if strategies.optimizer_in_backward else "off"
     if overrides.optimizer_in_backward != "auto":
@@ -315,11 +372,20 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         reason, source = ("needs train.grad_accum = 1 and train.clip_grad_norm = 0 (both need every gradient "
                           "before any step)"), "fixed"
     else:
-        reason, source = _why(strategies, "optimizer_in_backward", others("optimizer_in_backward"), usable, hw), "auto"
+        reason, source = _why(strategies, "optimizer_in_backward", others("optimizer_in_backward"), usable, hw, spec), "auto"
     decisions.append(Decision(strategy="optimizer_in_backward", value=value, source=source, reason=reason))
+    value = "on" if strategies.compile else "off"
+    if overrides.compile != "auto":
+        decisions.append(Decision(strategy="compile", value=value, source="user",
+                                  reason="forced by memory.strategies.compile"))
+    else:
+        decisions.append(Decision(
+            strategy="compile", value=value, source="auto",
+            reason=_why(strategies, "compile", others("compile"), usable, hw, spec)
+            + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)"))
     for name, info in CATALOGUE.items():
         if name in ("precision", "activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy",
-                    "optimizer_in_backward"):
+                    "optimizer_in_backward", "compile"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
     accum = spec.train.grad_accum
@@ -331,23 +397,33 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     return tuple(decisions)
 
 
-def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwareProfile) -> str:
+def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwareProfile, spec: RunSpec) -> str:
     value = getattr(strategies, field)
-    if not rivals:
-        return "the only option"
     reasons = []
     for alt in dict.fromkeys(getattr(s, field) for s, _, _ in rivals):
         group = [r for r in rivals if getattr(r[0], field) == alt]
         fitting = [r for r in group if r[1].peak_bytes <= usable]
         if fitting:
-            best = max(fitting, key=lambda r: r[2])
-            reasons.append(f"{alt} is slower (its fastest plan that fits: est. {best[2]:,.0f} tokens/s)")
+            best = max(fitting, key=lambda r: _run_rate(spec, r[0], r[2]))
+            rate = _run_rate(spec, best[0], best[2])
+            reasons.append(f"{_shown(field, alt)} is slower (its fastest plan that fits: est. {rate:,.0f} tokens/s"
+                           + (" over the run, compile time included)" if best[0].compile else ")"))
         else:
             low = min(r[1].peak_bytes for r in group)
-            reasons.append(f"{alt} would not fit (at least {format_bytes(low)} > {format_bytes(usable)} usable)")
+            reasons.append(f"{_shown(field, alt)} would not fit (at least {format_bytes(low)} > "
+                           f"{format_bytes(usable)} usable)")
     if field == "precision" and value == "fp32" and not hw.bf16_compute:
-        reasons.append(f"{hw.name} has no native bf16 arithmetic")
-    return "; ".join(dict.fromkeys(reasons))
+        reasons.append(f"{hw.name} has no native bf16 arithmetic, so 16-bit compute is not considered"
+                       + (f" ({FP16_CPU_REASON})" if hw.device == "cpu" else ""))
+    if field == "compile" and value is False and spec.train.steps is None:
+        reasons.append("the run's length is known only from the data, so compile time cannot be shown to pay")
+    return "; ".join(dict.fromkeys(reasons)) or "the only option"
+
+
+def _shown(field: str, value) -> str:
+    if field == "compile":
+        return f"compile {'on' if value else 'off'}"
+    return str(value)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

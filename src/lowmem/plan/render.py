@@ -42,8 +42,9 @@ def render_plan(p: Plan) -> str:
         for a in sorted(p.alternatives, key=lambda a: -a.tokens_per_s):
             mark = "*" if a.chosen else ("fits" if a.fits else "over")
             s = a.strategies
-            lines.append(f"  {mark:>4}  precision {s.precision:<5} checkpointing {s.activation_checkpointing:<7} "
+            lines.append(f"  {mark:>4}  precision {s.precision:<10} checkpointing {s.activation_checkpointing:<9} "
                          f"loss {s.cross_entropy:<8} opt-in-bwd {'on ' if s.optimizer_in_backward else 'off'} "
+                         f"compile {'on ' if s.compile else 'off'} "
                          f"{format_bytes(a.peak_bytes):>12}  {a.tokens_per_s:>10,.0f} tokens/s")
     for w in p.warnings:
         lines.append(f"warning: {w}")

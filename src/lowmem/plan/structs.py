@@ -16,9 +16,12 @@ PLAN_FORMAT = "lowmem.plan/1"
 class Strategies(msgspec.Struct, **_STRUCT):
     """The concrete strategy values `execute` applies; nothing here is left to decide at run time."""
 
+    # mixed-bf16 / fp16: fp32 master weights, gradients and optimizer states, blocks computed in bf16 / fp16
+    # (fp16 with dynamic loss scaling)
     precision: Literal["fp32", "bf16", "mixed-bf16", "fp16"]
-    # "every-k": blocks 0, k, 2k, ... keep only their input and are recomputed in backward; the rest save all
-    activation_checkpointing: Literal["off", "every-4", "every-2", "full"]
+    # "every-k": blocks 0, k, 2k, ... keep only their input and are recomputed in backward; the rest save all.
+    # "selective": every block keeps its input and its matmul/attention outputs; elementwise ops are recomputed
+    activation_checkpointing: Literal["off", "every-4", "every-2", "selective", "full"]
     cross_entropy: Literal["standard", "chunked", "fused"]
     activation_offloading: bool = False
     optimizer_in_backward: bool = False

@@ -25,6 +25,10 @@ one is answered here, and only here (`_FakeDataAnswers`):
 - Any other data-dependent op (a boolean `nonzero` of another shape, `.item()` of a bool) raises
   `TraceError` naming the op, rather than guessing.
 
+A plan with `compile` is traced eager: torch.compile cannot trace fake tensors under these modes, and the
+compiled block holds what the eager one does or less (inductor fuses elementwise ops and saves fewer of their
+intermediates), so the trace is an upper bound for it.
+
 What it does not see, like `LiveTensorTracker` itself: scratch memory inside one kernel, and on CUDA
 the caching allocator's block rounding. Fake tensors live on the CPU here, so SDPA takes its CPU
 kernels: a CUDA run's flash / memory-efficient attention saves less for backward than the trace counts.
@@ -35,6 +39,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
+import msgspec
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -137,6 +142,8 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1 (2 reaches the steady state)")
     spec = plan.spec
+    if plan.strategies.compile:  # traced eager: see the module docstring
+        plan = msgspec.structs.replace(plan, strategies=msgspec.structs.replace(plan.strategies, compile=False))
     B, T = spec.train.micro_batch, spec.train.seq_len
     tracker = LiveTensorTracker()
     answers = _FakeDataAnswers(tracker, n_positions=B * T, n_kept=B * (T - 1))
@@ -152,7 +159,8 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
         for step in range(steps):
             answers.step = step
             with tracker, answers:
-                train_step(step, total_steps, spec, loss_of, _drain(batches), trainable, run.optimizer, tracker)
+                train_step(step, total_steps, spec, loss_of, _drain(batches), trainable, run.optimizer, tracker,
+                           run.loss_scaler)
     by_category = tracker.peak_by_category()
     names = [n for n in COMPONENT_ORDER if n in by_category] + sorted(set(by_category) - set(COMPONENT_ORDER))
     components = tuple(Component(name=n, bytes=by_category[n], note=NOTES.get(n, "")) for n in names)

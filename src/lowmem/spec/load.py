@@ -150,9 +150,13 @@ def _switch_variant(node: dict, union: mi.Type, tag_field: str, tag: str) -> Non
 
 def _default_as_raw(field: mi.Field) -> dict:
     """The table to create for an absent field: only the default's variant tag, so that the fields the user
-    did not write keep their defaults even if a later override switches the variant."""
+    did not write keep their defaults even if a later override switches the variant. An optional tagged union
+    left out (`data.tokenizer`) starts as its first variant."""
     default = field.default
-    if default is mi.NODEFAULT or default is None or not isinstance(default, msgspec.Struct):
+    if default is None:
+        variants = [t for t in getattr(field.type, "types", ()) if isinstance(t, mi.StructType) and t.tag]
+        return {variants[0].tag_field: variants[0].tag} if variants else {}
+    if default is mi.NODEFAULT or not isinstance(default, msgspec.Struct):
         return {}
     config = default.__struct_config__
     return {config.tag_field: config.tag} if config.tag_field else {}

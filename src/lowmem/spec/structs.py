@@ -68,7 +68,9 @@ class TrainTokenizer(Spec, kw_only=True, tag="train", tag_field="kind"):
 
 
 class FileTokenizer(Spec, kw_only=True, tag="file", tag_field="kind"):
-    """Use an existing sentencepiece `.model` file."""
+    """Use an existing tokenizer: a sentencepiece `tokenizer.model` (Llama 2, Mistral, Gemma, Phi-3), a tiktoken
+    ranks file (Llama 3's `original/tokenizer.model`), a byte-level BPE `tokenizer.json` (Llama 3, Qwen2), or
+    a model directory holding one (see `lowmem.data.tokenizer.load_tokenizer`)."""
 
     path: str
 
@@ -83,10 +85,14 @@ class DataSpec(Spec, kw_only=True):
     `builtin:kjv` for the corpus lowmem ships. `format` says how a record becomes text: `text` (one field),
     `instruct` (alpaca-style instruction / input / output) or `chat` (a list of role/content messages rendered
     by the model family's chat template). `columns` renames fields, e.g. `{ instruction = "prompt" }`.
+    `chat_template` picks the chat format: `auto` is the family's (from `model.path`'s config.json: Llama 3 or
+    2, Mistral, ChatML for Qwen2, Gemma, Phi-3), or llama2 without a checkpoint.
     `train_on_prompt = false` masks prompts and user turns out of the loss. `packing` packs documents into
     `seq_len` rows (`best-fit`: best-fit decreasing, `greedy`: in order); a document longer than a row is
     split, truncated or dropped (`too_long`). A malformed record stops the run (`bad_rows = "error"`) or is
-    skipped and counted (`"skip"`).
+    skipped and counted (`"skip"`). `tokenizer` left out means the checkpoint's own tokenizer with
+    `model.path` (a pretrained model is trained with its own tokenizer; `kind = "train"` with it is an error),
+    and a trained one (TrainTokenizer's defaults) with `model.preset`; see `resolved_tokenizer`.
     """
 
     source: str = "builtin:kjv"
@@ -97,9 +103,26 @@ class DataSpec(Spec, kw_only=True):
     packing: Literal["best-fit", "greedy"] = "best-fit"
     too_long: Literal["split", "truncate", "drop"] = "split"
     bad_rows: Literal["error", "skip"] = "error"
-    tokenizer: TokenizerSpec = TrainTokenizer()
+    tokenizer: TokenizerSpec | None = None
+    chat_template: Literal["auto", "llama2", "llama3", "mistral", "chatml", "gemma", "phi3"] = "auto"
     cache_dir: str = ".lowmem_cache"
     eval_rows: NonNegInt = 0
+
+    def resolved_tokenizer(self, model_path: str | None) -> TokenizerSpec:
+        """The tokenizer this data uses with a model at `model_path` (None for a preset).
+
+        Raises:
+            ValueError for `kind = "train"` with a pretrained model: it must keep its own tokenizer.
+        """
+        if model_path is None:
+            return self.tokenizer if self.tokenizer is not None else TrainTokenizer()
+        if isinstance(self.tokenizer, TrainTokenizer):
+            raise ValueError(
+                f"data.tokenizer.kind = 'train' with model.path = {model_path!r}: a pretrained model must be "
+                "trained with its own tokenizer, not a new one; leave data.tokenizer out to use the model "
+                'directory\'s, or set data.tokenizer = { kind = "file", path = "<its tokenizer file>" }'
+            )
+        return self.tokenizer if self.tokenizer is not None else FileTokenizer(path=model_path)
 
 
 # --------------------------------------------------------------------------------------------- method
@@ -222,7 +245,12 @@ class TrainSpec(Spec, kw_only=True):
 
 
 class StrategySpec(Spec, kw_only=True):
-    """Per-strategy override: `auto` lets the planner decide, `on`/`off` force it."""
+    """Per-strategy override: `auto` lets the planner decide, `on`/`off` force it.
+
+    `activation_checkpointing = "on"` checkpoints every block; `auto` may also choose every 2nd / 4th block or
+    `selective` (matmul and attention outputs kept, elementwise ops recomputed). `compile = "auto"` compiles the
+    block only when the run's steps repay the compile time.
+    """
 
     activation_checkpointing: Toggle = "auto"
     activation_offloading: Toggle = "auto"

@@ -6,7 +6,7 @@ A run directory holds::
     metrics.jsonl    one JSON record per logged step and per evaluation (incl. resident memory over time)
     tensorboard/     TensorBoard event files, when `output.log_to` includes it (W&B: `wandb/`)
     memory.json      planned versus measured peak memory, by component
-    model/           final weights in Hugging Face format (config.json, model.safetensors, tokenizer.model)
+    model/           final weights in Hugging Face format (config.json, model.safetensors, the tokenizer files)
     checkpoints/     step-NNNNNNNN/ resumable checkpoints (see lowmem.train.checkpoint), newest `output.keep`
 """
 
@@ -36,8 +36,11 @@ from lowmem.data import (
 )
 from lowmem.data.corpus import source_size_bytes
 from lowmem.data.loader import split_rows
-from lowmem.data.tokenizer import Tokenizer
+from lowmem.data.templates import resolve_chat_template
+from lowmem.data.tokenizer import Tokenizer, load_tokenizer
 from lowmem.nn import forward, init_params, load_hf, output_weight, save_hf
+from lowmem.nn.hub import resolve_model_dir
+from lowmem.nn.llama import is_nf4
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
 from lowmem.nn.peft_io import save_peft
 from lowmem.plan import Plan, plan
@@ -50,8 +53,11 @@ from lowmem.train.optim import build_optimizer, lr_at
 from lowmem.train.sinks import close_sinks, open_sinks
 from lowmem.train.strategies import (
     InBackwardOptimizer,
+    LossScaler,
     block_runner,
+    compute_dtype,
     loss_function,
+    make_loss_scaler,
     make_optimizer,
     param_dtype,
 )
@@ -87,13 +93,19 @@ class StepStats(msgspec.Struct, frozen=True):
 
 
 def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trainable: list[torch.Tensor],
-               optimizer: torch.optim.Optimizer, tracker: LiveTensorTracker | None) -> StepStats:
-    """One optimizer step over `train.grad_accum` micro-batches; `tracker` (if given) is active throughout."""
+               optimizer: torch.optim.Optimizer, tracker: LiveTensorTracker | None,
+               loss_scaler: LossScaler | None = None) -> StepStats:
+    """One optimizer step over `train.grad_accum` micro-batches; `tracker` (if given) is active throughout.
+
+    With a `loss_scaler` (fp16) the loss is scaled before backward, the gradients unscaled before clipping,
+    and the optimizer step skipped (the scale lowered) when they hold an inf or a nan.
+    """
     lr = lr_at(step, total_steps, spec.optimizer.lr, spec.train.schedule)
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum, n_tokens = 0.0, 0
     in_backward = isinstance(optimizer, InBackwardOptimizer)
+    assert not (in_backward and loss_scaler), "the planner refuses fp16 with optimizer_in_backward"
     for _ in range(spec.train.grad_accum):
         batch = next(loader)
         if tracker:
@@ -104,6 +116,8 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
             optimizer.grad_sq_sum = 0.0
             with _category(tracker, "optimizer_state"):
                 (micro_loss / max(int(micro_n), 1)).backward()
+        elif loss_scaler is not None:
+            (micro_loss * loss_scaler.scale).backward()
         else:
             micro_loss.backward()
         loss_sum += micro_loss.item()
@@ -121,11 +135,14 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
         # the reduce-scatter already averaged the ranks' summed-loss gradients (divided by `world`), so the
         # gradient of (sum over all ranks' tokens) / n_tokens is theirs times world / n_tokens
         scale = world / max(n_tokens, 1)
+        if loss_scaler is not None:
+            scale /= loss_scaler.scale  # unscale before clipping
         for t in trainable:
             t.grad.mul_(scale)
         grad_norm = _clip(trainable, spec.train.clip_grad_norm)
-        with _category(tracker, "optimizer_state"):
-            optimizer.step()
+        if loss_scaler is None or loss_scaler.update(grad_norm):  # an inf/nan gradient skips the step
+            with _category(tracker, "optimizer_state"):
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss = loss_sum / max(n_tokens, 1)
     if not math.isfinite(loss):
@@ -148,13 +165,15 @@ class Training(NamedTuple):
     trainable_params: dict[str, torch.Tensor]  # the tensors the optimizer updates (requires_grad set)
     optimizer: torch.optim.Optimizer | InBackwardOptimizer
     loss_of: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # batch -> (loss_sum, n_tokens)
+    loss_scaler: LossScaler | None = None  # fp16 only
 
 
 def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker,
                    world: int = 1) -> Training:
     """Apply the plan's strategies to initial `params`: NF4, adapters, trainable mask, optimizer and loss.
 
-    `params` are the initial weights in the plan's dtype (`param_dtype`). `loss_of(batch, training=True)`
+    `params` are the initial weights in the plan's dtype (`param_dtype`). Under mixed precision (mixed-bf16,
+    fp16) with adapters the frozen base is cast to the compute dtype first: it needs no fp32 master. `loss_of(batch, training=True)`
     runs forward and the plan's loss, counting the loss's tensors as "logits" while `tracker` is active.
     `lowmem.plan.trace.trace_memory` calls this under FakeTensorMode, so the traced step is this very one.
     With `world` > 1 (a process group is up) the params are sharded with FSDP2 (`lowmem.train.distributed`):
@@ -165,13 +184,17 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
         return _build_sharded_training(p, params, tracker)
     spec = p.spec
     adapters = lora_settings(spec.method)
-    if p.strategies.nf4_block_size:
+    master, compute = param_dtype(p.strategies), compute_dtype(p.strategies)
+    if adapters is not None and compute != master:
+        params = {n: t if is_nf4(t) else t.to(compute) for n, t in params.items()}  # NF4: loaded in compute
+    # A checkpoint on disk arrives quantized already (`_initial_params`); a preset's random init does not
+    if p.strategies.nf4_block_size and not any(is_nf4(t) for t in params.values()):
         from lowmem.nn.quant import quantize_nf4  # imports torchao (seconds): only for QLoRA
 
         params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
                               scaler_block_size=p.strategies.nf4_scaler_block_size)
     if adapters is not None:
-        params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed)
+        params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed, dtype=master)
     trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
     for t in trainable_params.values():
         t.requires_grad_(True)
@@ -187,7 +210,7 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
             return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
                            softcap=p.model.final_logit_softcap)
 
-    return Training(params, adapters, trainable_params, optimizer, loss_of)
+    return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, p.spec.train.micro_batch * p.spec.train.seq_len))
 
 
 def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker) -> Training:
@@ -211,7 +234,7 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], tracker: L
     def loss_of(batch, training: bool = True):
         return shell(loss_in_shell, batch, training)
 
-    return Training(sharded, None, sharded, optimizer, loss_of)
+    return Training(sharded, None, sharded, optimizer, loss_of, make_loss_scaler(p.strategies, p.spec.train.micro_batch * p.spec.train.seq_len))
 
 
 def check_distributable(p: Plan, world: int, resume: bool) -> None:
@@ -226,9 +249,6 @@ def check_distributable(p: Plan, world: int, resume: bool) -> None:
          "do not see FSDP's reduced gradients; turn it off"),
         (not isinstance(spec.optimizer, AdamW | SGD), f"optimizer.kind = {_kind(spec.optimizer)!r} is not tested "
          "on sharded (DTensor) parameters; use 'adamw' or 'sgd'"),
-        (spec.output.save_every > 0, f"output.save_every = {spec.output.save_every}: checkpoints of sharded "
-         "runs are not written yet (they need torch.distributed.checkpoint); set output.save_every = 0"),
-        (resume, "--resume: checkpoints of sharded runs are not written yet, so there is nothing to resume"),
     ]
     reasons = [why for bad, why in unsupported if bad]
     if reasons:
@@ -268,7 +288,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     spec = p.spec
     out = Path(out_dir if out_dir is not None else spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = plan_fingerprint(p)
+    fingerprint = plan_fingerprint(p, world)
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {out}/checkpoints; run without --resume to start")
@@ -288,18 +308,29 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows), world)
 
     tracker = LiveTensorTracker()
-    params, adapters, trainable_params, optimizer, loss_of = build_training(
+    params, adapters, trainable_params, optimizer, loss_of, loss_scaler = build_training(
         p, _initial_params(p, param_dtype(p.strategies)), tracker, world)
     trainable = list(trainable_params.values())
     loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed, rank=rank, world_size=world)
     first_step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, trainable_params, optimizer, fingerprint)
-        loader.load_state_dict(state["loader"])
+        state = load_checkpoint(resume_from, trainable_params, optimizer, fingerprint,
+                                rows_per_batch=spec.train.micro_batch * world)
+        loader_state = dict(state["loader"])
+        scaler_state = loader_state.pop("loss_scaler", None)  # see `save` below
+        loader.load_state_dict(loader_state)
+        if loss_scaler is not None:
+            loss_scaler.load_state_dict(scaler_state)
         first_step = state["step"]
 
     def save(step: int) -> None:
-        save_checkpoint(out, step, trainable_params, optimizer, loader.state_dict(), fingerprint, spec.output.keep)
+        # the fp16 loss scaler's state (a few numbers) rides in trainer.json beside the loader's position
+        # the loader's position counts batches of micro_batch x world rows: recorded, so that a resume on
+        # another number of processes is checked to keep that product (lowmem.train.checkpoint)
+        loader_state = {**loader.state_dict(), "rows_per_batch": spec.train.micro_batch * world}
+        if loss_scaler is not None:
+            loader_state["loss_scaler"] = loss_scaler.state_dict()
+        save_checkpoint(out, step, trainable_params, optimizer, loader_state, fingerprint, spec.output.keep)
 
     metrics = _open_metrics(out / "metrics.jsonl", first_step) if rank == 0 else open(os.devnull, "w")
     try:
@@ -322,10 +353,12 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
                 measuring = step - first_step < MEASURE_STEPS
                 if measuring:
                     with tracker:
-                        stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, tracker)
+                        stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, tracker,
+                                           loss_scaler)
                     measured = tracker.snapshot()
                 else:
-                    stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, None)
+                    stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, None,
+                                       loss_scaler)
                 losses.append(stats.loss)
                 tokens_done += tokens_per_step
                 elapsed = time.perf_counter() - start
@@ -430,9 +463,10 @@ def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings 
     if adapters is None:
         model_dir = out / "model"
         save_hf(detached, p.model, model_dir, overwrite=True)
-        shutil.copyfile(tokenizer.path, model_dir / "tokenizer.model")
+        for f in tokenizer.files:
+            shutil.copyfile(f, model_dir / f.name)
         return model_dir
-    base_dir = Path(p.spec.model.path) if p.spec.model.path else out / "base"
+    base_dir = resolve_model_dir(p.spec.model.path) if p.spec.model.path else out / "base"
     if p.spec.model.path is None:  # a preset's random base exists only in this run: save it for the adapter
         base = {k: v for k, v in detached.items() if k not in set(trainable_names(detached))}
         if p.strategies.nf4_block_size:  # the weights QLoRA trained against: the dequantized NF4 base
@@ -440,7 +474,8 @@ def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings 
 
             base = dequantize_nf4(base)
         save_hf(base, p.model, base_dir, overwrite=True)
-        shutil.copyfile(tokenizer.path, base_dir / "tokenizer.model")
+        for f in tokenizer.files:
+            shutil.copyfile(f, base_dir / f.name)
     adapter_dir = out / "adapter"
     save_peft(detached, p.model, adapters, adapter_dir, base_model_name_or_path=str(base_dir.resolve()),
               overwrite=True)
@@ -476,11 +511,16 @@ def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenize
         raise ValueError(f"data.source = {source!r}: no such file or directory; give a .jsonl, .jsonl.gz, .json, "
                          ".parquet, .csv or .txt file, or a directory of them")
     cache = Path(spec.data.cache_dir)
-    tok_spec = spec.data.tokenizer
+    model_dir = str(resolve_model_dir(spec.model.path)) if spec.model.path else None
+    tok_spec = spec.data.resolved_tokenizer(model_dir)
     if isinstance(tok_spec, FileTokenizer):
-        tokenizer = Tokenizer(tok_spec.path)
+        tokenizer = load_tokenizer(tok_spec.path)
     else:
         tokenizer = load_or_train_tokenizer(corpus, tok_spec.vocab_size, cache, data=spec.data)
+    data = spec.data
+    if data.format == "chat":  # "auto" becomes the checkpoint family's template, which the packed cache keys on
+        data = msgspec.structs.replace(data, chat_template=resolve_chat_template(data.chat_template, model_dir,
+                                                                                 tokenizer))
     hook = None
     if progress is not None:
         total = source_size_bytes(corpus)
@@ -488,7 +528,7 @@ def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenize
         def hook(records: int, read: int) -> None:
             progress(records, read, total)
 
-    path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, spec.data, progress=hook)
+    path = prepare_packed_dataset(corpus, tokenizer, spec.train.seq_len, cache, data, progress=hook)
     dataset = PackedDataset(path)
     needed = spec.data.eval_rows + spec.train.micro_batch * world
     if len(dataset) < needed:
@@ -535,7 +575,16 @@ def memory_report(p: Plan, measured: dict | None) -> dict:
 
 def _initial_params(p: Plan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if p.spec.model.path is not None:
-        _, params = load_hf(p.spec.model.path, dtype=dtype)
+        model_dir = resolve_model_dir(p.spec.model.path)
+        if p.strategies.nf4_block_size:  # QLoRA: quantized as read, never whole in full precision (issue #3)
+            from lowmem.nn.quant import nf4_converter
+
+            convert = nf4_converter(p.model, block_size=p.strategies.nf4_block_size,
+                                    scaler_block_size=p.strategies.nf4_scaler_block_size)
+            # the frozen base in the dtype `build_training` would cast it to before quantizing
+            _, params = load_hf(model_dir, dtype=compute_dtype(p.strategies), convert=convert)
+            return params
+        _, params = load_hf(model_dir, dtype=dtype)
         return params
     return init_params(p.model, seed=p.spec.model.init_seed, dtype=dtype)
 

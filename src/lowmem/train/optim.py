@@ -19,6 +19,7 @@ Which tensors the low-bit optimizers quantize (read from the installed sources; 
   parameter shape compiles once (about 10-25 s each on a CPU).
 """
 
+import functools
 import importlib
 import math
 
@@ -65,10 +66,45 @@ def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torc
 
 def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW8bit | AdamW4bit,
              params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """A torchao low-bit AdamW that also accepts a float `lr` assigned between steps."""
-    optimizer = cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    """A torchao low-bit AdamW that also accepts a float `lr` assigned between steps, and steps under the
+    memory tracker (see `_measurable`)."""
+    optimizer = _measurable(cls)(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                                 weight_decay=spec.weight_decay)
     optimizer.register_step_pre_hook(_lr_as_tensor)
     return optimizer
+
+
+@functools.cache
+def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`cls` (a torchao low-bit AdamW) with a step that also runs while a TorchDispatchMode is active.
+
+    torchao's step runs its update through `torch.compile(fullgraph=True)`, which refuses to trace under a
+    user dispatch mode ("non-infra torch dispatch mode present"), such as the `LiveTensorTracker` that
+    `execute` measures the first steps with. This step creates missing states first, where the caller's modes
+    see them (the tracker counts them as optimizer state), then runs torchao's own step with those modes
+    set aside: the same compiled update as without a tracker, so measured and unmeasured steps (and a resumed
+    run's first steps) compute the same bits. The update's transient temporaries go uncounted.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+    class Measurable(cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if _get_current_dispatch_mode() is None:
+                return super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    if p.grad is not None and not state:  # what torchao's step would create (no amsgrad)
+                        assert not group["amsgrad"], "lowmem never asks torchao for amsgrad"
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = self._new_buffer(p, True)
+                        state["exp_avg_sq"] = self._new_buffer(p, False)
+            with _disable_current_modes():
+                return super().step(closure)
+
+    Measurable.__name__ = Measurable.__qualname__ = cls.__name__
+    return Measurable
 
 
 def _import_backend(module: str, where: str, package: str):

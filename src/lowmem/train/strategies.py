@@ -1,19 +1,58 @@
 """The one function per strategy that applies what the plan decided. Nothing here decides anything."""
 
+import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.utils.checkpoint
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from lowmem.nn.llama import AdaptedWeight
 from lowmem.nn.loss import CE_IMPLEMENTATIONS
 from lowmem.plan.structs import Strategies
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# precision -> (dtype of the trained tensors, their gradients and optimizer states; dtype blocks compute in).
+# mixed-bf16 and fp16 keep fp32 master weights and cast them to the compute dtype inside each block.
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "mixed-bf16": (torch.float32, torch.bfloat16),
+    "fp16": (torch.float32, torch.float16),
+}
 
 
 def param_dtype(strategies: Strategies) -> torch.dtype:
-    """precision: the dtype parameters, gradients and optimizer states are held in."""
-    return DTYPES[strategies.precision]
+    """precision: the dtype trained parameters, gradients and optimizer states are held in."""
+    return DTYPES[strategies.precision][0]
+
+
+def compute_dtype(strategies: Strategies) -> torch.dtype:
+    """precision: the dtype the blocks compute in; frozen base weights (LoRA/QLoRA) are stored in it too."""
+    return DTYPES[strategies.precision][1]
+
+
+def _cast(w, dtype: torch.dtype):
+    """A weight (tensor, `AdaptedWeight` or None) in `dtype`; a differentiable copy, or `w` if already there."""
+    if isinstance(w, AdaptedWeight):
+        return w._replace(weight=_cast(w.weight, dtype), lora_a=_cast(w.lora_a, dtype),
+                          lora_b=_cast(w.lora_b, dtype), dora_m=_cast(w.dora_m, dtype))
+    if w is None or w.dtype == dtype:
+        return w
+    return w.to(dtype)
+
+
+def _cast_weights(block_fn: Callable[..., torch.Tensor], dtype: torch.dtype, h: torch.Tensor,
+                  *tensors) -> torch.Tensor:
+    # runs inside the checkpointed region: the low-precision copies of a checkpointed block are dropped after
+    # its forward and made again in its recompute, so no whole low-precision copy of the model stays alive
+    *weights, cos, sin, mask = tensors
+    return block_fn(h, *(_cast(w, dtype) for w in weights), cos, sin, mask)
+
+
+def _call(block_fn: Callable[..., torch.Tensor], *tensors) -> torch.Tensor:
+    return block_fn(*tensors)
 
 
 def _checkpointed(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
@@ -21,30 +60,66 @@ def _checkpointed(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor 
     return torch.utils.checkpoint.checkpoint(block_fn, *tensors, use_reentrant=False)
 
 
+# Selective activation checkpointing (torchtitan's SAC, torch.utils.checkpoint docs): the outputs of the
+# matmuls and of attention are kept, everything elementwise between them (norms, RoPE, SiLU, the gating
+# product, GQA's head repeat, the boolean mask's conversion) is recomputed in backward from them.
+_SDPA_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+SAVED_OPS = frozenset(
+    [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default]
+    + [getattr(torch.ops.aten, name).default for name in _SDPA_OPS if hasattr(torch.ops.aten, name)]
+)
+
+
+def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if func in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
+    contexts = partial(create_selective_checkpoint_contexts, _save_matmuls)
+    return torch.utils.checkpoint.checkpoint(block_fn, *tensors, use_reentrant=False, context_fn=contexts)
+
+
 def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None = None
                  ) -> Callable[..., torch.Tensor] | None:
-    """activation_checkpointing: the `run_block` seam of `lowmem.nn.llama.forward` (None = plain call).
+    """The `run_block` seam of `lowmem.nn.llama.forward` (None = plain call), from three strategies.
 
-    For "every-k" the seam recognizes block i by its `layers.{i}.attn_norm` tensor (the first weight `forward`
-    passes; a norm is never adapted or quantized, so it is the very tensor in `params`) and checkpoints blocks
-    0, k, 2k, ... A weight it does not know (e.g. FSDP's gathered copy) is checkpointed: the safe side for memory.
+    precision (mixed-bf16, fp16): the block input is cast to the compute dtype before the block (a no-op after
+    the first) and the fp32 master weights inside it, under the checkpoint (see `_cast_weights`).
+    compile: the block (with its casts) runs through `torch.compile`; one graph serves every layer. While a
+    TorchDispatchMode is active (`LiveTensorTracker` measuring the first steps, FakeTensorMode) the block runs
+    eager instead: dynamo would fall back to eager there anyway and then never compile that code again.
+    activation_checkpointing: "full" checkpoints every block, "selective" every block with the matmul and
+    attention outputs saved (`SAVED_OPS`), "every-k" blocks 0, k, 2k, ... For "every-k" the seam recognizes
+    block i by its `layers.{i}.attn_norm` tensor (the first weight `forward` passes; a norm is never adapted or
+    quantized, so it is the very tensor in `params`). A weight it does not know (e.g. FSDP's gathered copy) is
+    checkpointed: the safe side for memory.
     """
     value = strategies.activation_checkpointing
-    if value == "full":
-        return _checkpointed
-    if value == "off":
+    master, compute = param_dtype(strategies), compute_dtype(strategies)
+    cast = compute != master
+    if value == "off" and not cast and not strategies.compile:
         return None
-    k = int(value.removeprefix("every-"))
+    checkpoint = {"full": _checkpointed, "selective": _selective}.get(value)
+    k = int(value.removeprefix("every-")) if value.startswith("every-") else 0
     layer_of = {id(t): int(name.split(".")[1]) for name, t in (params or {}).items()
                 if name.startswith("layers.") and name.endswith(".attn_norm")}
+    compiled = torch.compile(_call, dynamic=False) if strategies.compile else _call
 
-    def every_k(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors: torch.Tensor | None):
-        layer = layer_of.get(id(tensors[0]))
-        if layer is None or layer % k == 0:
-            return _checkpointed(block_fn, h, *tensors)
-        return block_fn(h, *tensors)
+    def run(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors: torch.Tensor | None):
+        call = _call if is_in_torch_dispatch_mode() else compiled
+        fn = partial(call, partial(_cast_weights, block_fn, compute) if cast else block_fn)
+        if cast:
+            h = h.to(compute)  # the embedding's output (fp32) at block 0; already there afterwards
+        if checkpoint is not None:
+            return checkpoint(fn, h, *tensors)
+        if k:
+            layer = layer_of.get(id(tensors[0]))
+            if layer is None or layer % k == 0:
+                return _checkpointed(fn, h, *tensors)
+        return fn(h, *tensors)
 
-    return every_k
+    return run
 
 
 def loss_function(strategies: Strategies) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -109,3 +184,61 @@ def make_optimizer(strategies: Strategies, build: Callable[[list[torch.Tensor]],
     if strategies.optimizer_in_backward:
         return InBackwardOptimizer(build, params)
     return build(params)
+
+
+class LossScaler:
+    """precision fp16: dynamic loss scaling with `torch.amp.GradScaler`'s semantics and defaults.
+
+    The loss is multiplied by `scale` before backward so that small fp16 gradients do not flush to zero;
+    the fp32 master gradients are divided by it again before clipping (`unscale_factor`). A step whose
+    gradients hold an inf or a nan (their global norm is not finite) is skipped and the scale multiplied by
+    `backoff_factor`; after `growth_interval` finite steps in a row it is multiplied by `growth_factor`.
+    `state_dict` is a small dict of plain numbers, saved with a checkpoint so a resumed run goes on with the
+    same scale.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000) -> None:
+        self.scale = init_scale
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.growth_tracker = 0  # finite steps since the scale last changed
+        self.skipped_steps = 0
+
+    def update(self, grad_norm: float) -> bool:
+        """After unscaling: whether the optimizer may step (the norm is finite), and the scale's next value."""
+        if not math.isfinite(grad_norm):
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+            self.skipped_steps += 1
+            return False
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.growth_tracker = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "growth_tracker": self.growth_tracker,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        known = self.state_dict().keys()
+        if state.keys() != known:
+            raise ValueError(f"loss scaler state has keys {sorted(state)}, expected {sorted(known)}")
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def make_loss_scaler(strategies: Strategies, tokens_per_micro_batch: int) -> LossScaler | None:
+    """precision: a dynamic loss scaler for fp16 compute (bf16 has fp32's exponent range and needs none).
+
+    GradScaler's initial 2**16 is meant for a mean loss; lowmem backpropagates the *summed* loss of a micro-batch
+    (normalized afterwards), whose gradients are `tokens_per_micro_batch` times larger, so the scale starts
+    that much lower (a power of two, at least 1) instead of overflowing and backing off for the first steps.
+    """
+    if strategies.precision != "fp16":
+        return None
+    return LossScaler(init_scale=2.0 ** max(0, 16 - math.ceil(math.log2(max(tokens_per_micro_batch, 1)))))
