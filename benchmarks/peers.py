@@ -1,13 +1,22 @@
 """lowmem beside its peers (HF transformers Trainer + peft, torchtune): same model, data, batch and steps.
 
-    python benchmarks/peers.py            # quickstart-5m, 8 x 256 tokens, 10 steps per run (a few minutes)
-    python benchmarks/peers.py --smoke    # tiny model, 3 steps, lowmem and the HF peer only (what CI runs)
+    python benchmarks/peers.py                    # quickstart-5m, 8 x 256 tokens, 10 steps; both tables
+    python benchmarks/peers.py --features best    # only "each tool at its best" (keeps the other table)
+    python benchmarks/peers.py --smoke            # tiny model, 3 steps, lowmem and HF, features off (CI)
+
+Two comparisons (`--features`): "off", every memory feature off in every tool, so the three do the same math
+and should use about the same memory; and "best", each tool with the memory features its users would turn
+on for the job (HF: gradient checkpointing, paged 8-bit AdamW, peft's k-bit preparation for QLoRA;
+torchtune: activation checkpointing, chunked cross-entropy, and for full fine-tuning optimizer-in-backward
+with 8-bit AdamW, as its llama3_2 configs; lowmem: the planner's own choice under a memory budget equal to
+the smallest memory a peer measured for that method, and under half of it). Precision stays fp32 for all.
 
 The parent process packs the data with lowmem, writes the batches lowmem's loader would draw (tokens, labels,
 positions, doc ids) to an .npz file and the initial weights (lowmem's init, seed 0) as an HF checkpoint in a
 temporary directory; then every (method, tool) pair trains from exactly those in its own subprocess:
 
-- lowmem: `build_training` + `train_step`, the pieces `execute` runs, every memory strategy off;
+- lowmem: `build_training` + `train_step`, the pieces `execute` runs, with the strategies planned (all off,
+  or "best": all `auto` under the budget);
 - HF: `LlamaForCausalLM.from_pretrained` (sdpa attention, packed documents from position_ids) trained by
   `transformers.Trainer` in order, LoRA/QLoRA through peft (QLoRA: bitsandbytes NF4, double quantized);
 - torchtune: its `llama3_2` / `lora_llama3_2` builders with the same dimensions (rope scale factor 1, i.e.
@@ -21,7 +30,8 @@ temporary directory; then every (method, tool) pair trains from exactly those in
       PIP_FIND_LINKS=/opt/wheels /tmp/peers-venv/bin/pip install torch==2.13.0   # or your torch build
       /tmp/peers-venv/bin/pip install -e '.[dev]' torchtune 'torchao==0.17.0'
 
-Everyone uses AdamW with the same lr/betas/eps, no weight decay, constant lr, no clipping, fp32, LoRA r=8,
+Everyone uses AdamW (8-bit where "best" says so) with the same lr/betas/eps, no weight decay, constant lr, no
+clipping, fp32, LoRA r=8,
 alpha=16 on q, k, v, o. Memory is measured the same way for every tool: the subprocess's peak RSS (VmHWM,
 reset through /proc/self/clear_refs right before the first step) minus its RSS at that moment, so it counts
 what training adds on top of the built model (gradients, optimizer state, activations, allocator and library
@@ -73,16 +83,33 @@ clip_grad_norm = 0
 schedule = {{ kind = "constant" }}
 [memory]
 precision = "fp32"
-[memory.strategies]
+{strategies}
+[output]
+save_final = false
+"""
+# features "off": every lowmem strategy forced off; "best": all left to the planner (precision stays fp32)
+STRATEGIES_OFF = """[memory.strategies]
 activation_checkpointing = "off"
 activation_offloading = "off"
 chunked_cross_entropy = "off"
 fused_cross_entropy = "off"
 optimizer_in_backward = "off"
 compile = "off"
-[output]
-save_final = false
+micro_batch_split = "off"
+low_bit_optimizer = "off"
 """
+FEATURES = ("off", "best")
+TIGHT_FRACTION = 0.5  # features "best": lowmem also planned under this fraction of the best peer's memory
+# what each peer turns on in features "best" (the memory settings its docs and shipped configs use)
+PEER_FEATURES = {
+    "hf": {"full": "gradient checkpointing (non-reentrant), paged_adamw_8bit",
+           "lora": "gradient checkpointing (non-reentrant), paged_adamw_8bit",
+           "qlora": "prepare_model_for_kbit_training + gradient checkpointing (non-reentrant), paged_adamw_8bit"},
+    "torchtune": {"full": "activation checkpointing, CEWithChunkedOutputLoss (8), optimizer_in_bwd, "
+                          "bnb PagedAdamW8bit",
+                  "lora": "activation checkpointing, CEWithChunkedOutputLoss (8), torch AdamW",
+                  "qlora": "activation checkpointing, CEWithChunkedOutputLoss (8), torch AdamW"},
+}
 
 SIZES = {
     "smoke": dict(preset="tiny", vocab=1024, steps=3, micro_batch=2, seq_len=64),
@@ -180,6 +207,9 @@ def _versions(*names: str) -> dict:
 def worker_lowmem(job: dict) -> dict:
     """lowmem's own training step (`lowmem.train.loop.train_step`), strategies as planned (all off here)."""
     _set_threads(job["threads"], job["seed"])
+    import inspect
+
+    import msgspec
     import torch  # noqa: F401
 
     from lowmem.nn import load_hf
@@ -191,6 +221,8 @@ def worker_lowmem(job: dict) -> dict:
 
     spec = decode_spec(job["spec"], "toml", overrides=job["overrides"])
     p = plan(spec)
+    split = p.strategies.micro_batch_split if hasattr(p.strategies, "micro_batch_split") else 1
+    step_kw = {"split": split} if "split" in inspect.signature(train_step).parameters else {}
     _, params = load_hf(job["weights"], dtype=param_dtype(p.strategies))
     tracker = LiveTensorTracker()
     training = build_training(p, params, tracker)
@@ -202,7 +234,8 @@ def worker_lowmem(job: dict) -> dict:
     meter.start()
     clock.start()
     for step in range(job["steps"]):
-        stats = train_step(step, job["steps"], spec, training.loss_of, loader, trainable, training.optimizer, None)
+        stats = train_step(step, job["steps"], spec, training.loss_of, loader, trainable, training.optimizer, None,
+                           training.loss_scaler, **step_kw)
         clock.step_done(stats.loss)
     rss = meter.stop()
     # lowmem's own view: live tensor bytes over one more (steady-state) step, the weights included
@@ -210,10 +243,12 @@ def worker_lowmem(job: dict) -> dict:
     tracker.add_existing(_state_tensors(training.optimizer), "optimizer_state")
     with tracker:
         train_step(job["steps"], job["steps"] + 1, spec, training.loss_of, iter(batches[:1]), trainable,
-                   training.optimizer, tracker)
+                   training.optimizer, tracker, training.loss_scaler, **step_kw)
     snap = tracker.snapshot()
     out = _summary(job, clock, rss, clock.losses)
     out.update(planned_tensor_peak_bytes=p.memory.peak_bytes, measured_tensor_peak_bytes=snap["peak_bytes"],
+               strategies=msgspec.structs.asdict(p.strategies), budget_bytes=p.budget_bytes,
+               usable_bytes=p.usable_bytes, planned_tokens_per_s=p.tokens_per_s,
                n_trainable=sum(t.numel() for t in trainable),
                versions=_versions("lowmem", "torch", "torchao", "bitsandbytes"))
     return out
@@ -236,6 +271,13 @@ def worker_hf(job: dict) -> dict:
             bnb_4bit_compute_dtype=torch.float32)
     model = LlamaForCausalLM.from_pretrained(job["weights"], **kwargs)
     model.config.use_cache = False
+    best = job["features"] == "best"
+    checkpointing = {"use_reentrant": False}
+    if best and method == "qlora":  # peft's QLoRA preparation (it turns gradient checkpointing on itself)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=checkpointing)
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -277,7 +319,8 @@ def worker_hf(job: dict) -> dict:
         output_dir=job["tmp"], max_steps=job["steps"], per_device_train_batch_size=job["micro_batch"],
         gradient_accumulation_steps=1, learning_rate=a["lr"], adam_beta1=a["betas"][0], adam_beta2=a["betas"][1],
         adam_epsilon=a["eps"], weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
-        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        optim="paged_adamw_8bit" if best else "adamw_torch", gradient_checkpointing=best,
+        gradient_checkpointing_kwargs=checkpointing if best else None, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, remove_unused_columns=False, seed=job["seed"],
         disable_tqdm=True)
     trainer = InOrder(model=model, args=args, train_dataset=rows, callbacks=[Measure()])
@@ -322,7 +365,35 @@ def worker_torchtune(job: dict) -> dict:
         set_trainable_params(model, get_adapter_params(model))
         params = [p for p in model.parameters() if p.requires_grad]
     a = job["optim"]
-    optimizer = torch.optim.AdamW(params, lr=a["lr"], betas=tuple(a["betas"]), eps=a["eps"], weight_decay=0.0)
+    hyper = dict(lr=a["lr"], betas=tuple(a["betas"]), eps=a["eps"], weight_decay=0.0)
+    best = job["features"] == "best"
+    in_bwd = best and method == "full"  # the full-finetune recipe's optimizer_in_bwd (the LoRA recipe has none)
+    chunked = None
+    if best:
+        # what its recipes do with enable_activation_checkpointing / optimizer_in_bwd / CEWithChunkedOutputLoss.
+        # torchtune.training does not import beside torchao 0.17 (its quantization module wants
+        # torchao.quantization.int4_weight_only), so its memory utilities are loaded from their own file
+        import importlib.util
+
+        import torchtune
+        from torchtune.modules import TransformerSelfAttentionLayer
+        from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+        path = Path(torchtune.__file__).parent / "training" / "memory.py"
+        loader = importlib.util.spec_from_file_location("torchtune_training_memory", path)
+        memory = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(memory)
+        memory.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        chunked = CEWithChunkedOutputLoss()
+        model.set_num_output_chunks(chunked.num_output_chunks)
+    if in_bwd:  # full: its llama3_2 full_single_device config's bitsandbytes PagedAdamW8bit, one per parameter
+        import bitsandbytes as bnb
+
+        optim_dict = {p: bnb.optim.PagedAdamW8bit([p], **hyper) for p in params}
+        memory.register_optim_in_bwd_hooks(model=model, optim_dict=optim_dict)
+        optimizer = None
+    else:  # its LoRA/QLoRA configs keep torch AdamW
+        optimizer = torch.optim.AdamW(params, **hyper)
     model.train()
     batches = _load_batches(job)
     causal = torch.ones(job["seq_len"], job["seq_len"], dtype=torch.bool).tril()
@@ -333,17 +404,21 @@ def worker_torchtune(job: dict) -> dict:
         # the block-diagonal causal mask of the packed documents (torchtune builds it in its collate)
         mask = causal & (b["doc_ids"][:, :, None] == b["doc_ids"][:, None, :])
         logits = model(b["tokens"], mask=mask, input_pos=b["positions"])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
-                               ignore_index=-100)
+        if chunked is not None:  # a list of num_output_chunks pieces along the sequence
+            loss = chunked(logits, b["labels"])
+        else:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                                   ignore_index=-100)
         del logits
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         clock.step_done(loss.item())
     rss = meter.stop()
     out = _summary(job, clock, rss, clock.losses)
     out.update(n_trainable=sum(p.numel() for p in params),
-               versions=_versions("torch", "torchtune", "torchao"))
+               versions=_versions("torch", "torchtune", "torchao", *(["bitsandbytes"] if in_bwd else [])))
     return out
 
 
@@ -369,8 +444,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def prepare(tmp: Path, size: dict, cache: Path) -> tuple[str, dict]:
-    """Pack the data with lowmem, export the batches and the initial weights; return (spec text, model dims)."""
+def spec_text(size: dict, cache: Path, features: str) -> str:
+    """lowmem's spec for the comparison: every strategy off, or (features "best") every one left to the planner."""
+    from lowmem.spec.structs import StrategySpec
+
+    known = set(StrategySpec.__struct_fields__)  # a strategy this lowmem does not know yet is left out
+    off = "\n".join(ln for ln in STRATEGIES_OFF.splitlines() if ln.split(" =")[0] in known or ln.startswith("["))
+    return BASE.format(cache=cache, strategies=off if features == "off" else "", **size)
+
+
+def prepare(tmp: Path, size: dict, cache: Path) -> dict:
+    """Pack the data with lowmem, export the batches and the initial weights; return the model's dims."""
     import numpy as np
 
     from lowmem.data.loader import BatchLoader, split_rows
@@ -379,8 +463,7 @@ def prepare(tmp: Path, size: dict, cache: Path) -> tuple[str, dict]:
     from lowmem.spec import decode_spec
     from lowmem.train.loop import prepare_data
 
-    text = BASE.format(cache=cache, **size)
-    spec = decode_spec(text, "toml")
+    spec = decode_spec(spec_text(size, cache, "off"), "toml")
     p = plan(spec)
     _, dataset = prepare_data(spec)
     train_rows, _ = split_rows(len(dataset), spec.data.eval_rows, spec.train.seed)
@@ -394,11 +477,11 @@ def prepare(tmp: Path, size: dict, cache: Path) -> tuple[str, dict]:
     model = {k: getattr(cfg, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                            "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings")}
     model["n_params"] = p.n_params
-    return text, model
+    return model
 
 
 def spawn(tool: str, python: str, job: dict, tmp: Path, threads: int, timeout: int) -> dict:
-    job_path = tmp / f"job-{tool}-{job['method']}.json"
+    job_path = tmp / f"job-{tool}-{job['method']}-{job['features']}-{job.get('budget_kind', '')}.json"
     job_path.write_text(json.dumps(job))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
@@ -444,38 +527,84 @@ def run(args) -> dict:
         size = dict(size, steps=args.steps)
     tools = args.tools or (["lowmem", "hf"] if args.smoke else list(TOOLS))
     methods = args.methods or (["full", "lora"] if args.smoke else list(METHODS))
+    features = list(FEATURES) if args.features == "both" else [args.features]
     pythons = {"lowmem": sys.executable, "hf": sys.executable, "torchtune": args.peers_python}
-    rows = []
+    cache = Path(args.cache).resolve()
+    report = {"size": size, "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat,
+              "cpu": cpu_model(), "n_cores": os.cpu_count(), "tight_fraction": TIGHT_FRACTION,
+              "load_average": {"start": list(os.getloadavg())}}
     with tempfile.TemporaryDirectory(prefix="lowmem-peers-") as tmp_name:
         tmp = Path(tmp_name)
-        spec_text, model = prepare(tmp, size, Path(args.cache).resolve())
+        report["model"] = prepare(tmp, size, cache)
         unavailable = {t: tool_available(t, pythons[t]) for t in tools}
-        for method in methods:
-            job = {"method": method, "spec": spec_text, "overrides": [f"method.kind={method}"],
-                   "data": str(tmp / "batches.npz"), "weights": str(tmp / "base"), "tmp": str(tmp / "hf-out"),
-                   "steps": size["steps"], "warmup": args.warmup, "threads": args.threads,
-                   "micro_batch": size["micro_batch"], "seq_len": size["seq_len"], "seed": 0, "model": model,
-                   "lora": {"rank": 8, "alpha": 16.0, "targets": ["wq", "wk", "wv", "wo"]},
-                   "optim": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8}}
-            runs: dict[str, list[dict]] = {tool: [] for tool in tools}
-            for repeat in range(args.repeat):  # interleaved, so a busy spell on the machine hits every tool
-                for tool in tools:
-                    if unavailable[tool]:
-                        result = {"status": "skipped", "reason": unavailable[tool]}
-                    elif runs[tool] and runs[tool][-1]["status"] != "ok":
-                        continue  # failed once: it fails again
-                    else:
-                        result = spawn(tool, pythons[tool], job, tmp, args.threads, args.timeout)
-                    runs[tool].append(result)
-                    print(f"{method:>5} {TOOL_NAMES[tool]:<18} #{repeat + 1} {_brief(result)}", flush=True)
-            rows += [{"method": method, "tool": tool, **combine(results)} for tool, results in runs.items()]
-    add_ratios(rows)
+        for feature in features:
+            rows = []
+            for method in methods:
+                job = {"method": method, "features": feature, "spec": spec_text(size, cache, feature),
+                       "overrides": [f"method.kind={method}"],
+                       "data": str(tmp / "batches.npz"), "weights": str(tmp / "base"), "tmp": str(tmp / "hf-out"),
+                       "steps": size["steps"], "warmup": args.warmup, "threads": args.threads,
+                       "micro_batch": size["micro_batch"], "seq_len": size["seq_len"], "seed": 0,
+                       "model": report["model"], "lora": {"rank": 8, "alpha": 16.0, "targets": ["wq", "wk", "wv", "wo"]},
+                       "optim": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8}}
+                if feature == "off":
+                    variants = {tool: job for tool in tools}
+                    rows += _run_interleaved(method, feature, variants, tools, pythons, unavailable, tmp, args)
+                    continue
+                # best: the peers first; lowmem is then planned under the smallest memory a peer measured
+                peers = [t for t in tools if t != "lowmem"]
+                peer_rows = _run_interleaved(method, feature, {t: job for t in peers}, peers, pythons, unavailable,
+                                             tmp, args)
+                rows += peer_rows
+                if "lowmem" not in tools:
+                    continue
+                fits = [r for r in peer_rows if r["status"] == "ok"]
+                best_peer = min(fits, key=lambda r: r["rss_delta_bytes"]) if fits else None
+                budgets = ({"peer": best_peer["rss_delta_bytes"],
+                            "tight": best_peer["rss_delta_bytes"] * TIGHT_FRACTION} if best_peer else {"none": None})
+                variants = {}
+                for name, budget in budgets.items():
+                    over = [] if budget is None else [f"memory.budget={int(budget)}B"]
+                    variants[f"lowmem@{name}"] = dict(job, overrides=job["overrides"] + over, budget_kind=name,
+                                                      budget_from=best_peer and best_peer["tool"])
+                lm = _run_interleaved(method, feature, variants, ["lowmem"] * len(variants), pythons, unavailable,
+                                      tmp, args)
+                rows += lm
+            add_ratios(rows)
+            report["rows" if feature == "off" else "best_rows"] = rows
     versions = {}  # per tool: torchtune runs from another interpreter, with its own torchao
-    for r in rows:
+    for r in report.get("rows", []) + report.get("best_rows", []):
         versions.setdefault(r["tool"], {}).update(r.get("versions", {}))
-    return {"size": size, "model": model, "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat,
-            "cpu": cpu_model(),
-            "n_cores": os.cpu_count(), "versions": versions, "rows": rows}
+    report["versions"] = versions
+    report["load_average"]["end"] = list(os.getloadavg())
+    return report
+
+
+def _run_interleaved(method: str, feature: str, jobs: dict, tools: list[str], pythons: dict, unavailable: dict,
+                     tmp: Path, args) -> list[dict]:
+    """Each job `args.repeat` times, interleaved (a busy spell on the machine hits every one); one row per job."""
+    runs: dict[str, list[dict]] = {key: [] for key in jobs}
+    for repeat in range(args.repeat):
+        for key, tool in zip(jobs, tools, strict=True):
+            job = jobs[key]
+            if unavailable[tool]:
+                result = {"status": "skipped", "reason": unavailable[tool]}
+            elif runs[key] and runs[key][-1]["status"] != "ok":
+                continue  # failed once: it fails again
+            else:
+                result = spawn(tool, pythons[tool], job, tmp, args.threads, args.timeout)
+            runs[key].append(result)
+            label = TOOL_NAMES[tool] + (f" ({job['budget_kind']} budget)" if "budget_kind" in job else "")
+            print(f"{feature:>4} {method:>5} {label:<24} #{repeat + 1} {_brief(result)}", flush=True)
+    rows = []
+    for key, tool in zip(jobs, tools, strict=True):
+        row = {"method": method, "tool": tool, "features": feature, **combine(runs[key])}
+        if "budget_kind" in jobs[key]:
+            row.update(budget_kind=jobs[key]["budget_kind"], budget_from=jobs[key]["budget_from"])
+        if feature == "best" and tool != "lowmem":
+            row["peer_features"] = PEER_FEATURES[tool][method]
+        rows.append(row)
+    return rows
 
 
 def combine(results: list[dict]) -> dict:
@@ -499,10 +628,12 @@ def _brief(row: dict) -> str:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    base = {r["method"]: r for r in rows if r["tool"] == "lowmem" and r["status"] == "ok"}
+    """Each row's memory and tokens/s over lowmem's (features "best": lowmem under the best peer's budget)."""
+    base = {r["method"]: r for r in rows
+            if r["tool"] == "lowmem" and r["status"] == "ok" and r.get("budget_kind", "peer") == "peer"}
     for r in rows:
         ref = base.get(r["method"])
-        if r["status"] == "ok" and ref:
+        if r["status"] == "ok" and ref and r is not ref:
             r["rss_delta_ratio"] = r["rss_delta_bytes"] / max(ref["rss_delta_bytes"], 1)
             r["tokens_per_s_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
 
@@ -515,49 +646,140 @@ def to_markdown(report: dict, smoke: bool) -> str:
     size, m = report["size"], report["model"]
     v = report["versions"]
     names = ("lowmem", "torch", "transformers", "peft", "accelerate", "torchtune", "torchao", "bitsandbytes")
-    header = [
+    lines = [
         f"## lowmem and its peers: {size['preset']} {'(smoke) ' if smoke else ''}on {report['cpu']}",
         "",
-        f"{m['n_params']:,} parameters (dim {m['dim']}, {m['n_layers']} layers, vocab {m['vocab_size']}), fp32, "
-        f"micro-batch {size['micro_batch']} x {size['seq_len']} packed tokens, {size['steps']} steps of AdamW "
-        f"(lr 1e-3, constant), LoRA r=8 alpha=16 on q/k/v/o; the same rows and initial weights for every tool, "
-        f"each in its own subprocess, {report['threads']} torch thread(s) on {report['n_cores']} cores.",
+        f"{m['n_params']:,} parameters (dim {m['dim']}, {m['n_layers']} layers, vocab {m['vocab_size']}), fp32 for "
+        f"every tool, micro-batch {size['micro_batch']} x {size['seq_len']} packed tokens, {size['steps']} steps "
+        "of AdamW (lr 1e-3, betas 0.9/0.95, constant), LoRA r=8 alpha=16 on q/k/v/o; the same rows and initial "
+        f"weights for every tool, each in its own subprocess, {report['threads']} torch thread(s) on "
+        f"{report['n_cores']} cores.",
         "Memory: peak RSS minus RSS right before the first step (what training adds on top of the built model), "
         "measured the same way for every tool; lowmem's own planned / measured live-tensor peak (weights "
         f"included) beside it. tokens/s over steps {report['warmup'] + 1}-{size['steps']}"
         + (f"; each figure the median of {report['repeat']} interleaved runs" if report.get("repeat", 1) > 1 else "")
-        + ". Ratios are peer / lowmem. Losses are the tools' own per-step means (LoRA A matrices differ between "
-        "tools, so LoRA losses part after step 1).",
+        + ". Losses are the tools' own per-step means (LoRA A matrices differ between tools, so LoRA losses "
+        "part after step 1).",
         "",
+        *([f"Load average (1/5/15 min) of this run: at the start {_load(report['load_average']['start'])}, "
+           f"at the end {_load(report['load_average']['end'])}" + (f"; sampled during the run: {report['load_average']['during']}"
+                                                        if report["load_average"].get("during") else "")
+           + f" (other processes share the {report['n_cores']} cores: timings are noisy).", ""]
+          if report.get("load_average") else []),
+        *([f"The {' and '.join(KEPT_NAMES[k] for k in report['kept_from_earlier_run'])} table comes from an "
+           "earlier run (same sizes and threads); `--features` ran only the other one.", ""]
+          if report.get("kept_from_earlier_run") else []),
         "Versions, per training subprocess:",
         "",
         *(f"- {TOOL_NAMES[tool]}: " + ", ".join(f"{n} {tv[n]}" for n in names if n in tv)
           for tool, tv in v.items() if tv),
-        "",
-        "| method | tool | peak RSS - RSS before step 1 | vs lowmem | tokens/s | vs lowmem | loss step 1 | "
-        f"loss step {size['steps']} | RSS before step 1 | lowmem tensor peak (measured / planned) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines = list(header)
-    for r in report["rows"]:
-        name = TOOL_NAMES[r["tool"]]
-        if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {name} | {r['status']}: {r['reason'].replace('|', '/')} "
-                         "| | | | | | | |")
-            continue
-        tensors = (f"{_mib(r['measured_tensor_peak_bytes'])} / {_mib(r['planned_tensor_peak_bytes'])}"
-                   if r["tool"] == "lowmem" else "")
-        mem_ratio = f"{r['rss_delta_ratio']:.2f}x" if "rss_delta_ratio" in r and r["tool"] != "lowmem" else ""
-        tps_ratio = f"{r['tokens_per_s_ratio']:.2f}x" if "tokens_per_s_ratio" in r and r["tool"] != "lowmem" else ""
-        lines.append(f"| {r['method']} | {name} | {_mib(r['rss_delta_bytes'])} | {mem_ratio} | "
-                     f"{r['tokens_per_s']:,.0f} | {tps_ratio} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | "
-                     f"{_mib(r['rss_before_bytes'])} | {tensors} |")
+    if report.get("rows"):
+        lines += ["", "### Every memory feature off", "",
+                  "Ratios are peer / lowmem.", "",
+                  "| method | tool | peak RSS - RSS before step 1 | vs lowmem | tokens/s | vs lowmem | loss step 1 | "
+                  f"loss step {size['steps']} | RSS before step 1 | lowmem tensor peak (measured / planned) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in report["rows"]:
+            name = TOOL_NAMES[r["tool"]]
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {name} | {r['status']}: {r['reason'].replace('|', '/')} "
+                             "| | | | | | | |")
+                continue
+            peer = r["tool"] != "lowmem"
+            lines.append(f"| {r['method']} | {name} | {_mib(r['rss_delta_bytes'])} | "
+                         f"{_ratio(r, 'rss_delta_ratio') if peer else ''} | {r['tokens_per_s']:,.0f} | "
+                         f"{_ratio(r, 'tokens_per_s_ratio') if peer else ''} | {r['first_loss']:.3f} | "
+                         f"{r['final_loss']:.3f} | {_mib(r['rss_before_bytes'])} | {_tensors(r)} |")
+    if report.get("best_rows"):
+        lines += ["", "### Each tool at its best for memory", "", BEST_NOTE.format(
+            tight=report.get("tight_fraction", TIGHT_FRACTION)), "",
+                  "| method | tool | memory features (lowmem: the plan's choice) | peak RSS - RSS before step 1 | "
+                  f"vs lowmem | tokens/s | vs lowmem | loss step 1 | loss step {size['steps']} | "
+                  "RSS before step 1 | lowmem tensor peak (measured / planned) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in report["best_rows"]:
+            name = TOOL_NAMES[r["tool"]]
+            if r.get("budget_kind") in ("peer", "tight"):
+                name += f", {'best peer' if r['budget_kind'] == 'peer' else 'tight'} budget"
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {name} | | {r['status']}: {r['reason'].replace('|', '/')} "
+                             "| | | | | | | |")
+                continue
+            feats = (r.get("peer_features", "") if r["tool"] != "lowmem" else
+                     f"budget {_mib(r['budget_bytes'])}: " + describe_strategies(r["strategies"]))
+            lines.append(f"| {r['method']} | {name} | {feats} | {_mib(r['rss_delta_bytes'])} | "
+                         f"{_ratio(r, 'rss_delta_ratio')} | {r['tokens_per_s']:,.0f} | "
+                         f"{_ratio(r, 'tokens_per_s_ratio')} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | "
+                         f"{_mib(r['rss_before_bytes'])} | {_tensors(r)} |")
     return "\n".join(lines)
+
+
+BEST_NOTE = (
+    "Each tool with the memory features its users turn on for this job. HF Trainer: gradient checkpointing "
+    "(use_reentrant=False) and `optim=\"paged_adamw_8bit\"` (bitsandbytes; it runs on CPU, where there is "
+    "nothing to page), QLoRA through peft's `prepare_model_for_kbit_training`; it has no chunked loss of its "
+    "own (Liger's fused loss needs Triton, i.e. a GPU). torchtune: what its llama3_2 single-device configs "
+    "set, plus activation checkpointing for LoRA/QLoRA too: `enable_activation_checkpointing` (every "
+    "`TransformerSelfAttentionLayer`), `CEWithChunkedOutputLoss` (8 chunks), and for full fine-tuning "
+    "`optimizer_in_bwd` with bitsandbytes `PagedAdamW8bit` (its LoRA configs keep torch AdamW, and its LoRA "
+    "recipe has no optimizer_in_bwd). lowmem: every strategy `auto` (precision kept fp32, like the others, so "
+    "that only the memory features differ), planned with `memory.budget` = the smallest peak RSS delta a peer "
+    "measured for that method (the question: does lowmem fit where the best peer fits, and how fast), and "
+    "again at {tight:g}x that; the plan's choice is printed. The budget is what the planner plans tensors "
+    "(weights included) against, less its 10% safety margin, while the column it is compared with counts RSS "
+    "(weights excluded, allocator and library overhead included). Ratios are row / lowmem under the best "
+    "peer's budget. bitsandbytes keeps the state of tensors under 4,096 elements in 32 bits, so the 8-bit "
+    "optimizers change only full fine-tuning's losses (the LoRA adapters here have 2,048 elements each), and "
+    "HF Trainer keeps `nn.Embedding` weights (here tied with the output head) in 32-bit state; full "
+    "fine-tuning's step-10 losses therefore differ a little between tools that went 8-bit and those that did not."
+)
+
+
+def describe_strategies(st: dict) -> str:
+    """A plan's strategies in a few words: only what differs from plain training."""
+    out = [st["precision"]]
+    if st["activation_checkpointing"] != "off":
+        out.append(f"checkpointing {st['activation_checkpointing']}")
+    if st["cross_entropy"] != "standard":
+        out.append(f"{st['cross_entropy']} CE")
+    for key, words in (("activation_offloading", "activation offloading"),
+                       ("optimizer_in_backward", "optimizer in backward"), ("compile", "compile")):
+        if st.get(key):
+            out.append(words)
+    if st.get("micro_batch_split", 1) > 1:
+        out.append(f"micro-batch split {st['micro_batch_split']}")
+    if st.get("optimizer_state", "full") != "full":
+        out.append(f"{st['optimizer_state']} AdamW states")
+    if st.get("nf4_block_size"):
+        out.append(f"NF4 blocks {st['nf4_block_size']}")
+    return ", ".join(out) if len(out) > 1 else out[0] + ", nothing else"
+
+
+KEPT_NAMES = {"rows": '"every memory feature off"', "best_rows": '"each tool at its best"'}
+
+
+def _load(values: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def _ratio(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}x" if key in r else ""
+
+
+def _tensors(r: dict) -> str:
+    if r["tool"] != "lowmem":
+        return ""
+    return f"{_mib(r['measured_tensor_peak_bytes'])} / {_mib(r['planned_tensor_peak_bytes'])}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, lowmem and HF only")
+    parser.add_argument("--features", choices=("off", "best", "both"),
+                        help="off: every memory feature off; best: each tool with the memory features its users "
+                             "turn on (lowmem under the best peer's budget and a tighter one); both (the default; "
+                             "smoke: off). Running one keeps the other's table from an earlier peers.json in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training subprocess")
     parser.add_argument("--steps", type=int, default=0, help="override the steps per run")
     parser.add_argument("--repeat", type=int, default=1, help="runs per (method, tool); medians reported")
@@ -575,11 +797,21 @@ def main() -> None:
     if args.worker:
         run_worker(args.worker, args.job)
         return
+    args.features = args.features or ("off" if args.smoke else "both")
+    name = "peers_smoke" if args.smoke else "peers"
     report = run(args)
+    earlier = args.out / f"{name}.json"
+    if args.features != "both" and earlier.exists():  # keep the other mode's table when its run matches this one
+        old = json.loads(earlier.read_text())
+        other = "best_rows" if args.features == "off" else "rows"
+        if old.get(other) and old.get("size") == report["size"] and old.get("threads") == report["threads"]:
+            report[other] = old[other]
+            report["versions"] = {t: {**old.get("versions", {}).get(t, {}), **tv}
+                                  for t, tv in {**old.get("versions", {}), **report["versions"]}.items()}
+            report.setdefault("kept_from_earlier_run", []).append(other)
     table = to_markdown(report, args.smoke)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "peers_smoke" if args.smoke else "peers"
     (args.out / f"{name}.md").write_text(table + "\n")
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -74,7 +74,7 @@ def test_no_arguments_shows_help(runner):
     ("command", "options"),
     [
         ("validate", {"--set", "-s", "--help"}),
-        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--help"}),
+        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--nproc", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
         ("export", {"--out", "--merge", "--help"}),
@@ -366,3 +366,15 @@ def test_validate_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def test_plan_nproc_plans_per_process(runner):
+    result = runner.invoke(app, ["plan", "examples/quickstart.toml", "--set", "model.preset=tiny", "--nproc", "2",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    p = json.loads(result.stdout)
+    assert p["world_size"] == 2
+    assert p["tokens_per_step"] == 2 * p["spec"]["train"]["micro_batch"] * p["spec"]["train"]["grad_accum"] * \
+        p["spec"]["train"]["seq_len"]
+    shown = runner.invoke(app, ["plan", "examples/quickstart.toml", "--set", "model.preset=tiny", "--nproc", "2"])
+    assert "per process, 2 processes" in shown.stdout

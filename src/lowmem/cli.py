@@ -85,13 +85,18 @@ def plan_cmd(
     trace: Annotated[bool, typer.Option(
         "--trace", help="Also run the planned training step on fake tensors (no memory used) and show the "
         "traced peak beside the analytic one.")] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Plan for this many data-parallel processes (torchrun --nproc_per_node N, FSDP2): "
+        "memory per process, tokens per step over all.")] = 1,
 ) -> None:
     """Choose the memory strategies for a spec and print the dry-run memory report. Allocates nothing."""
     from lowmem.plan import plan, render_plan
     from lowmem.plan.planner import maximize as maximize_plan
 
+    if trace and nproc > 1:
+        raise _UserError("--trace runs one process's step on fake tensors, unsharded; use it without --nproc")
     run = load_spec(spec, set_ or [])
-    p = maximize_plan(run, maximize, hardware) if maximize else plan(run, hardware)
+    p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
     if png is not None:
         from lowmem.plan.chart import write_memory_chart
 
@@ -130,7 +135,7 @@ def execute(
     from lowmem.plan import plan, render_plan
     from lowmem.train import describe_memory
     from lowmem.train import execute as run
-    from lowmem.train.distributed import launch_rank
+    from lowmem.train.distributed import launch_rank, launch_world_size
     from lowmem.train.loop import check_executable
 
     if spec_or_plan.is_dir():
@@ -138,7 +143,9 @@ def execute(
             raise _UserError(f"{spec_or_plan} is a directory without plan.json; give a spec file or a run directory")
         out = out or spec_or_plan
         spec_or_plan = spec_or_plan / "plan.json"
-    p = _load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan) else plan(load_spec(spec_or_plan, set_ or []))
+    # a spec is planned for the processes torchrun started (WORLD_SIZE); a plan.json must have been made for them
+    p = (_load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan)
+         else plan(load_spec(spec_or_plan, set_ or []), world_size=launch_world_size()))
     check_executable(p)
     secondary = launch_rank() != 0  # under torchrun, rank 0 alone speaks
     if not quiet and not secondary:

@@ -1,4 +1,5 @@
-"""Data-parallel training (FSDP2, gloo): two ranks under torchrun equal one process with twice the micro-batch;
+"""Data-parallel training (FSDP2, gloo): two ranks under torchrun equal one process with twice the micro-batch,
+for full fine-tuning and for LoRA/DoRA adapters; the plan's per-process memory matches what rank 0 measured;
 their sharded checkpoints (DCP) resume on 2 processes to the same bits, and on 1 (or 1 -> 2) within rounding."""
 
 import json
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_SPEC
 
 from lowmem.plan import plan
+from lowmem.plan.planner import PlanError
 from lowmem.spec import decode_spec, encode_spec
 from lowmem.train import execute
 from lowmem.train.checkpoint import CheckpointError
@@ -50,10 +52,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spec(data_cache, micro_batch: int, optimizer: str):
+def _spec(data_cache, micro_batch: int, optimizer: str, *overrides: str):
     return decode_spec(TINY_SPEC, "toml", overrides=[
         f"data.cache_dir={data_cache}", "data.eval_rows=8", "train.steps=3", f"train.micro_batch={micro_batch}",
-        "train.eval_every=3", "train.eval_batches=1", *OPTIMIZERS[optimizer],
+        "train.eval_every=3", "train.eval_batches=1", *OPTIMIZERS[optimizer], *overrides,
     ])
 
 
@@ -100,15 +102,63 @@ def test_only_rank_0_writes_the_run_directory(runs):
     assert len(_metrics(sharded)) == 3  # one record per step, not one per rank
 
 
+# The planned per-process peak against rank 0's measured one (LiveTensorTracker; FSDP's gathered weights
+# included). Measured: adamw (no checkpointing, standard loss) +0.4%, sgd (full checkpointing, chunked loss)
+# and LoRA within a few percent; see the report of issue #7.
+PEAK_TOLERANCE = 0.10
+
+
+def test_planned_per_process_peak_matches_rank_0s_measured_peak(runs):
+    sharded, single = runs[1:]
+    plan_json = json.loads((sharded / "plan.json").read_text())
+    report = json.loads((sharded / "memory.json").read_text())
+    assert plan_json["world_size"] == WORLD
+    assert report["measured_peak_bytes"] > 0
+    assert abs(report["error"]) < PEAK_TOLERANCE, report
+    # sharding shows: parameters and optimizer state are measured at half of one process's
+    measured = {c["component"]: c["measured_bytes"] for c in report["components"]}
+    alone = {c["component"]: c["measured_bytes"] for c in json.loads((single / "memory.json").read_text())["components"]}
+    assert measured["parameters"] == pytest.approx(alone["parameters"] / WORLD, rel=0.01)
+
+
 @pytest.mark.parametrize("override, message", [
-    ("method.kind=lora", "method.kind = 'lora'"),
     ("optimizer.kind=adafactor", "optimizer.kind = 'adafactor'"),
+    ("memory.strategies.optimizer_in_backward=on", "optimizer_in_backward = 'on'"),
+    ("memory.strategies.low_bit_optimizer=on", "low_bit_optimizer = 'on'"),
+    ("method.kind=qlora", "method.kind = 'qlora'"),
 ])
-def test_refuses_what_it_cannot_shard(tiny_spec, override, message):
-    p = plan(tiny_spec(override), "cpu")
-    check_distributable(p, world=1, resume=False)  # a single process runs it
-    with pytest.raises(ValueError, match=message):
-        check_distributable(p, world=WORLD, resume=False)
+def test_planner_refuses_what_it_cannot_shard(tiny_spec, override, message):
+    overrides = [override] + (["train.clip_grad_norm=0"] if "in_backward" in override else [])
+    plan(tiny_spec(*overrides), "cpu")  # a single process runs it
+    with pytest.raises(PlanError, match=message):
+        plan(tiny_spec(*overrides), "cpu", world_size=WORLD)
+
+
+def test_planner_never_picks_what_fsdp_cannot_run(tiny_spec):
+    spec = tiny_spec("train.clip_grad_norm=0", "memory.budget=12MiB", "memory.safety_margin=0")
+    p = plan(spec, "cpu", world_size=WORLD)
+    assert all(not a.strategies.optimizer_in_backward and a.strategies.optimizer_state == "full"
+               and not a.strategies.activation_checkpointing.startswith("every-") for a in p.alternatives)
+    decision = next(d for d in p.decisions if d.strategy == "optimizer_in_backward")
+    assert decision.source == "fixed" and "FSDP" in decision.reason
+
+
+def test_the_plan_counts_every_process(tiny_spec):
+    one, two = plan(tiny_spec(), "cpu"), plan(tiny_spec(), "cpu", world_size=WORLD)
+    assert (one.world_size, two.world_size) == (1, WORLD)
+    assert two.tokens_per_step == WORLD * one.tokens_per_step
+    assert two.memory.peak_bytes < one.memory.peak_bytes + one.n_params * 4  # shards plus gathered, not N copies
+    assert two.usable_bytes == one.usable_bytes // WORLD  # the processes share this machine's memory
+
+
+def test_a_plan_runs_only_on_the_process_count_it_was_made_for(tiny_spec):
+    one, two = plan(tiny_spec(), "cpu"), plan(tiny_spec(), "cpu", world_size=WORLD)
+    check_distributable(one, world=1)
+    check_distributable(two, world=WORLD)
+    with pytest.raises(ValueError, match=r"world_size = 1 .* torchrun started 2 processes.*--nproc 2"):
+        check_distributable(one, world=WORLD)
+    with pytest.raises(ValueError, match=r"world_size = 2 .* single process.*--nproc_per_node 2"):
+        check_distributable(two, world=1)
 
 
 def _torchrun(*args: str) -> None:
@@ -232,3 +282,78 @@ def test_sigkill_of_a_2_process_run_then_resume_gives_the_same_losses(checkpoint
     _torchrun(str(spec_file), "--out", str(killed), "--resume")
     assert _losses(killed) == _losses(run_dir)
     assert not [d for d in (killed / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
+
+
+ADAPTERS = {"lora": ["method.kind=lora", "method.targets=[wq,wv,wo,w1]"],
+            "dora": ["method.kind=dora", "method.targets=[wq,wk,w2]", "method.alpha=8"]}
+
+
+def _adapter_spec(data_cache, micro_batch: int, method: str):
+    # SGD: rounding passes through linearly, so the adapters can be held to 1e-5 (AdamW moves an element whose
+    # gradient is within rounding of zero by up to lr; see WEIGHT_ATOL). AdamW on DTensors is covered by `runs`.
+    return decode_spec(TINY_SPEC, "toml", overrides=[
+        f"data.cache_dir={data_cache}", "data.eval_rows=8", "train.steps=3", f"train.micro_batch={micro_batch}",
+        "output.save_every=2", "optimizer.kind=sgd", "optimizer.lr=0.5", *ADAPTERS[method],
+    ])
+
+
+@pytest.fixture(scope="module", params=list(ADAPTERS))
+def adapter_runs(request, data_cache, tmp_path_factory):
+    """(method, torchrun run dir: 2 ranks x micro_batch 2, single-process run dir: micro_batch 4)."""
+    method = request.param
+    root = tmp_path_factory.mktemp(f"distributed-{method}")
+    single = root / "single"
+    execute(plan(_adapter_spec(data_cache, PER_RANK_BATCH * WORLD, method), "cpu"), single, progress=False)
+    spec_file = root / "spec.toml"
+    spec_file.write_bytes(encode_spec(_adapter_spec(data_cache, PER_RANK_BATCH, method), "toml"))
+    _torchrun(str(spec_file), "--out", str(root / "sharded"))
+    return method, root / "sharded", single
+
+
+def test_adapter_losses_equal_the_single_process_batch(adapter_runs):
+    sharded, single = (_metrics(d) for d in adapter_runs[1:])
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in sharded] == pytest.approx([r[key] for r in single], rel=REL_TOL), key
+
+
+def test_exported_adapter_equals_the_single_process_one(adapter_runs):
+    sharded, single = adapter_runs[1:]
+    assert json.loads((sharded / "adapter/adapter_config.json").read_text())["use_dora"] == (adapter_runs[0] == "dora")
+    got, want = (load_file(d / "adapter/adapter_model.safetensors") for d in (sharded, single))
+    assert got.keys() == want.keys()
+    assert any(t.abs().sum() > 0 for n, t in got.items() if "lora_B" in n)  # B starts at zero: it trained
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=WEIGHT_ATOL["sgd"], msg=name)
+    base_got, base_want = (load_file(d / "base/model.safetensors") for d in (sharded, single))
+    for name in base_want:  # the frozen base did not move on any rank
+        assert torch.equal(base_got[name], base_want[name]), name
+
+
+def test_adapter_checkpoints_hold_only_the_trainable_shards(adapter_runs):
+    sharded = adapter_runs[1]
+    ckpt = sharded / "checkpoints/step-00000002"
+    shards = [load_file(ckpt / f"shard-0000{r}-model-00001-of-00001.safetensors") for r in (1, 2)]
+    for names in (s.keys() for s in shards):  # the adapters and their optimizer state ("state.{name}.exp_avg")
+        tensors = {n.removeprefix("state.").rsplit(".", 1)[0] if n.startswith("state.") else n for n in names}
+        assert tensors and all(n.endswith((".lora_a", ".lora_b", ".dora_m")) for n in tensors), sorted(tensors)
+
+
+def test_adapter_per_process_peak_matches_the_plan(adapter_runs):
+    report = json.loads((adapter_runs[1] / "memory.json").read_text())
+    assert abs(report["error"]) < PEAK_TOLERANCE, report
+
+
+def test_mixed_bf16_under_fsdp_matches_one_process(data_cache, tmp_path):
+    """fp32 masters sharded, each block's gathered weights cast to bf16 inside it: the same step as one process up
+    to bf16 rounding of the per-rank partial sums (measured: losses 1e-5 apart, grad norms 7e-4)."""
+    overrides = ["memory.precision=mixed-bf16"]
+    execute(plan(_spec(data_cache, PER_RANK_BATCH * WORLD, "adamw", *overrides), "cpu"), tmp_path / "single",
+            progress=False)
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_bytes(encode_spec(_spec(data_cache, PER_RANK_BATCH, "adamw", *overrides), "toml"))
+    _torchrun(str(spec_file), "--out", str(tmp_path / "sharded"))
+    sharded, single = (_metrics(tmp_path / d) for d in ("sharded", "single"))
+    assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+    assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in single], rel=2e-3)
+    report = json.loads((tmp_path / "sharded/memory.json").read_text())
+    assert abs(report["error"]) < PEAK_TOLERANCE, report

@@ -12,7 +12,8 @@ from lowmem.nn import init_params
 from lowmem.nn.config import preset
 from lowmem.nn.llama import block, block_param_names, rope_cache
 from lowmem.plan import plan
-from lowmem.plan.estimate import selective_block_bytes
+from lowmem.plan.estimate import estimate_memory, selective_block_bytes
+from lowmem.plan.planner import trainable_shapes
 from lowmem.train import execute
 from lowmem.train.loop import build_training, train_step
 from lowmem.train.memory import LiveTensorTracker
@@ -278,3 +279,76 @@ def test_compiled_block_trains_like_eager(tiny_spec):
     # difference in a near-zero gradient into ~1e-5 of a weight (measured max 1.6e-5)
     for name, ref in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], ref, rtol=1e-4, atol=5e-5)
+
+
+# -- micro-batch split and 8-bit AdamW states (the planner's last resorts) --------------------------------------
+
+SPLIT_BASE = ("memory.strategies.activation_checkpointing=off", "memory.strategies.fused_cross_entropy=off",
+              "memory.strategies.chunked_cross_entropy=off", "memory.strategies.compile=off",
+              "memory.strategies.low_bit_optimizer=off", "train.clip_grad_norm=0",
+              "memory.strategies.optimizer_in_backward=off")
+
+
+def test_micro_batch_split_changes_no_numbers_and_lowers_the_peak_as_planned(tiny_spec, tmp_path):
+    runs = {}
+    for k, toggle in ((1, "off"), (2, "on"), (4, "on")):
+        p = plan(tiny_spec(*SPLIT_BASE, f"memory.strategies.micro_batch_split={toggle}"), "cpu")
+        if k == 4:  # "on" takes the fewest pieces that fit: record 4 as the planner would, with its estimate
+            p = _with(p, micro_batch_split=4)
+            shapes, trains = trainable_shapes(p.spec, p.model)
+            p = msgspec.structs.replace(p, memory=estimate_memory(p.model, p.strategies, p.spec.train,
+                                                                  p.spec.optimizer, shapes, trains))
+        assert p.strategies.micro_batch_split == k
+        result = execute(p, tmp_path / str(k), progress=False)
+        runs[k] = (_losses(tmp_path / str(k)), _peak(tmp_path / str(k)), result.planned_peak_bytes)
+    # the same step: the loss sums and gradients of 4 rows taken as 2 x 2 or 4 x 1 (float summation order only)
+    for k in (2, 4):
+        assert runs[k][0] == pytest.approx(runs[1][0], rel=1e-5, abs=0)
+    # activations and loss tensors of one piece: measured peaks fall, and each is planned within 5%
+    assert runs[4][1] < runs[2][1] < 0.9 * runs[1][1], {k: v[1] for k, v in runs.items()}
+    for k, (_, measured, planned) in runs.items():
+        assert planned == pytest.approx(measured, rel=0.05), (k, planned, measured)
+
+
+def test_auto_splits_only_when_no_whole_micro_batch_fits(tiny_spec):
+    whole = plan(tiny_spec(*SPLIT_BASE[:-2]), "cpu")
+    assert whole.strategies.micro_batch_split == 1
+    split_peak = plan(tiny_spec(*SPLIT_BASE, "memory.strategies.micro_batch_split=on"), "cpu").memory.peak_bytes
+    budget = (split_peak + whole.memory.peak_bytes) // 2  # the split plan fits, no whole one does
+    p = plan(tiny_spec(*SPLIT_BASE[:-2], f"memory.budget={budget}B", "memory.safety_margin=0"), "cpu")
+    assert p.strategies.micro_batch_split == 2
+    decision = next(d for d in p.decisions if d.strategy == "micro_batch_split")
+    assert decision.source == "auto" and "no plan with whole micro-batches of 4 rows fits" in decision.reason
+    # optimizer in backward needs the whole step in one backward, so a split plan never has it
+    assert all(not a.strategies.optimizer_in_backward for a in p.alternatives if a.strategies.micro_batch_split > 1)
+
+
+def test_auto_uses_8bit_adamw_states_only_when_nothing_exact_fits(tiny_spec, tmp_path):
+    off = tiny_spec(*SPLIT_BASE[:4], "memory.strategies.low_bit_optimizer=off", "memory.strategies.micro_batch_split=off")
+    smallest_exact = min(a.peak_bytes for a in plan(off, "cpu").alternatives)
+    on = plan(tiny_spec(*SPLIT_BASE[:4], "memory.strategies.low_bit_optimizer=on",
+                        "memory.strategies.micro_batch_split=off"), "cpu")
+    assert on.strategies.optimizer_state == "8bit"
+    smallest_8bit = min(a.peak_bytes for a in on.alternatives)
+    assert smallest_8bit < smallest_exact
+    budget = (smallest_8bit + smallest_exact) // 2
+    p = plan(tiny_spec(*SPLIT_BASE[:4], "memory.strategies.micro_batch_split=off", f"memory.budget={budget}B",
+                       "memory.safety_margin=0"), "cpu")
+    assert p.strategies.optimizer_state == "8bit"
+    assert "bitsandbytes AdamW8bit" in next(d.reason for d in p.decisions if d.strategy == "low_bit_optimizer")
+    # it runs as bitsandbytes AdamW8bit, its state measured as planned
+    result = execute(p, tmp_path, progress=False)
+    assert result.planned_peak_bytes == pytest.approx(result.measured_peak_bytes, rel=0.05)
+    assert result.final_loss < result.first_loss
+
+
+def test_last_resorts_forced_where_they_cannot_work_are_clear_errors(tiny_spec):
+    from lowmem.plan import PlanError
+
+    with pytest.raises(PlanError, match="low_bit_optimizer = 'on' applies to optimizer.kind = 'adamw'"):
+        plan(tiny_spec("optimizer.kind=sgd", "memory.strategies.low_bit_optimizer=on"), "cpu")
+    with pytest.raises(PlanError, match="one row cannot be split"):
+        plan(tiny_spec("train.micro_batch=1", "memory.strategies.micro_batch_split=on"), "cpu")
+    with pytest.raises(PlanError, match="micro_batch_split and optimizer_in_backward are both 'on'"):
+        plan(tiny_spec("train.clip_grad_norm=0", "memory.strategies.micro_batch_split=on",
+                       "memory.strategies.optimizer_in_backward=on"), "cpu")

@@ -72,6 +72,21 @@ CATALOGUE: dict[str, StrategyInfo] = {
               "run's estimated time saved repays it",
         requires="a C compiler for inductor on CPU; not together with selective checkpointing",
     ),
+    "micro_batch_split": StrategyInfo(
+        name="micro_batch_split",
+        saves="activations and loss tensors of a micro-batch fall by the split factor (each piece runs alone)",
+        costs="smaller matmuls and one more forward/backward per piece (SPLIT_EFFICIENCY per halving); gradients "
+              "alive during forward; auto uses it only when no plan with whole micro-batches fits",
+        requires="train.micro_batch > 1; not together with optimizer_in_backward",
+    ),
+    "low_bit_optimizer": StrategyInfo(
+        name="low_bit_optimizer",
+        saves="AdamW's two fp32 moments held in 8 bits with block-wise scales (bitsandbytes): about 75% of the "
+              "optimizer state",
+        costs="the updates change slightly (quantized moments); auto uses it only when no plan with "
+              "full-precision states fits",
+        requires="optimizer.kind = 'adamw'",
+    ),
 }
 
 # precision values the executor runs today

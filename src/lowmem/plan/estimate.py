@@ -14,6 +14,7 @@ accumulation (tests/plan/test_estimate.py).
 """
 
 import math
+from typing import NamedTuple
 
 import msgspec
 
@@ -52,6 +53,9 @@ SELECTIVE_RECOMPUTE_SHARE = 0.6
 # mixed precision casts every block weight to the compute dtype (forward and recompute) and each weight gradient
 # back: memory-bound work proportional to the parameters, about 1% of a step at these token counts
 MIXED_CAST_OVERHEAD = 0.99
+# Speed kept per halving of the micro-batch (micro_batch_split = 2, 4, ...): smaller matmuls and one more
+# forward/backward per piece. Measured on the development CPU, see SPLIT_MEASURED below.
+SPLIT_EFFICIENCY = 0.95
 
 # Share of peak FLOP/s a training step reaches, by device: on CPU 0.45 of the profile's peak (fitted on the
 # development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
@@ -280,19 +284,72 @@ def batch_bytes(n_tokens: int) -> int:
     return 4 * n_tokens * 8
 
 
+class ShardedBytes(NamedTuple):
+    """One process's bytes under FSDP2 (`fsdp_bytes`)."""
+
+    params: int  # its shard of every tensor
+    gradients: int  # its shard of every trainable tensor's gradient
+    optimizer_state: int  # the optimizer's state of its trainable shards
+    update_temp: int  # the update's temporary for its largest trainable shard
+    gathered: int  # full weights alive beside the shards in forward/backward: the root's and one block's
+    gathered_in_recompute: int  # the same while a block is recomputed: the root's and two blocks'
+
+
+def fsdp_bytes(cfg: ModelConfig, strategies: Strategies, optimizer: OptimizerSpec,
+               trainable_shapes: list[tuple[int, ...]], trainable: Trainable, world_size: int) -> ShardedBytes:
+    """Per-process bytes of parameters, gradients and optimizer state when FSDP2 shards them over `world_size`.
+
+    `lowmem.train.distributed.shard`: every tensor is split on dim 0 into `world_size` row blocks, padded to
+    equal ones (ceil(rows / N) rows each); the optimizer sees only this process's shards, gradients are
+    reduce-scattered into shards. Full weights exist only for the units being computed: the root (embeddings,
+    final norm, output head) from its forward to the end of backward (`reshard_after_forward=False`), and a
+    block while it runs. Measured on the tiny preset under torchrun (tests/train/test_distributed.py), the peak
+    at the start of backward holds the root's full weights and one block's: the last block's all-gather, which
+    FSDP prefetches when the root's backward begins. Recomputing a block (activation checkpointing) holds it and
+    the block before it (prefetched) gathered.
+    """
+    wb = weight_bytes(strategies.precision)
+    base_b = wb if trainable.full else DTYPE_BYTES[strategies.precision]
+    shapes = param_shapes(cfg)
+    per_block_adapters = len(trainable_shapes) // cfg.n_layers if not trainable.full else 0
+
+    def shard(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (-(-shape[0] // world_size), *shape[1:])
+
+    params = sum(_numel(shard(s)) for s in shapes.values()) * base_b
+    if not trainable.full:  # adapters, in the master dtype
+        params += sum(_numel(shard(s)) for s in trainable_shapes) * wb
+    trainable_shards = [shard(s) for s in trainable_shapes]
+    root = sum(_numel(s) for n, s in shapes.items() if not n.startswith("layers.")) * base_b
+    block = sum(_numel(s) for n, s in shapes.items() if n.startswith("layers.0.")) * base_b
+    block += sum(_numel(s) for s in trainable_shapes[:per_block_adapters]) * wb  # block 0's adapters
+    return ShardedBytes(
+        params=params,
+        gradients=sum(_numel(s) for s in trainable_shards) * wb,
+        optimizer_state=optimizer_state_bytes(optimizer, trainable_shards, wb),
+        update_temp=max((_numel(s) for s in trainable_shards), default=0) * wb,
+        gathered=root + block,
+        gathered_in_recompute=root + 2 * block,
+    )
+
+
 def estimate_memory(
     cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optimizer: OptimizerSpec,
-    trainable_shapes: list[tuple[int, ...]], trainable: Trainable = FULL,
+    trainable_shapes: list[tuple[int, ...]], trainable: Trainable = FULL, world_size: int = 1,
 ) -> MemoryReport:
     """Predicted peak live bytes of a training step, by component, with the phase where it falls.
 
     Two phases can hold the peak: the start of backward (all activations and the loss tensors alive) and
-    the optimizer step (all gradients alive plus the update's temporaries).
+    the optimizer step (all gradients alive plus the update's temporaries). With `world_size` > 1 the bytes
+    are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch` is per process, so activations are not
+    divided.
     """
     wb = weight_bytes(strategies.precision)
     n_params = count_params(cfg)
     n_trainable = sum(_numel(s) for s in trainable_shapes)
-    n_tokens = train.micro_batch * train.seq_len
+    # a split micro-batch runs `rows` rows at a time: activations and loss tensors are those of one piece
+    rows = train.micro_batch // strategies.micro_batch_split
+    n_tokens = rows * train.seq_len
 
     # adapters come on top of the base; a frozen base is held in the compute dtype (it needs no fp32 master)
     base_b = wb if trainable.full else DTYPE_BYTES[strategies.precision]
@@ -311,21 +368,30 @@ def estimate_memory(
         dequant_scratch = int(max(quantized) * 4 * 4.8)
     grads = n_trainable * wb
     opt = optimizer_state_bytes(optimizer, trainable_shapes, wb)
-    acts = activation_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
+    acts = activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable)
     loss = logits_bytes(cfg, strategies, n_tokens, trainable)
-    batch = batch_bytes(n_tokens)
-    recompute = recompute_bytes(cfg, strategies, n_tokens, train.micro_batch, trainable=trainable)
-    # gradients of earlier micro-batches are alive while later ones run forward
-    grads_in_backward = grads if train.grad_accum > 1 else 0
+    batch = batch_bytes(train.micro_batch * train.seq_len)  # the loaded micro-batch; its pieces are views
+    recompute = recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable)
+    # gradients of earlier micro-batches (or pieces of one) are alive while later ones run forward
+    grads_in_backward = grads if train.grad_accum > 1 or strategies.micro_batch_split > 1 else 0
     # torch's single-tensor AdamW makes one parameter-sized temporary (the denominator) at a time
     update_temp = max((_numel(s) for s in trainable_shapes), default=0) * wb
+    params_note = f"{n_params:,} x {base_b} B"
+    gathered = gathered_in_recompute = 0
+    if world_size > 1:
+        sharded = fsdp_bytes(cfg, strategies, optimizer, trainable_shapes, trainable, world_size)
+        params, grads, opt, update_temp = sharded[:4]
+        gathered, gathered_in_recompute = sharded.gathered, sharded.gathered_in_recompute
+        grads_in_backward = grads if grads_in_backward else 0
+        params_note = f"1/{world_size} shard of {n_params:,} x {base_b} B"
 
     # a dequantization in backward runs only after the loss tensors are freed: the two never coexist
-    backward_start = params + opt + grads_in_backward + acts + max(loss, dequant_scratch) + batch
+    backward_start = params + gathered + opt + grads_in_backward + acts + max(loss, dequant_scratch) + batch
     # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
-    # output head's gradient exists
+    # output head's gradient exists (full size under FSDP too: the root reduces its gradients last)
     head_grad = cfg.vocab_size * cfg.dim * wb if trainable.full else 0
-    in_recompute = params + opt + max(grads_in_backward, head_grad) + acts + recompute + batch
+    in_recompute = (params + gathered_in_recompute + opt + max(grads_in_backward, head_grad) + acts + recompute
+                    + batch)
     largest_grad = max((_numel(s) for s in trainable_shapes), default=0) * wb
     if strategies.optimizer_in_backward:
         # each gradient is freed right after its update: at most one full gradient (plus the one being made)
@@ -335,7 +401,8 @@ def estimate_memory(
         optimizer_step = params + grads + opt + update_temp
     if recompute and in_recompute > max(backward_start, optimizer_step):
         components = (
-            Component(name="parameters", bytes=params, note=f"{n_params:,} x {base_b} B"),
+            Component(name="parameters", bytes=params + gathered_in_recompute,
+                      note=params_note + _gathered_note(gathered_in_recompute, "root and two blocks")),
             Component(name="gradients", bytes=max(grads_in_backward, head_grad), note="output head and accumulated"),
             Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
             Component(name="activations", bytes=acts + recompute, note=_acts_note(cfg, strategies)),
@@ -344,7 +411,8 @@ def estimate_memory(
         return MemoryReport(components=components, peak_bytes=in_recompute, peak_phase="block recompute in backward")
     if backward_start >= optimizer_step:
         components = (
-            Component(name="parameters", bytes=params, note=f"{n_params:,} x {base_b} B"),
+            Component(name="parameters", bytes=params + gathered,
+                      note=params_note + _gathered_note(gathered, "root and one block")),
             Component(name="gradients", bytes=grads_in_backward,
                       note="accumulated over micro-batches" if grads_in_backward else "none yet at backward start"),
             Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
@@ -356,12 +424,17 @@ def estimate_memory(
              if dequant_scratch else ())
         return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward")
     components = (
-        Component(name="parameters", bytes=params, note=f"{n_params:,} x {base_b} B"),
-        Component(name="gradients", bytes=grads, note=f"{n_trainable:,} trainable x {wb} B"),
+        Component(name="parameters", bytes=params, note=params_note),
+        Component(name="gradients", bytes=grads, note=f"{n_trainable:,} trainable x {wb} B"
+                  + (f", 1/{world_size} shard" if world_size > 1 else "")),
         Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
         Component(name="temporaries", bytes=update_temp, note="update of the largest parameter"),
     )
     return MemoryReport(components=components, peak_bytes=optimizer_step, peak_phase="optimizer step")
+
+
+def _gathered_note(n_bytes: int, what: str) -> str:
+    return f", plus {n_bytes:,} B gathered in full by FSDP ({what})" if n_bytes else ""
 
 
 def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> str:
@@ -420,6 +493,8 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
         overhead *= 0.99  # a Python hook and a small optimizer per parameter
     if strategies.compile:
         overhead *= COMPILE_SPEEDUP[hw.device]
+    # smaller matmuls and one more forward/backward launch sequence per piece
+    overhead *= SPLIT_EFFICIENCY ** math.log2(strategies.micro_batch_split)
     return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
 
 

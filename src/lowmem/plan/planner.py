@@ -24,7 +24,7 @@ from lowmem.plan.estimate import (
     estimate_tokens_per_s,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
-from lowmem.plan.structs import Alternative, Decision, Plan, Strategies
+from lowmem.plan.structs import Alternative, Decision, Plan, Strategies, run_optimizer
 from lowmem.spec.structs import (
     SGD,
     Adafactor,
@@ -48,10 +48,16 @@ class PlanError(ValueError):
     """The spec cannot be planned: the message names the spec fields involved and what would work."""
 
 
-def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
-    """Compile a spec into a Plan for `hardware` (a profile, a profile name, or None for this machine)."""
+def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_size: int = 1) -> Plan:
+    """Compile a spec into a Plan for `hardware` (a profile, a profile name, or None for this machine).
+
+    `world_size`: the data-parallel processes the plan runs on (torchrun, FSDP2). `train.micro_batch` is per
+    process; the memory report is one process's (`estimate.fsdp_bytes`); on a CPU the processes share the
+    machine's memory, so each may use 1/world_size of the usable budget; tokens per step count every process.
+    """
     hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
     _check_supported(spec)
+    _check_distributable(spec, world_size)
     _check_compile(spec, hw)
     cfg = resolve_model(spec)
     if spec.train.seq_len > cfg.max_seq_len:
@@ -61,16 +67,27 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
         )
     trainable, what_trains = trainable_shapes(spec, cfg)
     budget = spec.memory.budget_bytes or hw.memory_bytes
-    usable = int(budget * (1 - spec.memory.safety_margin))
+    usable = int(budget * (1 - spec.memory.safety_margin)) // (world_size if hw.device == "cpu" else 1)
 
+    # Exact strategies first; splitting micro-batches (slower), then 8-bit optimizer states (not exact) only
+    # when nothing before them fits (or when the spec forces them on)
     candidates = []
-    for strategies in _candidates(spec, cfg, hw):
-        memory = estimate_memory(cfg, strategies, spec.train, spec.optimizer, trainable, what_trains)
-        tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw)
-        candidates.append((strategies, memory, tps))
+    for tier in _tiers(spec, _candidates(spec, cfg, hw)):
+        for strategies in tier:
+            if world_size > 1 and not _shardable(strategies):
+                continue
+            memory = estimate_memory(cfg, strategies, spec.train, run_optimizer(spec.optimizer, strategies),
+                                     trainable, what_trains, world_size=world_size)
+            # one GPU per process; on a CPU the processes share its cores
+            tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw) * (
+                world_size if hw.device == "cuda" else 1)
+            candidates.append((strategies, memory, tps))
+        if any(c[1].peak_bytes <= usable for c in candidates):
+            break
     fitting = [c for c in candidates if c[1].peak_bytes <= usable]
     if not fitting:
-        raise PlanError(_nothing_fits(spec, budget, usable, candidates))
+        raise PlanError(_nothing_fits(spec, budget, usable, candidates,
+                                      sharing=world_size if hw.device == "cpu" else 1))
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
     chosen = max(fitting, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
     strategies, memory, tps = chosen
@@ -88,12 +105,13 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None) -> Plan:
     return Plan(
         spec=spec,
         hardware=hw,
+        world_size=world_size,
         model=cfg,
         strategies=strategies,
-        decisions=_explain(spec, hw, chosen, candidates, usable),
+        decisions=_explain(spec, hw, chosen, candidates, usable, world_size),
         n_params=count_params(cfg),
         n_trainable=sum(_numel(s) for s in trainable),
-        tokens_per_step=spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len,
+        tokens_per_step=spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len * world_size,
         total_steps=spec.train.steps,
         budget_bytes=budget,
         usable_bytes=usable,
@@ -232,6 +250,22 @@ def _check_supported(spec: RunSpec) -> None:
             raise PlanError(
                 f"memory.strategies.{name} = 'on': {info.unavailable_reason}; set it to 'auto' or 'off'"
             )
+    if strategies.low_bit_optimizer == "on" and not isinstance(spec.optimizer, AdamW):
+        raise PlanError(
+            f"memory.strategies.low_bit_optimizer = 'on' applies to optimizer.kind = 'adamw' (its states kept in "
+            f"8 bits), not {spec.optimizer.__struct_config__.tag!r}: choose optimizer.kind = 'adamw8bit' or "
+            "'adamw4bit' directly, or set low_bit_optimizer to 'auto'"
+        )
+    if strategies.micro_batch_split == "on" and spec.train.micro_batch == 1:
+        raise PlanError(
+            "memory.strategies.micro_batch_split = 'on' with train.micro_batch = 1: one row cannot be split; "
+            "raise train.micro_batch (and lower train.grad_accum to keep the step) or set it to 'auto'"
+        )
+    if strategies.micro_batch_split == "on" and strategies.optimizer_in_backward == "on":
+        raise PlanError(
+            "memory.strategies.micro_batch_split and optimizer_in_backward are both 'on': a step inside backward "
+            "would run before the other pieces' gradients arrive; turn one of them to 'auto' or 'off'"
+        )
     if spec.memory.precision == "fp16" and strategies.optimizer_in_backward == "on":
         raise PlanError(
             "memory.precision = 'fp16' cannot work with memory.strategies.optimizer_in_backward = 'on': fp16's loss "
@@ -243,6 +277,42 @@ def _check_supported(spec: RunSpec) -> None:
             f"memory.precision = {spec.memory.precision!r} is not available in this version yet; "
             f"use one of auto, {', '.join(AVAILABLE_PRECISIONS)}"
         )
+
+
+# Why a strategy or method cannot run under FSDP2 in this version (lowmem.train.distributed)
+FSDP_IN_BACKWARD_REASON = ("its per-parameter hooks step on the local gradient before FSDP's reduce-scatter has "
+                           "summed the other processes' gradients")
+FSDP_LOW_BIT_REASON = "bitsandbytes' 8-bit AdamW is not tested on sharded (DTensor) parameters"
+
+
+def _check_distributable(spec: RunSpec, world_size: int) -> None:
+    """Refuse, for `world_size` > 1 processes, a spec forcing what cannot run sharded with FSDP2."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise PlanError(f"world_size = {world_size!r}: the number of processes must be a positive integer")
+    if world_size == 1:
+        return
+    toggles = spec.memory.strategies
+    problems = [
+        (isinstance(spec.method, QLora), "method.kind = 'qlora': torchao's NF4 base weights are not sharded with "
+         "FSDP2 in this version; use method.kind = 'lora' (the base in 16 or 32 bits, sharded)"),
+        (toggles.optimizer_in_backward == "on", f"memory.strategies.optimizer_in_backward = 'on': "
+         f"{FSDP_IN_BACKWARD_REASON}; set it to 'auto' or 'off'"),
+        (toggles.low_bit_optimizer == "on", f"memory.strategies.low_bit_optimizer = 'on': {FSDP_LOW_BIT_REASON}; "
+         "set it to 'auto' or 'off'"),
+        (not isinstance(spec.optimizer, AdamW | SGD), f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r} "
+         "is not tested on sharded (DTensor) parameters; use 'adamw' or 'sgd'"),
+    ]
+    reasons = [why for bad, why in problems if bad]
+    if reasons:
+        raise PlanError(f"planning for {world_size} processes (FSDP2): " + "; ".join(reasons)
+                        + ". Or plan for one process (--nproc 1, no torchrun).")
+
+
+def _shardable(strategies: Strategies) -> bool:
+    """Whether a candidate can run under FSDP2: no step inside backward, no 8-bit states, no every-k
+    checkpointing (its seam finds block k by the weights' identity, which FSDP's gathered copies do not keep)."""
+    return (not strategies.optimizer_in_backward and strategies.optimizer_state == "full"
+            and not strategies.activation_checkpointing.startswith("every-"))
 
 
 def _check_compile(spec: RunSpec, hw: HardwareProfile) -> None:
@@ -313,13 +383,38 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile) -> list[St
     ]
 
 
-def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates) -> str:
+def micro_batch_splits(micro_batch: int) -> list[int]:
+    """The ways to split a micro-batch into equal pieces, smallest first (2, 3, 4, ... up to one row each)."""
+    return [k for k in range(2, micro_batch + 1) if micro_batch % k == 0]
+
+
+def _tiers(spec: RunSpec, base: list[Strategies]) -> list[list[Strategies]]:
+    """Candidate groups in order of preference: the planner takes the fastest fitting plan of the first group
+    that has one. `on` skips the groups without the strategy; `off` drops the groups with it."""
+    toggles = spec.memory.strategies
+    splits = [] if toggles.micro_batch_split == "off" else micro_batch_splits(spec.train.micro_batch)
+    states = ["full"] if toggles.low_bit_optimizer == "off" or not isinstance(spec.optimizer, AdamW) else (
+        ["8bit"] if toggles.low_bit_optimizer == "on" else ["full", "8bit"])
+    tiers = []
+    for state in states:
+        with_state = [msgspec.structs.replace(s, optimizer_state=state) for s in base]
+        if toggles.micro_batch_split != "on":
+            tiers.append(with_state)
+        # one piece at a time has no use for a step inside backward (it needs the whole step's gradients)
+        tiers += [[msgspec.structs.replace(s, micro_batch_split=k) for s in with_state if not s.optimizer_in_backward]
+                  for k in splits]
+    return [t for t in tiers if t]
+
+
+def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates, sharing: int = 1) -> str:
+    """The error when no candidate fits; `sharing` processes split the budget (torchrun on one CPU)."""
     smallest = min(candidates, key=lambda c: c[1].peak_bytes)
-    need = int(smallest[1].peak_bytes / (1 - spec.memory.safety_margin)) + 1
+    need = int(smallest[1].peak_bytes * sharing / (1 - spec.memory.safety_margin)) + 1
     s = smallest[0]
     return (
         f"nothing fits memory.budget = {format_bytes(budget)} ({format_bytes(usable)} usable after the "
-        f"{spec.memory.safety_margin:.0%} safety margin). The smallest plan (precision {s.precision}, "
+        f"{spec.memory.safety_margin:.0%} safety margin" + (f", per process of {sharing}" if sharing > 1 else "")
+        + f"). The smallest plan (precision {s.precision}, "
         f"activation checkpointing {s.activation_checkpointing}) needs {format_bytes(smallest[1].peak_bytes)} "
         f"at its peak ({smallest[1].peak_phase}). Set memory.budget to at least {_size_rounded_up(need)}, or lower "
         f"train.micro_batch ({spec.train.micro_batch}) or train.seq_len ({spec.train.seq_len})."
@@ -334,7 +429,8 @@ def _size_rounded_up(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
-def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int) -> tuple[Decision, ...]:
+def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int,
+             world_size: int = 1) -> tuple[Decision, ...]:
     strategies, memory, tps = chosen
     overrides = spec.memory.strategies
 
@@ -368,6 +464,8 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     value = "on" if strategies.optimizer_in_backward else "off"
     if overrides.optimizer_in_backward != "auto":
         reason, source = "forced by memory.strategies.optimizer_in_backward", "user"
+    elif world_size > 1:
+        reason, source = f"not under FSDP ({world_size} processes): {FSDP_IN_BACKWARD_REASON}", "fixed"
     elif not (spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0):
         reason, source = ("needs train.grad_accum = 1 and train.clip_grad_norm = 0 (both need every gradient "
                           "before any step)"), "fixed"
@@ -385,9 +483,10 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
             + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)"))
     for name, info in CATALOGUE.items():
         if name in ("precision", "activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy",
-                    "optimizer_in_backward", "compile"):
+                    "optimizer_in_backward", "compile", "micro_batch_split", "low_bit_optimizer"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
+    decisions += _explain_last_resorts(spec, strategies, candidates, usable)
     accum = spec.train.grad_accum
     decisions.append(Decision(
         strategy="gradient_accumulation", value=str(accum), source="user",
@@ -395,6 +494,41 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
                "gradients normalized by the total count of target tokens",
     ))
     return tuple(decisions)
+
+
+def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usable: int) -> list[Decision]:
+    """Decisions for micro_batch_split and low_bit_optimizer, which `auto` uses only when nothing else fits."""
+    toggles = spec.memory.strategies
+    k, rows = strategies.micro_batch_split, spec.train.micro_batch
+    whole = [c for c in candidates if c[0].micro_batch_split == 1]
+    if toggles.micro_batch_split != "auto":
+        split_reason, split_source = "forced by memory.strategies.micro_batch_split", "user"
+    elif k == 1:
+        split_reason, split_source = "not needed: a plan with whole micro-batches fits", "auto"
+    else:
+        smallest = min(c[1].peak_bytes for c in whole) if whole else 0
+        split_reason, split_source = (
+            f"no plan with whole micro-batches of {rows} rows fits (the smallest needs {format_bytes(smallest)} > "
+            f"{format_bytes(usable)} usable); {k} pieces of {rows // k} row(s), gradients accumulated, is the "
+            "fewest that fits (the same step, up to float summation order)", "auto")
+    decisions = [Decision(strategy="micro_batch_split", value=str(k), source=split_source, reason=split_reason)]
+    state = strategies.optimizer_state
+    if not isinstance(spec.optimizer, AdamW):
+        reason, source = f"applies to optimizer.kind = 'adamw' only (this run: {spec.optimizer.__struct_config__.tag})", "fixed"
+    elif toggles.low_bit_optimizer != "auto":
+        reason, source = "forced by memory.strategies.low_bit_optimizer", "user"
+    elif state == "full":
+        reason, source = "not needed: a plan with full-precision AdamW states fits", "auto"
+    else:
+        full = [c for c in candidates if c[0].optimizer_state == "full"]
+        smallest = min(c[1].peak_bytes for c in full) if full else 0
+        reason, source = (
+            f"no plan with full-precision AdamW states fits (the smallest needs {format_bytes(smallest)} > "
+            f"{format_bytes(usable)} usable): AdamW runs as bitsandbytes AdamW8bit with the same hyper-parameters "
+            "(moments in 8 bits: the updates change slightly)", "auto")
+    decisions.append(Decision(strategy="low_bit_optimizer", value="on" if state == "8bit" else "off", source=source,
+                              reason=reason))
+    return decisions
 
 
 def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwareProfile, spec: RunSpec) -> str:
@@ -436,7 +570,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 MAXIMIZABLE = {"batch": "micro_batch", "seq_len": "seq_len"}
 
 
-def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None) -> Plan:
+def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None, world_size: int = 1) -> Plan:
     """The plan with the largest micro-batch (`what="batch"`) or sequence length (`"seq_len"`) that fits.
 
     Searches by doubling, then bisection, over values that plan without error (the budget is the limit;
@@ -453,7 +587,7 @@ def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = 
     def attempt(value: int) -> Plan | None:
         train = msgspec.structs.replace(spec.train, **{field: value * step})
         try:
-            return plan(msgspec.structs.replace(spec, train=train), hw)
+            return plan(msgspec.structs.replace(spec, train=train), hw, world_size)
         except PlanError as err:
             if "nothing fits" in str(err) or "max_seq_len" in str(err):
                 return None
@@ -461,7 +595,8 @@ def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = 
 
     best = attempt(1)
     if best is None:
-        return plan(msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **{field: step})), hw)
+        return plan(msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **{field: step})), hw,
+                    world_size)
     low, high = 1, 2
     while high * step <= limit and (p := attempt(high)) is not None:
         best, low, high = p, high, high * 2

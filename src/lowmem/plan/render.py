@@ -9,6 +9,9 @@ FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activation
         "batch": "b", "temporaries": "t"}
 
 
+MAX_ALTERNATIVES_SHOWN = 12
+
+
 def render_plan(p: Plan) -> str:
     """The plan as a terminal report."""
     cfg, spec, hw = p.model, p.spec, p.hardware
@@ -18,18 +21,20 @@ def render_plan(p: Plan) -> str:
         f"({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size:,}), {p.n_trainable / 1e6:,.2f}M trainable",
         f"  method     {_method(spec)}, optimizer {spec.optimizer.__struct_config__.tag}",
         f"  batch      {spec.train.micro_batch} x {spec.train.seq_len} tokens x {spec.train.grad_accum} accumulation "
-        f"= {p.tokens_per_step:,} tokens/step, "
+        + (f"x {p.world_size} processes " if p.world_size > 1 else "")
+        + f"= {p.tokens_per_step:,} tokens/step, "
         + (f"{p.total_steps} steps" if p.total_steps else f"{spec.train.epochs} epochs"),
         f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)})",
         f"  budget     {format_bytes(p.budget_bytes)}, {format_bytes(p.usable_bytes)} usable "
-        f"({spec.memory.safety_margin:.0%} margin)",
+        f"({spec.memory.safety_margin:.0%} margin)" + _per_process(p),
         "",
         "strategies",
     ]
     width = max(len(d.strategy) for d in p.decisions)
     for d in p.decisions:
         lines.append(f"  {d.strategy:<{width}}  {d.value:<8} [{d.source}] {d.reason}")
-    lines += ["", f"memory at peak ({p.memory.peak_phase})"]
+    scope = f", per process, {p.world_size} processes" if p.world_size > 1 else ""
+    lines += ["", f"memory at peak ({p.memory.peak_phase}{scope})"]
     for c in p.memory.components:
         share = c.bytes / p.memory.peak_bytes if p.memory.peak_bytes else 0
         lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
@@ -39,16 +44,31 @@ def render_plan(p: Plan) -> str:
     lines.append(f"estimated speed  {p.tokens_per_s:,.0f} tokens/s on {hw.name}")
     if len(p.alternatives) > 1:
         lines += ["", "alternatives considered"]
-        for a in sorted(p.alternatives, key=lambda a: -a.tokens_per_s):
+        ranked = sorted(p.alternatives, key=lambda a: -a.tokens_per_s)
+        # the chosen plan, and the fastest others: the rest are in `lowmem plan --json`
+        shown = [a for a in ranked if a.chosen] + [a for a in ranked if not a.chosen][:MAX_ALTERNATIVES_SHOWN]
+        for a in sorted(shown, key=lambda a: -a.tokens_per_s):
             mark = "*" if a.chosen else ("fits" if a.fits else "over")
             s = a.strategies
+            extra = (f" split {s.micro_batch_split}" if s.micro_batch_split > 1 else "") + (
+                " 8-bit AdamW" if s.optimizer_state == "8bit" else "")
             lines.append(f"  {mark:>4}  precision {s.precision:<10} checkpointing {s.activation_checkpointing:<9} "
                          f"loss {s.cross_entropy:<8} opt-in-bwd {'on ' if s.optimizer_in_backward else 'off'} "
-                         f"compile {'on ' if s.compile else 'off'} "
+                         f"compile {'on ' if s.compile else 'off'}{extra} "
                          f"{format_bytes(a.peak_bytes):>12}  {a.tokens_per_s:>10,.0f} tokens/s")
+        if len(ranked) > len(shown):
+            lines.append(f"        ... and {len(ranked) - len(shown)} more (lowmem plan --json lists every one)")
     for w in p.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _per_process(p: Plan) -> str:
+    if p.world_size == 1:
+        return ""
+    if p.hardware.device == "cpu":
+        return f" per process: {p.world_size} processes (FSDP2) share this machine's memory"
+    return f" per process: {p.world_size} processes (FSDP2), one device each"
 
 
 def _method(spec) -> str:

@@ -6,7 +6,7 @@ import msgspec
 
 from lowmem.nn.config import ModelConfig
 from lowmem.plan.hardware import HardwareProfile
-from lowmem.spec.structs import RunSpec
+from lowmem.spec.structs import AdamW, AdamW8bit, OptimizerSpec, RunSpec
 
 _STRUCT = {"frozen": True, "kw_only": True, "forbid_unknown_fields": True}
 
@@ -30,6 +30,19 @@ class Strategies(msgspec.Struct, **_STRUCT):
     # nf4_scaler_block_size (the largest of 256, 128, ... that divides every quantized weight); 0: no NF4
     nf4_block_size: int = 0
     nf4_scaler_block_size: int = 0
+    # each loaded micro-batch runs as this many equal pieces, their gradients accumulated (1: whole)
+    micro_batch_split: int = 1
+    # "8bit": an AdamW spec runs as bitsandbytes AdamW8bit with the same hyper-parameters
+    optimizer_state: Literal["full", "8bit"] = "full"
+
+
+def run_optimizer(optimizer: OptimizerSpec, strategies: Strategies) -> OptimizerSpec:
+    """The optimizer a plan runs: the spec's, or its 8-bit-state form where the planner chose that."""
+    if strategies.optimizer_state == "8bit":
+        assert isinstance(optimizer, AdamW), "the planner swaps only AdamW's states to 8 bits"
+        return AdamW8bit(lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                         weight_decay=optimizer.weight_decay, backend="bitsandbytes")
+    return optimizer
 
 
 class Decision(msgspec.Struct, **_STRUCT):
@@ -76,6 +89,8 @@ class Plan(msgspec.Struct, **_STRUCT):
     format: str = PLAN_FORMAT
     spec: RunSpec
     hardware: HardwareProfile
+    # data-parallel processes (torchrun, FSDP2): `memory` is one process's, `tokens_per_step` all processes'
+    world_size: int = 1
     model: ModelConfig
     strategies: Strategies
     decisions: tuple[Decision, ...]

@@ -160,7 +160,7 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
             answers.step = step
             with tracker, answers:
                 train_step(step, total_steps, spec, loss_of, _drain(batches), trainable, run.optimizer, tracker,
-                           run.loss_scaler)
+                           run.loss_scaler, split=plan.strategies.micro_batch_split)
     by_category = tracker.peak_by_category()
     names = [n for n in COMPONENT_ORDER if n in by_category] + sorted(set(by_category) - set(COMPONENT_ORDER))
     components = tuple(Component(name=n, bytes=by_category[n], note=NOTES.get(n, "")) for n in names)

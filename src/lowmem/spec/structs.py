@@ -250,6 +250,11 @@ class StrategySpec(Spec, kw_only=True):
     `activation_checkpointing = "on"` checkpoints every block; `auto` may also choose every 2nd / 4th block or
     `selective` (matmul and attention outputs kept, elementwise ops recomputed). `compile = "auto"` compiles the
     block only when the run's steps repay the compile time.
+
+    Two strategies trade exactness or speed for memory, so `auto` uses them only when no plan without them
+    fits: `micro_batch_split` runs each micro-batch of `train.micro_batch` rows as 2, 4, ... smaller pieces
+    whose gradients accumulate (the same step, up to float summation order); `low_bit_optimizer` keeps
+    AdamW's moments in 8 bits (bitsandbytes AdamW8bit, same hyper-parameters; the updates change slightly).
     """
 
     activation_checkpointing: Toggle = "auto"
@@ -258,6 +263,8 @@ class StrategySpec(Spec, kw_only=True):
     fused_cross_entropy: Toggle = "auto"
     optimizer_in_backward: Toggle = "auto"
     compile: Toggle = "auto"
+    micro_batch_split: Toggle = "auto"
+    low_bit_optimizer: Toggle = "auto"
 
 
 class MemorySpec(Spec, kw_only=True):

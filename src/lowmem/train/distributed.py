@@ -4,8 +4,11 @@
 torchrun defines (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) to join the group. Parameters stay
 a flat dict of canonical names used by the pure `forward(params, ...)`; `ParamShell` only *holds* them as
 `nn.Parameter`s in a module tree that mirrors the names (`layers.3.attn.wq` is
-`shell.get_submodule("layers.3.attn").wq`), because `torch.distributed.fsdp.fully_shard` shards modules. Each block `layers.{i}` is one FSDP unit, the
-root (embeddings, final norm, output) another, as torchtitan and torchtune do.
+`shell.get_submodule("layers.3.attn").wq`), because `torch.distributed.fsdp.fully_shard` shards modules. A
+tensor whose name extends another's (the adapter `layers.3.attn.wq.lora_a` of `layers.3.attn.wq`) sits beside
+it as `wq:lora_a`: a module attribute cannot be a parameter and a holder at once. Each block `layers.{i}` is one
+FSDP unit (its base weights and adapters together), the root (embeddings, final norm, output) another, as
+torchtitan and torchtune do. Frozen tensors (a LoRA base) are sharded too, with `requires_grad=False`.
 
 FSDP2 swaps a unit's registered parameters between sharded DTensors and full tensors in the unit's forward
 pre-hook, so the full weights of block i exist only while block i's holder runs its forward. `run_block`
@@ -21,7 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from lowmem.nn.config import ModelConfig
-from lowmem.nn.llama import block_param_names
+from lowmem.nn.llama import AdaptedWeight, block_param_names
+
+# joins the parts of a name below a tensor that is itself named (see the module docstring); canonical names
+# never contain it
+NESTED = ":"
 
 
 def world_size() -> int:
@@ -37,6 +44,11 @@ def rank() -> int:
 def launched_by_torchrun() -> bool:
     """True when torchrun (or any launcher setting its variables) started this process with WORLD_SIZE > 1."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_world_size() -> int:
+    """The process count torchrun gave this process (WORLD_SIZE), before or without a process group; 1 if none."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def launch_rank() -> int:
@@ -107,13 +119,22 @@ class ParamShell(_Holder):
     def __init__(self, params: dict[str, torch.Tensor]):
         super().__init__()
         for name, tensor in params.items():
-            *path, leaf = name.split(".")
+            *path, leaf = _shell_name(name, params).split(".")
             node: nn.Module = self
             for part in path:
                 if not hasattr(node, part):
                     node.add_module(part, _Holder())
                 node = getattr(node, part)
             node.register_parameter(leaf, nn.Parameter(tensor, requires_grad=tensor.requires_grad))
+
+
+def _shell_name(name: str, params: dict[str, torch.Tensor]) -> str:
+    """`name` with the parts below its longest prefix that is a tensor of `params` joined by NESTED."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:k]) in params:
+            return ".".join(parts[:k]) + NESTED + NESTED.join(parts[k:])
+    return name
 
 
 def layer(shell: ParamShell, i: int) -> nn.Module:
@@ -123,7 +144,7 @@ def layer(shell: ParamShell, i: int) -> nn.Module:
 
 def named_params(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's current parameters by canonical name (full or sharded, as FSDP left them right now)."""
-    return dict(module.named_parameters())
+    return {name.replace(NESTED, "."): t for name, t in module.named_parameters()}
 
 
 def shard(params: dict[str, torch.Tensor], n_layers: int, device: str) -> ParamShell:
@@ -143,13 +164,19 @@ def shard(params: dict[str, torch.Tensor], n_layers: int, device: str) -> ParamS
     return shell
 
 
-def block_runner(shell: ParamShell, cfg: ModelConfig, inner: Callable[..., torch.Tensor] | None):
+def block_runner(shell: ParamShell, cfg: ModelConfig, inner: Callable[..., torch.Tensor] | None,
+                 after_reshard: Callable[[], None] | None = None):
     """The `run_block` seam of `forward` for a sharded shell.
 
     `forward` hands the seam the layer's weights as it read them from the params dict, i.e. the sharded
-    parameters of block i's holder; the first one identifies the block. The call then goes through that
-    block's module, so FSDP gathers its weights, and `block_fn` gets the full ones, in the same order (then
-    `inner`, e.g. activation checkpointing, wraps it as in a single process).
+    parameters of block i's holder (an adapted weight as an `AdaptedWeight` of sharded tensors); the first one
+    identifies the block. The call then goes through that block's module, so FSDP gathers its weights, and
+    `block_fn` gets the full ones, in the same order and form (then `inner`, e.g. activation checkpointing,
+    wraps it as in a single process).
+
+    `after_reshard` is called after block i's forward and, in backward, once block i+1's gradients are reduced
+    (both right after FSDP freed the block's full weights): FSDP frees them by resizing their storage, which
+    no dispatched op shows, so a memory tracker re-reads its storages there (`LiveTensorTracker.resync`).
     """
     names = block_param_names(cfg)
     block_of = {id(getattr(layer(shell, i), names[0])): layer(shell, i) for i in range(cfg.n_layers)}
@@ -157,15 +184,29 @@ def block_runner(shell: ParamShell, cfg: ModelConfig, inner: Callable[..., torch
     def run_block(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors):
         module = block_of.get(id(tensors[0]))
         assert module is not None, "run_block got weights that are not a block's sharded parameters"
+        sharded = tensors[:len(names)]
 
         def call(module: nn.Module, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
             full = named_params(module)  # inside the module's forward: FSDP has gathered them
-            weights = [full[name] for name in names]
+            weights = [_gathered(full, name, w) for name, w in zip(names, sharded, strict=True)]
             return (inner or _call)(block_fn, h, *weights, cos, sin, mask)
 
-        return module(call, h, *tensors[len(names):])
+        out = module(call, h, *tensors[len(names):])
+        if after_reshard is not None:
+            after_reshard()
+            if out.requires_grad:  # runs after FSDP's own hook on the output (block i's pre-backward)
+                out.register_hook(lambda grad: after_reshard())
+        return out
 
     return run_block
+
+
+def _gathered(full: dict[str, torch.Tensor], name: str, sharded):
+    """The gathered form of one weight `forward` passed (a tensor, or an `AdaptedWeight` keeping its floats)."""
+    if isinstance(sharded, AdaptedWeight):
+        return sharded._replace(weight=full[name], lora_a=full[name + ".lora_a"], lora_b=full[name + ".lora_b"],
+                                dora_m=full.get(name + ".dora_m"))
+    return full[name]
 
 
 def _call(block_fn: Callable[..., torch.Tensor], *tensors) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import msgspec
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from lowmem.data import (
     BatchLoader,
@@ -44,7 +45,8 @@ from lowmem.nn.llama import is_nf4
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
 from lowmem.nn.peft_io import save_peft
 from lowmem.plan import Plan, plan
-from lowmem.spec.structs import SGD, AdamW, Dora, FileTokenizer, Full, Lora, QLora, RunSpec
+from lowmem.plan.structs import run_optimizer
+from lowmem.spec.structs import Dora, FileTokenizer, Lora, QLora, RunSpec
 from lowmem.spec.units import format_bytes
 from lowmem.train import distributed
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
@@ -94,8 +96,11 @@ class StepStats(msgspec.Struct, frozen=True):
 
 def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trainable: list[torch.Tensor],
                optimizer: torch.optim.Optimizer, tracker: LiveTensorTracker | None,
-               loss_scaler: LossScaler | None = None) -> StepStats:
+               loss_scaler: LossScaler | None = None, split: int = 1) -> StepStats:
     """One optimizer step over `train.grad_accum` micro-batches; `tracker` (if given) is active throughout.
+
+    `split` (the plan's micro_batch_split) runs each loaded micro-batch as that many pieces of equal rows, one
+    forward and backward each, their gradients accumulating: the step is the same, its activations smaller.
 
     With a `loss_scaler` (fp16) the loss is scaled before backward, the gradients unscaled before clipping,
     and the optimizer step skipped (the scale lowered) when they hold an inf or a nan.
@@ -106,24 +111,15 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
     loss_sum, n_tokens = 0.0, 0
     in_backward = isinstance(optimizer, InBackwardOptimizer)
     assert not (in_backward and loss_scaler), "the planner refuses fp16 with optimizer_in_backward"
+    assert not (in_backward and split > 1), "the planner refuses micro_batch_split with optimizer_in_backward"
     for _ in range(spec.train.grad_accum):
         batch = next(loader)
         if tracker:
             tracker.add_existing(batch.values(), "batch")
-        micro_loss, micro_n = loss_of(batch)
-        if in_backward:
-            # the hooks step during backward, so the loss is normalized first (grad_accum is 1: planner rule)
-            optimizer.grad_sq_sum = 0.0
-            with _category(tracker, "optimizer_state"):
-                (micro_loss / max(int(micro_n), 1)).backward()
-        elif loss_scaler is not None:
-            (micro_loss * loss_scaler.scale).backward()
-        else:
-            micro_loss.backward()
-        loss_sum += micro_loss.item()
-        n_tokens += int(micro_n)
-        if tracker and not in_backward:
-            tracker.reclassify((t.grad for t in trainable), "gradients")
+        for piece in _pieces(batch, split):
+            micro_loss, micro_n = loss_of(piece)
+            loss_sum, n_tokens = _backward(micro_loss, micro_n, loss_sum, n_tokens, in_backward, optimizer,
+                                           loss_scaler, tracker, trainable)
     world = distributed.world_size()
     if world > 1:  # every rank's share of the step: the loss and the gradients are over all of them
         loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
@@ -150,6 +146,36 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
             f"loss became {loss} at step {step + 1}; lower optimizer.lr ({spec.optimizer.lr}) or use precision fp32"
         )
     return StepStats(loss=loss, n_tokens=n_tokens, grad_norm=grad_norm, lr=lr)
+
+
+def _tokens_per_piece(p: Plan) -> int:
+    """Tokens in one forward of the plan (a micro-batch, or a piece of a split one)."""
+    return p.spec.train.micro_batch // p.strategies.micro_batch_split * p.spec.train.seq_len
+
+
+def _pieces(batch: dict[str, torch.Tensor], split: int) -> list[dict[str, torch.Tensor]]:
+    """A micro-batch as `split` pieces of equal rows (views, no copy); itself when `split` is 1."""
+    if split == 1:
+        return [batch]
+    return [dict(zip(batch, parts, strict=True))
+            for parts in zip(*(t.chunk(split) for t in batch.values()), strict=True)]
+
+
+def _backward(micro_loss, micro_n, loss_sum: float, n_tokens: int, in_backward: bool, optimizer, loss_scaler,
+              tracker: LiveTensorTracker | None, trainable: list[torch.Tensor]) -> tuple[float, int]:
+    """Backward of one (piece of a) micro-batch's summed loss; returns the step's running loss sum and count."""
+    if in_backward:
+        # the hooks step during backward, so the loss is normalized first (grad_accum is 1: planner rule)
+        optimizer.grad_sq_sum = 0.0
+        with _category(tracker, "optimizer_state"):
+            (micro_loss / max(int(micro_n), 1)).backward()
+    elif loss_scaler is not None:
+        (micro_loss * loss_scaler.scale).backward()
+    else:
+        micro_loss.backward()
+    if tracker and not in_backward:
+        tracker.reclassify((t.grad for t in trainable), "gradients")
+    return loss_sum + micro_loss.item(), n_tokens + int(micro_n)
 
 
 def _category(tracker: LiveTensorTracker | None, name: str):
@@ -180,25 +206,15 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
     the returned params and trainable params are then the sharded DTensors, and `loss_of` runs inside the
     shell module's forward so that FSDP gathers the weights forward needs.
     """
-    if world > 1:
-        return _build_sharded_training(p, params, tracker)
     spec = p.spec
     adapters = lora_settings(spec.method)
-    master, compute = param_dtype(p.strategies), compute_dtype(p.strategies)
-    if adapters is not None and compute != master:
-        params = {n: t if is_nf4(t) else t.to(compute) for n, t in params.items()}  # NF4: loaded in compute
-    # A checkpoint on disk arrives quantized already (`_initial_params`); a preset's random init does not
-    if p.strategies.nf4_block_size and not any(is_nf4(t) for t in params.values()):
-        from lowmem.nn.quant import quantize_nf4  # imports torchao (seconds): only for QLoRA
-
-        params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
-                              scaler_block_size=p.strategies.nf4_scaler_block_size)
-    if adapters is not None:
-        params = add_adapters(params, p.model, adapters, seed=spec.model.init_seed, dtype=master)
+    params = _with_adapters(p, params, adapters)
+    if world > 1:
+        return _build_sharded_training(p, params, adapters, tracker)
     trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
     for t in trainable_params.values():
         t.requires_grad_(True)
-    optimizer = make_optimizer(p.strategies, partial(build_optimizer, spec.optimizer),
+    optimizer = make_optimizer(p.strategies, partial(build_optimizer, run_optimizer(spec.optimizer, p.strategies)),
                                list(trainable_params.values()))
     run_block = block_runner(p.strategies, params)
     loss_fn = loss_function(p.strategies)
@@ -210,23 +226,53 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
             return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
                            softcap=p.model.final_logit_softcap)
 
-    return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, p.spec.train.micro_batch * p.spec.train.seq_len))
+    return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, _tokens_per_piece(p)))
 
 
-def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensorTracker) -> Training:
-    """`build_training` for full fine-tuning sharded over the process group with FSDP2."""
-    for t in params.values():
-        t.requires_grad_(True)
+def _with_adapters(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings | None
+                   ) -> dict[str, torch.Tensor]:
+    """The params a run trains: the frozen base in the compute dtype and NF4 where planned, plus the adapters."""
+    master, compute = param_dtype(p.strategies), compute_dtype(p.strategies)
+    if adapters is not None and compute != master:
+        params = {n: t if is_nf4(t) else t.to(compute) for n, t in params.items()}  # NF4: loaded in compute
+    # A checkpoint on disk arrives quantized already (`_initial_params`); a preset's random init does not
+    if p.strategies.nf4_block_size and not any(is_nf4(t) for t in params.values()):
+        from lowmem.nn.quant import quantize_nf4  # imports torchao (seconds): only for QLoRA
+
+        params = quantize_nf4(params, p.model, block_size=p.strategies.nf4_block_size,
+                              scaler_block_size=p.strategies.nf4_scaler_block_size)
+    if adapters is not None:
+        params = add_adapters(params, p.model, adapters, seed=p.spec.model.init_seed, dtype=master)
+    return params
+
+
+def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings | None,
+                            tracker: LiveTensorTracker) -> Training:
+    """`build_training` sharded over the process group with FSDP2: full fine-tuning, or a frozen base with adapters.
+
+    Every tensor is sharded (the frozen base too, `requires_grad=False`); the optimizer holds only the trainable
+    shards. While `tracker` measures, it re-reads its storages wherever FSDP frees gathered weights.
+    """
+    trainable = set(trainable_names(params) if adapters else params)
+    for name, t in params.items():
+        t.requires_grad_(name in trainable)
     shell = distributed.shard(params, p.model.n_layers, p.hardware.device)
     sharded = distributed.named_params(shell)  # DTensors, each rank holding its shard
-    optimizer = build_optimizer(p.spec.optimizer, list(sharded.values()))
-    run_block = distributed.block_runner(shell, p.model, block_runner(p.strategies, params))
+    trainable_params = {n: t for n, t in sharded.items() if n in trainable}
+    optimizer = build_optimizer(run_optimizer(p.spec.optimizer, p.strategies), list(trainable_params.values()))
+
+    def resync() -> None:
+        if is_in_torch_dispatch_mode():  # only while the tracker measures; see distributed.block_runner
+            tracker.resync()
+
+    optimizer.register_step_pre_hook(lambda *_: resync())  # after backward FSDP freed the root's full weights
+    run_block = distributed.block_runner(shell, p.model, block_runner(p.strategies, params), after_reshard=resync)
     loss_fn = loss_function(p.strategies)
 
     def loss_in_shell(module, batch, training: bool):
         params = distributed.named_params(module)  # the root's weights full (FSDP gathered them), blocks sharded
         hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
-                         run_block=run_block, training=training)
+                         run_block=run_block, adapters=adapters, training=training)
         with tracker.category("logits"):
             return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
                            softcap=p.model.final_logit_softcap)
@@ -234,30 +280,25 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], tracker: L
     def loss_of(batch, training: bool = True):
         return shell(loss_in_shell, batch, training)
 
-    return Training(sharded, None, sharded, optimizer, loss_of, make_loss_scaler(p.strategies, p.spec.train.micro_batch * p.spec.train.seq_len))
+    return Training(sharded, adapters, trainable_params, optimizer, loss_of,
+                    make_loss_scaler(p.strategies, _tokens_per_piece(p)))
 
 
-def check_distributable(p: Plan, world: int, resume: bool) -> None:
-    """Refuse, before anything runs, what this version cannot do data-parallel over `world` processes."""
-    if world == 1:
+def check_distributable(p: Plan, world: int) -> None:
+    """Refuse a plan made for another number of processes than the `world` this run has.
+
+    What FSDP can run is the planner's business (it knows the plan's `world_size`); the plan's memory is per
+    process and its tokens per step count every process, so both hold only for the count it was made for.
+    """
+    if p.world_size == world:
         return
-    spec = p.spec
-    unsupported = [
-        (not isinstance(spec.method, Full), f"method.kind = {_kind(spec.method)!r}: only full fine-tuning "
-         "(method.kind = 'full') runs under FSDP in this version"),
-        (p.strategies.optimizer_in_backward, "memory.strategies.optimizer_in_backward: its per-parameter hooks "
-         "do not see FSDP's reduced gradients; turn it off"),
-        (not isinstance(spec.optimizer, AdamW | SGD), f"optimizer.kind = {_kind(spec.optimizer)!r} is not tested "
-         "on sharded (DTensor) parameters; use 'adamw' or 'sgd'"),
-    ]
-    reasons = [why for bad, why in unsupported if bad]
-    if reasons:
-        raise ValueError(f"this run has {world} processes (torchrun): " + "; ".join(reasons)
-                         + ". Or run a single process (no torchrun).")
-
-
-def _kind(tagged: msgspec.Struct) -> str:
-    return tagged.__struct_config__.tag
+    launched = f"torchrun started {world} processes" if world > 1 else "this is a single process (no torchrun)"
+    raise ValueError(
+        f"the plan has world_size = {p.world_size} (made for {p.world_size} process(es)) but {launched}. Run it "
+        + (f"under torchrun --nproc_per_node {p.world_size}" if p.world_size > 1 else "without torchrun")
+        + f", or re-plan for {world}: lowmem plan SPEC --nproc {world} --json > plan.json (executing the spec "
+        "itself plans it for the processes it runs on)"
+    )
 
 
 def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True,
@@ -270,7 +311,10 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     Under `torchrun --nproc_per_node N` every process calls this and they train data-parallel with FSDP2
     (gloo on CPU, NCCL on CUDA); `train.micro_batch` is then per process. See `_execute`.
     """
-    p = plan_or_spec if isinstance(plan_or_spec, Plan) else plan(plan_or_spec)
+    if isinstance(plan_or_spec, Plan):
+        p = plan_or_spec
+    else:  # under torchrun: planned for the processes it has (memory per process, tokens over all)
+        p = plan(plan_or_spec, world_size=distributed.launch_world_size())
     check_executable(p)
     with distributed.process_group(p.hardware.device):
         return _execute(p, out_dir, progress=progress, resume=resume)
@@ -284,7 +328,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     Rank 0 alone writes plan.json, metrics.jsonl, memory.json (its own measured memory) and the final model.
     """
     world, rank = distributed.world_size(), distributed.rank()
-    check_distributable(p, world, resume)
+    check_distributable(p, world)
     spec = p.spec
     out = Path(out_dir if out_dir is not None else spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +384,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
         loader.close()
         raise
     printer = _Progress(total_steps, enabled=progress and rank == 0)
-    tokens_per_step = p.tokens_per_step * world  # the plan's count is one process's
+    tokens_per_step = p.tokens_per_step  # every process's (check_distributable: the plan's world is this one)
     tracker.add_existing(params.values(), "parameters")  # frozen base weights count too
     tracker.add_existing(_state_tensors(optimizer), "optimizer_state")
     losses, measured, eval_loss, interrupted = [], None, None, False
@@ -354,11 +398,11 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
                 if measuring:
                     with tracker:
                         stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, tracker,
-                                           loss_scaler)
+                                           loss_scaler, split=p.strategies.micro_batch_split)
                     measured = tracker.snapshot()
                 else:
                     stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, None,
-                                       loss_scaler)
+                                       loss_scaler, split=p.strategies.micro_batch_split)
                 losses.append(stats.loss)
                 tokens_done += tokens_per_step
                 elapsed = time.perf_counter() - start
