@@ -18,37 +18,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _spec import spec_text
 
 from lowmem.plan import plan
 from lowmem.spec import decode_spec, format_bytes
 from lowmem.train import execute
 
-BASE = """
-name = "ladder"
-[model]
-preset = "{preset}"
-[data]
-tokenizer = {{ kind = "train", vocab_size = {vocab} }}
-cache_dir = "{cache}"
-[optimizer]
-kind = "adamw"
-lr = 1e-3
-[train]
-steps = {steps}
-micro_batch = {micro_batch}
-seq_len = {seq_len}
-eval_every = 0
-clip_grad_norm = 0
-[memory]
-precision = "{precision}"
-[memory.strategies]
-activation_checkpointing = "off"
-chunked_cross_entropy = "off"
-fused_cross_entropy = "off"
-optimizer_in_backward = "off"
-[output]
-save_final = false
-"""
+# the ladder starts with these off and turns them on row by row
+LADDER_OFF = ("activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy", "optimizer_in_backward")
 
 # (row name, overrides added to everything above it)
 LADDER = [
@@ -64,8 +41,7 @@ BRANCHES = [
 ]
 # the planner's own choice, every strategy auto, at these fractions of the baseline's planned peak
 AUTO_BUDGETS = (1.0, 0.5, 0.3, 0.2)
-AUTO = [f"memory.strategies.{name}=auto" for name in
-        ("activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy", "optimizer_in_backward")]
+AUTO = [f"memory.strategies.{name}=auto" for name in LADDER_OFF]
 
 
 def chosen(p) -> str:
@@ -88,7 +64,7 @@ def run(smoke: bool, threads: int) -> list[dict]:
     size = (dict(preset="quickstart-5m", vocab=1024, steps=3, micro_batch=2, seq_len=64) if smoke
             else dict(preset="quickstart-5m", vocab=4096, steps=8, micro_batch=8, seq_len=256))
     precision = "bf16" if torch.cuda.is_available() else "fp32"
-    text = BASE.format(cache=Path(".lowmem_cache").resolve(), precision=precision, **size)
+    text = spec_text("ladder", size, Path(".lowmem_cache").resolve(), precision, off=LADDER_OFF)
     rows, overrides = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(LADDER + BRANCHES):

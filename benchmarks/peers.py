@@ -64,40 +64,6 @@ METHODS = ("full", "lora", "qlora")
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 TUNE_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "output_proj"}
 
-BASE = """
-name = "peers"
-[model]
-preset = "{preset}"
-[data]
-tokenizer = {{ kind = "train", vocab_size = {vocab} }}
-cache_dir = "{cache}"
-[optimizer]
-kind = "adamw"
-lr = 1e-3
-[train]
-steps = {steps}
-micro_batch = {micro_batch}
-seq_len = {seq_len}
-eval_every = 0
-clip_grad_norm = 0
-schedule = {{ kind = "constant" }}
-[memory]
-precision = "fp32"
-{strategies}
-[output]
-save_final = false
-"""
-# features "off": every lowmem strategy forced off; "best": all left to the planner (precision stays fp32)
-STRATEGIES_OFF = """[memory.strategies]
-activation_checkpointing = "off"
-activation_offloading = "off"
-chunked_cross_entropy = "off"
-fused_cross_entropy = "off"
-optimizer_in_backward = "off"
-compile = "off"
-micro_batch_split = "off"
-low_bit_optimizer = "off"
-"""
 FEATURES = ("off", "best")
 TIGHT_FRACTION = 0.5  # features "best": lowmem also planned under this fraction of the best peer's memory
 # what each peer turns on in features "best" (the memory settings its docs and shipped configs use)
@@ -444,13 +410,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def spec_text(size: dict, cache: Path, features: str) -> str:
+def lowmem_spec(size: dict, cache: Path, features: str) -> str:
     """lowmem's spec for the comparison: every strategy off, or (features "best") every one left to the planner."""
+    from _spec import spec_text
+
     from lowmem.spec.structs import StrategySpec
 
-    known = set(StrategySpec.__struct_fields__)  # a strategy this lowmem does not know yet is left out
-    off = "\n".join(ln for ln in STRATEGIES_OFF.splitlines() if ln.split(" =")[0] in known or ln.startswith("["))
-    return BASE.format(cache=cache, strategies=off if features == "off" else "", **size)
+    off = tuple(StrategySpec.__struct_fields__) if features == "off" else ()
+    return spec_text("peers", size, cache, "fp32", off=off, schedule="constant")
 
 
 def prepare(tmp: Path, size: dict, cache: Path) -> dict:
@@ -463,7 +430,7 @@ def prepare(tmp: Path, size: dict, cache: Path) -> dict:
     from lowmem.spec import decode_spec
     from lowmem.train.loop import prepare_data
 
-    spec = decode_spec(spec_text(size, cache, "off"), "toml")
+    spec = decode_spec(lowmem_spec(size, cache, "off"), "toml")
     p = plan(spec)
     _, dataset = prepare_data(spec)
     train_rows, _ = split_rows(len(dataset), spec.data.eval_rows, spec.train.seed)
@@ -540,7 +507,7 @@ def run(args) -> dict:
         for feature in features:
             rows = []
             for method in methods:
-                job = {"method": method, "features": feature, "spec": spec_text(size, cache, feature),
+                job = {"method": method, "features": feature, "spec": lowmem_spec(size, cache, feature),
                        "overrides": [f"method.kind={method}"],
                        "data": str(tmp / "batches.npz"), "weights": str(tmp / "base"), "tmp": str(tmp / "hf-out"),
                        "steps": size["steps"], "warmup": args.warmup, "threads": args.threads,

@@ -14,11 +14,11 @@ from lowmem.spec import RunSpec, load_spec
 __version__ = "0.1.0"
 
 
-def plan(spec, hardware=None):
-    """Compile a RunSpec into a Plan (see `lowmem.plan.plan`)."""
+def plan(spec, hardware=None, world_size: int = 1):
+    """Compile a RunSpec into a Plan for `world_size` processes (see `lowmem.plan.plan`)."""
     from lowmem.plan import plan as _plan
 
-    return _plan(spec, hardware)
+    return _plan(spec, hardware, world_size)
 
 
 def execute(plan_or_spec, out_dir=None, **kwargs):

@@ -163,3 +163,17 @@ def test_csv_text_column_is_read_as_string(tmp_path: Path):
     path = tmp_path / "nums.csv"
     path.write_text("text,n\n123,1\nword,2\n")
     assert list(read_documents(path)) == ["123", "word"]
+
+
+def test_the_corpus_digest_is_read_once_per_process_and_again_after_a_change(tmp_path):
+    """The tokenizer and the packed data both key on the corpus: one read of a large file, not two."""
+    from lowmem.data.corpus import _file_sha256, source_sha256
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("first text\n")
+    first = source_sha256(corpus)
+    reads = _file_sha256.cache_info().misses
+    assert source_sha256(corpus) == first and _file_sha256.cache_info().misses == reads
+    corpus.write_text("other text, longer\n")
+    assert source_sha256(corpus) != first
+    assert _file_sha256.cache_info().misses == reads + 1

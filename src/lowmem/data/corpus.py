@@ -17,6 +17,7 @@ Rows are numbered from 0 (as pandas and `datasets` index them), lines from 1 (as
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -60,7 +61,18 @@ def shipped_corpus(name: str = "kjv") -> Path:
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (memory stays flat with file size)."""
+    """Hex sha256 of a file's bytes, read in chunks (memory stays flat with file size).
+
+    A run keys both its tokenizer and its packed data on the corpus: the digest is remembered for the file as
+    it is now (device, inode, size, modification time), so a large corpus is read once per process, and again
+    only after it changes.
+    """
+    st = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, chunk_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, dev: int, ino: int, size: int, mtime_ns: int, chunk_bytes: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):

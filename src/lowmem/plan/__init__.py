@@ -21,8 +21,8 @@ class _CallablePackage(types.ModuleType):
     parent's attribute to its submodule), so the package itself forwards calls to `plan`.
     """
 
-    def __call__(self, spec, hardware=None):
-        return plan(spec, hardware)
+    def __call__(self, spec, hardware=None, world_size: int = 1):
+        return plan(spec, hardware, world_size)
 
 
 sys.modules[__name__].__class__ = _CallablePackage
