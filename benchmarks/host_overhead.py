@@ -1,0 +1,104 @@
+"""What a CPU run holds in RSS beyond the live tensors the planner budgets, with glibc's allocator as it is and
+with large allocations always returned to the system.
+
+    python benchmarks/host_overhead.py            # quickstart-5m, micro-batch 8 x 256, five configurations
+    python benchmarks/host_overhead.py --smoke    # tiny sizes, to keep the script working
+
+Each row runs `execute` in a fresh process: the plan is made and everything imported first, the kernel's
+peak-RSS mark is reset (5 > /proc/self/clear_refs) and RSS taken as the baseline; after the run, "beyond
+tensors" = VmHWM - baseline - the measured live-tensor peak (`LiveTensorTracker`, weights included). It counts
+what neither the plan nor the tracker sees: the allocator's free-but-kept memory (glibc's dynamic mmap
+threshold rises after the first large free, so later large tensors come from the heap, which fragments),
+thread-pool and kernel workspaces, Python objects.
+
+"returned" sets glibc's M_MMAP_THRESHOLD to 1 MiB for the run (mallopt): every tensor of 1 MiB or more is its
+own mapping, unmapped when freed, and RSS follows the live tensors more closely, at the price of a page fault
+per fresh page on every step.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+CONFIGS = {
+    "full, nothing on": [],
+    "full, checkpointing": ["memory.strategies.activation_checkpointing=on"],
+    "full, micro-batch 2": ["train.micro_batch=2"],
+    "LoRA": ["method.kind=lora"],
+    "LoRA, fused CE": ["method.kind=lora", "memory.strategies.fused_cross_entropy=on"],
+}
+ALLOCATORS = ("glibc default", "returned")
+
+
+def child(allocator: str, overrides: list[str], smoke: bool) -> dict:
+    import ctypes
+
+    if allocator == "returned":
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MiB)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _spec import spec_text
+
+    from lowmem.plan import plan
+    from lowmem.spec import decode_spec
+    from lowmem.train import execute
+
+    size = (dict(preset="tiny", vocab=1024, steps=3, micro_batch=2, seq_len=64) if smoke
+            else dict(preset="quickstart-5m", vocab=4096, steps=6, micro_batch=8, seq_len=256))
+    text = spec_text("host-overhead", size, Path(".lowmem_cache").resolve(), "fp32", schedule="constant")
+    p = plan(decode_spec(text, "toml", overrides=overrides), "cpu")
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    with tempfile.TemporaryDirectory() as out:
+        result = execute(p, out, progress=False)
+    peak = _status("VmHWM")
+    return {"planned_tensor_bytes": p.memory.peak_bytes, "tensor_peak_bytes": result.measured_peak_bytes,
+            "rss_peak_extra_bytes": peak - before, "beyond_tensors_bytes": peak - before - result.measured_peak_bytes,
+            "tokens_per_s": result.tokens_per_s}
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where host_overhead.md/.json go")
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "ALLOCATOR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[1], CONFIGS[args.child[0]], args.smoke)))
+        return
+    rows = []
+    for name in CONFIGS:
+        for allocator in ALLOCATORS:
+            cmd = [sys.executable, __file__, "--child", name, allocator] + (["--smoke"] if args.smoke else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+            rows.append({"config": name, "allocator": allocator, **json.loads(line.removeprefix("RESULT "))})
+            print(rows[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_overhead.json").write_text(json.dumps(rows, indent=2))
+    lines = ["# RSS beyond the planned tensors on CPU", "",
+             f"`python benchmarks/host_overhead.py{' --smoke' if args.smoke else ''}`; see the script's docstring.", "",
+             "| config | allocator | tensor peak (planned / measured) | RSS peak - baseline | beyond tensors | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['allocator']} | {r['planned_tensor_bytes'] / MiB:.1f} / "
+                     f"{r['tensor_peak_bytes'] / MiB:.1f} MiB | {r['rss_peak_extra_bytes'] / MiB:.1f} MiB | "
+                     f"{r['beyond_tensors_bytes'] / MiB:.1f} MiB | {r['tokens_per_s']:,.0f} |")
+    (args.out / "host_overhead.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
