@@ -195,6 +195,14 @@ def test_warmup_may_not_exceed_steps():
     assert TrainSpec(epochs=1.0, schedule=ScheduleSpec(warmup_steps=1000)).epochs == 1.0
 
 
+def test_offloaded_gradients_need_the_offloaded_optimizer():
+    assert AdamW(offload=True, offload_gradients=True).offload_gradients
+    with pytest.raises(ValueError, match="offload_gradients = true needs offload = true"):
+        AdamW(offload_gradients=True)
+    with pytest.raises(msgspec.ValidationError, match=r"offload_gradients = true needs offload = true"):
+        msgspec.convert({"kind": "adamw", "offload_gradients": True}, OptimizerSpec)
+
+
 def test_budget_is_parsed_when_the_spec_is_built():
     assert MemorySpec(budget="1.5GiB").budget_bytes == int(1.5 * 1024**3)
     with pytest.raises(ValueError, match="budget: .*'plenty'"):

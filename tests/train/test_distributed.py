@@ -1,5 +1,5 @@
 """Data-parallel training (FSDP2, gloo): two ranks under torchrun equal one process with twice the micro-batch,
-for full fine-tuning and for LoRA/DoRA adapters; the plan's per-process memory matches what rank 0 measured;
+for full fine-tuning and for LoRA/DoRA/QLoRA adapters; the plan's per-process memory matches what rank 0 measured;
 their sharded checkpoints (DCP) resume on 2 processes to the same bits, and on 1 (or 1 -> 2) within rounding."""
 
 import json
@@ -8,14 +8,16 @@ import socket
 import subprocess
 import sys
 
+import msgspec
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from tests.conftest import TINY_SPEC
 
-from lowmem.plan import plan
-from lowmem.plan.planner import PlanError
+from lowmem.plan import Plan, plan
+from lowmem.plan.estimate import estimate_memory
+from lowmem.plan.planner import PlanError, trainable_shapes
 from lowmem.spec import decode_spec, encode_spec
 from lowmem.train import execute
 from lowmem.train.checkpoint import CheckpointError
@@ -59,24 +61,40 @@ def _spec(data_cache, micro_batch: int, optimizer: str, *overrides: str):
     ])
 
 
+def _torchrun(*args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+         "--master_port", str(_free_port()), "-m", "lowmem.cli", "execute", *args, "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+def _with(p, **strategies):
+    return msgspec.structs.replace(p, strategies=msgspec.structs.replace(p.strategies, **strategies))
+
+
+def _single_and_sharded(root, make_spec, **strategies) -> tuple:
+    """`make_spec(micro_batch)` run in one process with micro_batch 4 and under torchrun on 2 ranks x 2 rows:
+    (sharded run dir, single-process run dir). Both take the same rows per step. `strategies` replace the
+    plans' own choices (a plan is data: `lowmem execute plan.json` runs what it says)."""
+    one = plan(make_spec(PER_RANK_BATCH * WORLD), "cpu")
+    two = plan(make_spec(PER_RANK_BATCH), "cpu", world_size=WORLD)
+    if one.strategies.nf4_block_size:  # QLoRA: quantize the one process's base as the 2 shards do (see below)
+        strategies["nf4_scaler_block_size"] = two.strategies.nf4_scaler_block_size
+    execute(_with(one, **strategies), root / "single", progress=False)
+    plan_file = root / "plan.json"
+    plan_file.write_bytes(msgspec.json.encode(_with(two, **strategies)))
+    _torchrun(str(plan_file), "--out", str(root / "sharded"))
+    return root / "sharded", root / "single"
+
+
 @pytest.fixture(scope="module", params=list(OPTIMIZERS))
 def runs(request, data_cache, tmp_path_factory):
     """(optimizer, torchrun run dir: 2 ranks x micro_batch 2, single-process run dir: micro_batch 4)."""
     optimizer = request.param
     root = tmp_path_factory.mktemp(f"distributed-{optimizer}")
-    single = root / "single"
-    execute(plan(_spec(data_cache, PER_RANK_BATCH * WORLD, optimizer), "cpu"), single, progress=False)
-    spec_file = root / "spec.toml"
-    spec_file.write_bytes(encode_spec(_spec(data_cache, PER_RANK_BATCH, optimizer), "toml"))
-    sharded = root / "sharded"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-         "--master_port", str(_free_port()), "-m", "lowmem.cli", "execute", str(spec_file),
-         "--out", str(sharded), "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return optimizer, sharded, single
+    return optimizer, *_single_and_sharded(root, lambda rows: _spec(data_cache, rows, optimizer))
 
 
 def test_losses_and_grad_norms_equal_the_single_process_batch(runs):
@@ -121,11 +139,28 @@ def test_planned_per_process_peak_matches_rank_0s_measured_peak(runs):
     assert measured["parameters"] == pytest.approx(alone["parameters"] / WORLD, rel=0.01)
 
 
+def test_every_2nd_block_checkpointed_under_fsdp(data_cache, tmp_path):
+    """FSDP's seam tells the checkpointing which block runs (its gathered weights are not the params' tensors):
+    block 0 is checkpointed, block 1 is not. Same losses as one process; the peak lies between the plan's
+    off and full checkpointing ones (a seam checkpointing every block would sit at full)."""
+    sharded, single = _single_and_sharded(tmp_path, lambda rows: _spec(data_cache, rows, "adamw"),
+                                          activation_checkpointing="every-2")
+    assert _losses(sharded) == pytest.approx(_losses(single), rel=REL_TOL)
+    p = msgspec.json.decode((sharded / "plan.json").read_bytes(), type=Plan)
+    shapes, trains = trainable_shapes(p.spec, p.model)
+    planned = {value: estimate_memory(p.model, msgspec.structs.replace(p.strategies, activation_checkpointing=value),
+                                      p.spec.train, p.spec.optimizer, shapes, trains, world_size=WORLD).peak_bytes
+               for value in ("off", "every-2", "full")}
+    measured = json.loads((sharded / "memory.json").read_text())["measured_peak_bytes"]
+    # measured: 7.02 MB against 8.45 (off) and 5.59 (full) planned; every block checkpointed measured 5.59
+    assert planned["full"] < planned["every-2"] < planned["off"], planned
+    assert measured == pytest.approx(planned["every-2"], rel=PEAK_TOLERANCE), (planned, measured)
+
+
 @pytest.mark.parametrize("override, message", [
     ("optimizer.kind=adafactor", "optimizer.kind = 'adafactor'"),
     ("memory.strategies.optimizer_in_backward=on", "optimizer_in_backward = 'on'"),
     ("memory.strategies.low_bit_optimizer=on", "low_bit_optimizer = 'on'"),
-    ("method.kind=qlora", "method.kind = 'qlora'"),
 ])
 def test_planner_refuses_what_it_cannot_shard(tiny_spec, override, message):
     overrides = [override] + (["train.clip_grad_norm=0"] if "in_backward" in override else [])
@@ -134,11 +169,25 @@ def test_planner_refuses_what_it_cannot_shard(tiny_spec, override, message):
         plan(tiny_spec(*overrides), "cpu", world_size=WORLD)
 
 
+def test_qlora_shards_need_whole_nf4_scaler_blocks(tiny_spec):
+    """Each process holds an even part of every NF4 weight's rows and scaler blocks; the planner says when the
+    model's shapes do not allow that, and counts NF4 bytes (not 16/32-bit ones) per process."""
+    qlora = tiny_spec("method.kind=qlora")
+    one, two = plan(qlora, "cpu"), plan(qlora, "cpu", world_size=WORLD)
+    # the 172-row MLP weights hold 172 NF4 blocks of 64: scaler blocks of 4 on one process, of 2 on two
+    assert (one.strategies.nf4_scaler_block_size, two.strategies.nf4_scaler_block_size) == (4, 2)
+    with pytest.raises(PlanError, match="rows, not a multiple of 3.*method.kind = 'lora'"):
+        plan(qlora, "cpu", world_size=3)
+    lora = plan(tiny_spec("method.kind=lora"), "cpu", world_size=WORLD)
+    params = {p.strategies.activation_checkpointing: p.memory.by_name()["parameters"] for p in (two, lora)}
+    assert two.memory.by_name()["parameters"] < 0.8 * lora.memory.by_name()["parameters"], params
+
+
 def test_planner_never_picks_what_fsdp_cannot_run(tiny_spec):
     spec = tiny_spec("train.clip_grad_norm=0", "memory.budget=12MiB", "memory.safety_margin=0")
     p = plan(spec, "cpu", world_size=WORLD)
     assert all(not a.strategies.optimizer_in_backward and a.strategies.optimizer_state == "full"
-               and not a.strategies.activation_checkpointing.startswith("every-") for a in p.alternatives)
+               for a in p.alternatives)
     decision = next(d for d in p.decisions if d.strategy == "optimizer_in_backward")
     assert decision.source == "fixed" and "FSDP" in decision.reason
 
@@ -159,15 +208,6 @@ def test_a_plan_runs_only_on_the_process_count_it_was_made_for(tiny_spec):
         check_distributable(one, world=WORLD)
     with pytest.raises(ValueError, match=r"world_size = 2 .* single process.*--nproc_per_node 2"):
         check_distributable(two, world=1)
-
-
-def _torchrun(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-         "--master_port", str(_free_port()), "-m", "lowmem.cli", "execute", *args, "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
 def _checkpointing_spec(data_cache, micro_batch: int):
@@ -284,8 +324,55 @@ def test_sigkill_of_a_2_process_run_then_resume_gives_the_same_losses(checkpoint
     assert not [d for d in (killed / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_step(checkpointed, data_cache):
+    """torchrun passes SIGTERM on to both ranks; they agree on a step, each writes its shard, and both exit
+    before the launcher's 30 s grace ends; `--resume` then finishes the run from there."""
+    import os
+    import signal
+    import time
+
+    from lowmem.train.checkpoint import latest_checkpoint
+
+    root = checkpointed[0]
+    spec_file = root / "spec-long.toml"
+    spec = _checkpointing_spec(data_cache, PER_RANK_BATCH)
+    spec_file.write_bytes(encode_spec(decode_spec(encode_spec(spec, "toml"), "toml", overrides=[
+        "train.steps=40", "output.save_every=2", "output.keep=1"]), "toml"))
+    stopped = root / "sigterm"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+         str(_free_port()), "-m", "lowmem.cli", "execute", str(spec_file), "--out", str(stopped), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(stopped) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher only: it forwards the signal to the ranks
+    out, err = proc.communicate(timeout=120)
+    assert not (stopped / "model").exists(), "the run finished before the signal"
+    ckpt = latest_checkpoint(stopped)
+    step = int(ckpt.name.split("-")[1])
+    assert 2 <= step < 40
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
+        "trainer.json"]
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == step
+    assert _metrics(stopped)[-1]["step"] == step  # the ranks stopped right after the step they saved
+    before = _losses(stopped)
+    _torchrun(str(spec_file), "--out", str(stopped), "--resume")
+    assert [r["step"] for r in _metrics(stopped)] == list(range(1, 41))
+    assert _losses(stopped)[:step] == before[:step]
+    assert (stopped / "model/model.safetensors").exists()
+
+
+# QLoRA: FSDP2 splits each NF4 weight (codes, scales, scale factors) by rows. On 2 processes every shard must
+# hold whole scaler blocks, so the tiny model's scaler block shrinks from 4 to 2 (`nf4_scaler_block_size`);
+# the single-process run is given the same, so both train against the same dequantized base.
 ADAPTERS = {"lora": ["method.kind=lora", "method.targets=[wq,wv,wo,w1]"],
-            "dora": ["method.kind=dora", "method.targets=[wq,wk,w2]", "method.alpha=8"]}
+            "dora": ["method.kind=dora", "method.targets=[wq,wk,w2]", "method.alpha=8"],
+            "qlora": ["method.kind=qlora", "method.targets=[wq,wv,wo,w1]"]}
 
 
 def _adapter_spec(data_cache, micro_batch: int, method: str):
@@ -302,12 +389,7 @@ def adapter_runs(request, data_cache, tmp_path_factory):
     """(method, torchrun run dir: 2 ranks x micro_batch 2, single-process run dir: micro_batch 4)."""
     method = request.param
     root = tmp_path_factory.mktemp(f"distributed-{method}")
-    single = root / "single"
-    execute(plan(_adapter_spec(data_cache, PER_RANK_BATCH * WORLD, method), "cpu"), single, progress=False)
-    spec_file = root / "spec.toml"
-    spec_file.write_bytes(encode_spec(_adapter_spec(data_cache, PER_RANK_BATCH, method), "toml"))
-    _torchrun(str(spec_file), "--out", str(root / "sharded"))
-    return method, root / "sharded", single
+    return method, *_single_and_sharded(root, lambda rows: _adapter_spec(data_cache, rows, method))
 
 
 def test_adapter_losses_equal_the_single_process_batch(adapter_runs):
@@ -346,13 +428,8 @@ def test_adapter_per_process_peak_matches_the_plan(adapter_runs):
 def test_mixed_bf16_under_fsdp_matches_one_process(data_cache, tmp_path):
     """fp32 masters sharded, each block's gathered weights cast to bf16 inside it: the same step as one process up
     to bf16 rounding of the per-rank partial sums (measured: losses 1e-5 apart, grad norms 7e-4)."""
-    overrides = ["memory.precision=mixed-bf16"]
-    execute(plan(_spec(data_cache, PER_RANK_BATCH * WORLD, "adamw", *overrides), "cpu"), tmp_path / "single",
-            progress=False)
-    spec_file = tmp_path / "spec.toml"
-    spec_file.write_bytes(encode_spec(_spec(data_cache, PER_RANK_BATCH, "adamw", *overrides), "toml"))
-    _torchrun(str(spec_file), "--out", str(tmp_path / "sharded"))
-    sharded, single = (_metrics(tmp_path / d) for d in ("sharded", "single"))
+    runs = _single_and_sharded(tmp_path, lambda rows: _spec(data_cache, rows, "adamw", "memory.precision=mixed-bf16"))
+    sharded, single = (_metrics(d) for d in runs)
     assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in single], rel=1e-4)
     assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in single], rel=2e-3)
     report = json.loads((tmp_path / "sharded/memory.json").read_text())

@@ -41,11 +41,13 @@ CATALOGUE: dict[str, StrategyInfo] = {
     ),
     "activation_offloading": StrategyInfo(
         name="activation_offloading",
-        saves="moves saved activations to pinned host memory",
-        costs="PCIe traffic overlapped on a side CUDA stream",
-        requires="a CUDA device",
-        available=False,
-        unavailable_reason="not implemented in this version",
+        saves="saved activations (with checkpointing, the block inputs) wait for backward in pinned host memory; "
+              "about one block's worth stays on the device (copies in flight, the next one fetched back early)",
+        costs="PCIe copies on a side CUDA stream, overlapped with compute: copy time beyond the forward's (out) or "
+              "the backward's (back) compute is lost, plus OFFLOAD_OVERHEAD for the Python hooks; auto uses it only "
+              "when no plan without it fits",
+        requires="a CUDA device (OFFLOAD_CPU_REASON); one process, not FSDP (OFFLOAD_FSDP_REASON); host memory: "
+                 "saved tensors of OFFLOAD_MIN_BYTES or more, up to HOST_PINNED_SHARE of the RAM pinned",
     ),
     "chunked_cross_entropy": StrategyInfo(
         name="chunked_cross_entropy",
@@ -88,6 +90,11 @@ CATALOGUE: dict[str, StrategyInfo] = {
         requires="optimizer.kind = 'adamw'",
     ),
 }
+
+# Why activation offloading is never planned on a CPU or under FSDP
+OFFLOAD_CPU_REASON = "on a CPU the activations already live in host memory: there is nothing to move them to"
+OFFLOAD_FSDP_REASON = ("the hooks would also move the weights FSDP gathers for a block (they are not the run's "
+                       "parameters), undoing FSDP's freeing of them")
 
 # precision values the executor runs today
 AVAILABLE_PRECISIONS = ("fp32", "bf16", "mixed-bf16", "fp16")

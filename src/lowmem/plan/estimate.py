@@ -24,6 +24,7 @@ from lowmem.nn.loss import loss_peak_bytes
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
+from lowmem.spec.units import format_bytes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "mixed-bf16": 2, "fp16": 2}  # the compute dtype: activations
 MASTER_BYTES = {"fp32": 4, "bf16": 2, "mixed-bf16": 4, "fp16": 4}  # trained weights, gradients, optimizer states
@@ -61,6 +62,25 @@ SPLIT_EFFICIENCY = 0.95
 # development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
 # compile about 40% (MFU of torchtune recipes without compile, README ladder). Not yet checked on a GPU.
 EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
+
+# activation_offloading (lowmem.train.offload). Saved tensors under OFFLOAD_MIN_BYTES stay on the device: a copy's
+# fixed cost (a launch and an event, about 10 us) is the transfer time of about 0.6 MiB at 64 GB/s, so a smaller
+# tensor frees too little memory to be worth it.
+OFFLOAD_MIN_BYTES = 1 << 20
+# The hooks run in Python for every saved tensor, and the copies take HBM bandwidth from the kernels they overlap:
+# assumed to cost 3% of a step on top of the PCIe time that compute does not hide (not measured: no GPU was
+# available). So auto offloads only when no plan without offloading fits.
+OFFLOAD_OVERHEAD = 0.97
+# At most this share of the host's RAM is pinned (offloaded activations, a host optimizer's copies and states):
+# pinned pages cannot be swapped out, and the data loader, Python and the page cache need the rest.
+HOST_PINNED_SHARE = 0.5
+# optimizer.offload (torchao's CPUOffloadOptimizer) keeps tensors with fewer elements than this on the device
+# (its `minimal_size`, which lowmem.train.optim passes explicitly); the others are stepped on the host.
+CPU_OFFLOAD_MIN_NUMEL = 4096
+# The host step is torch's fused CPU AdamW. For each parameter it reads the gradient and reads and writes the
+# weight and both moments (7 values), so it is memory-bound: assumed 20 GB/s for one process's threads (not
+# measured: no GPU host was available).
+HOST_ADAMW_BYTES_PER_S = 20e9
 
 
 def weight_bytes(precision: str) -> int:
@@ -218,12 +238,16 @@ def selective_block_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision
 
 
 def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
-                     trainable: Trainable = FULL) -> int:
-    """Activations alive at the start of backward."""
+                     trainable: Trainable = FULL, sharded: bool = False) -> int:
+    """Activations alive at the start of backward.
+
+    `sharded` (FSDP2): mixed precision gathers a block's weights in the compute dtype (`MixedPrecisionPolicy`)
+    and FSDP frees them after the block's forward, so no low-precision weight copy is held (`cast_copy_bytes`).
+    """
     a = DTYPE_BYTES[strategies.precision]
     seq_len = n_tokens // batch
     block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
-    block += cast_copy_bytes(cfg, strategies.precision, trainable)
+    block += 0 if sharded else cast_copy_bytes(cfg, strategies.precision, trainable)
     # final RMSNorm (input, normalized if its weight trains, scaled) + the bool document mask + the fp32 RoPE
     # tables
     final_norm = (3 if trainable.full else 2) * cfg.dim * a + FP32
@@ -235,6 +259,37 @@ def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, ba
         return cfg.n_layers * selective_block_bytes(cfg, n_tokens, batch, strategies.precision, trainable) + shared
     n_ckpt = checkpointed_layers(cfg, strategies)  # these keep only their input
     return n_ckpt * n_tokens * cfg.dim * a + (cfg.n_layers - n_ckpt) * block + shared
+
+
+def offloaded_activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int,
+                               packed: bool = True, trainable: Trainable = FULL) -> int:
+    """Bytes of saved activations that activation offloading holds in pinned host memory at the start of backward.
+
+    The cap is the plan's `offload_max_host_bytes`; everything past it stays on the device. Approximations: the
+    tensors every block shares and the final norm's (the shared part of `activation_bytes`) are counted on the
+    device, although they move too. Norm statistics and other tensors under the size threshold (a few bytes a
+    token) are counted as moved, although they stay.
+    """
+    if not strategies.activation_offloading:
+        return 0
+    return min(movable_activation_bytes(cfg, strategies, n_tokens, batch, packed, trainable),
+               strategies.offload_max_host_bytes)
+
+
+def movable_activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int,
+                             packed: bool = True, trainable: Trainable = FULL) -> int:
+    """Bytes of saved block activations that offloading can move out, with no host budget.
+
+    Under the hooks (`lowmem.train.offload`) a block saves everything autograd keeps. A checkpointed block (full,
+    every-k, selective) saves only its input. All of it moves except about one block's worth, which is counted
+    on the device: the last block's copies are still running when backward starts, and in backward each saved
+    tensor is fetched back one ahead of its use.
+    """
+    block = (block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+             + cast_copy_bytes(cfg, strategies.precision, trainable))
+    n_ckpt = checkpointed_layers(cfg, strategies)
+    per_layer = [n_tokens * cfg.dim * DTYPE_BYTES[strategies.precision]] * n_ckpt + [block] * (cfg.n_layers - n_ckpt)
+    return sum(per_layer) - max(per_layer)
 
 
 def checkpointed_layers(cfg: ModelConfig, strategies: Strategies) -> int:
@@ -249,7 +304,7 @@ def checkpointed_layers(cfg: ModelConfig, strategies: Strategies) -> int:
 
 
 def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
-                    trainable: Trainable = FULL) -> int:
+                    trainable: Trainable = FULL, sharded: bool = False) -> int:
     """Extra bytes while one checkpointed block is recomputed in backward (zero without checkpointing)."""
     if checkpointed_layers(cfg, strategies) == 0:
         return 0
@@ -258,7 +313,8 @@ def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, bat
     # residual branches' gradients and their sum; 5 of them fitted against the traced step (lowmem plan
     # --trace) on quickstart-5m, full and LoRA, with and without the fused loss: within 4%
     block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
-    block += cast_copy_bytes(cfg, strategies.precision, trainable)  # the recomputed block's weight copies
+    if not sharded:  # the recomputed block's weight copies (FSDP: its gathered weights, see `fsdp_bytes`)
+        block += cast_copy_bytes(cfg, strategies.precision, trainable)
     if strategies.activation_checkpointing == "selective":
         # the recompute reuses the block's kept outputs (counted in `activation_bytes`) instead of making them
         # again; fitted against the traced step: within 1.5% of the peak on tiny (2 layers) and quickstart-5m (6)
@@ -312,17 +368,33 @@ def fsdp_bytes(cfg: ModelConfig, strategies: Strategies, optimizer: OptimizerSpe
     base_b = wb if trainable.full else DTYPE_BYTES[strategies.precision]
     shapes = param_shapes(cfg)
     per_block_adapters = len(trainable_shapes) // cfg.n_layers if not trainable.full else 0
+    quantized = set()
+    if strategies.nf4_block_size:
+        from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
+
+        quantized = set(quantized_names(cfg, TARGETS))
 
     def shard(shape: tuple[int, ...]) -> tuple[int, ...]:
         return (-(-shape[0] // world_size), *shape[1:])
 
-    params = sum(_numel(shard(s)) for s in shapes.values()) * base_b
+    def full_bytes(name: str, b: int = base_b) -> int:  # a tensor gathered whole; NF4 storages if quantized
+        if name in quantized:
+            return nf4_bytes(_numel(shapes[name]), strategies.nf4_block_size, strategies.nf4_scaler_block_size,
+                             param_bytes=base_b)
+        return _numel(shapes[name]) * b
+
+    def shard_bytes(name: str) -> int:  # an NF4 weight splits its codes, scales and factors evenly (torchao)
+        return -(-full_bytes(name) // world_size) if name in quantized else _numel(shard(shapes[name])) * base_b
+
+    params = sum(shard_bytes(n) for n in shapes)
     if not trainable.full:  # adapters, in the master dtype
         params += sum(_numel(shard(s)) for s in trainable_shapes) * wb
     trainable_shards = [shard(s) for s in trainable_shapes]
-    root = sum(_numel(s) for n, s in shapes.items() if not n.startswith("layers.")) * base_b
-    block = sum(_numel(s) for n, s in shapes.items() if n.startswith("layers.0.")) * base_b
-    block += sum(_numel(s) for s in trainable_shapes[:per_block_adapters]) * wb  # block 0's adapters
+    root = sum(full_bytes(n) for n in shapes if not n.startswith("layers."))
+    # a block is gathered in the compute dtype under mixed precision (`distributed.shard`'s MixedPrecisionPolicy)
+    gather_b = DTYPE_BYTES[strategies.precision]
+    block = sum(full_bytes(n, gather_b) for n in shapes if n.startswith("layers.0."))
+    block += sum(_numel(s) for s in trainable_shapes[:per_block_adapters]) * gather_b  # block 0's adapters
     return ShardedBytes(
         params=params,
         gradients=sum(_numel(s) for s in trainable_shards) * wb,
@@ -331,6 +403,50 @@ def fsdp_bytes(cfg: ModelConfig, strategies: Strategies, optimizer: OptimizerSpe
         gathered=root + block,
         gathered_in_recompute=root + 2 * block,
     )
+
+
+def host_optimizer_split(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]]
+                         ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The trainable shapes stepped on the host and those stepped on the device.
+
+    Without `optimizer.offload` every shape is stepped on the device. With it, torchao's CPUOffloadOptimizer
+    steps tensors of CPU_OFFLOAD_MIN_NUMEL elements or more on the host.
+    """
+    if not (isinstance(optimizer, AdamW) and optimizer.offload):
+        return [], list(shapes)
+    return ([s for s in shapes if _numel(s) >= CPU_OFFLOAD_MIN_NUMEL],
+            [s for s in shapes if _numel(s) < CPU_OFFLOAD_MIN_NUMEL])
+
+
+def host_optimizer_components(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]], param_bytes: int
+                              ) -> tuple[Component, ...]:
+    """Pinned host memory of `optimizer.offload`. For each tensor the host steps, torchao allocates a master copy
+    and a gradient buffer up front, both in the parameter's dtype, and AdamW keeps its states there."""
+    host, _ = host_optimizer_split(optimizer, shapes)
+    if not host:
+        return ()
+    n = sum(_numel(s) for s in host)
+    return (
+        Component(name="parameters", bytes=n * param_bytes, note=f"copies of the {len(host)} tensors the host steps"),
+        Component(name="gradients", bytes=n * param_bytes, note="copied from the device as backward makes them"),
+        Component(name="optimizer_state", bytes=optimizer_state_bytes(optimizer, host, param_bytes),
+                  note="AdamW on the host (torchao CPUOffloadOptimizer)"),
+    )
+
+
+def host_optimizer_seconds(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]], precision: str,
+                           hw: HardwareProfile) -> float:
+    """Seconds that `optimizer.offload` adds to each optimizer step.
+
+    This is the host AdamW step, plus copying the updated weights back over PCIe before the next forward. The
+    gradients' copies overlap backward and are not counted.
+    """
+    host, _ = host_optimizer_split(optimizer, shapes)
+    if not host:
+        return 0.0
+    assert hw.device == "cuda", "the planner refuses optimizer.offload without a CUDA device"
+    n_bytes = sum(_numel(s) for s in host) * weight_bytes(precision)
+    return 7 * n_bytes / HOST_ADAMW_BYTES_PER_S + n_bytes / hw.pcie_bytes_per_s
 
 
 def estimate_memory(
@@ -342,7 +458,8 @@ def estimate_memory(
     Two phases can hold the peak: the start of backward (all activations and the loss tensors alive) and
     the optimizer step (all gradients alive plus the update's temporaries). With `world_size` > 1 the bytes
     are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch` is per process, so activations are not
-    divided.
+    divided. Offloaded activations and a host optimizer's tensors are counted in `MemoryReport.host`, not on the
+    device.
     """
     wb = weight_bytes(strategies.precision)
     n_params = count_params(cfg)
@@ -366,24 +483,38 @@ def estimate_memory(
         # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
         # length of one op (measured in tests/nn/test_quant.py)
         dequant_scratch = int(max(quantized) * 4 * 4.8)
-    grads = n_trainable * wb
-    opt = optimizer_state_bytes(optimizer, trainable_shapes, wb)
-    acts = activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable)
+        nf4_total = sum(quantized)
+    host_shapes, device_shapes = host_optimizer_split(optimizer, trainable_shapes)
+    assert not (host_shapes and world_size > 1), "the planner refuses optimizer.offload under FSDP"
+    # offload_gradients: a gradient the host steps is freed on the device once it has been copied
+    grads_on_host = bool(host_shapes) and optimizer.offload_gradients
+    grads = sum(_numel(s) for s in (device_shapes if grads_on_host else trainable_shapes)) * wb
+    opt = optimizer_state_bytes(optimizer, device_shapes, wb)
+    opt_note = type(optimizer).__name__ + (f" of the {len(device_shapes)} tensors under {CPU_OFFLOAD_MIN_NUMEL:,} "
+                                           "elements; the others' on the host" if host_shapes else "")
+    acts_host = offloaded_activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable)
+    acts = activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=world_size > 1) - acts_host
+    host = host_optimizer_components(optimizer, trainable_shapes, wb) + ((Component(
+        name="activations", bytes=acts_host, note=f"saved tensors of {format_bytes(strategies.offload_min_bytes)} or "
+        f"more, at most {format_bytes(strategies.offload_max_host_bytes)} per forward (activation_offloading)"),)
+        if acts_host else ())
     loss = logits_bytes(cfg, strategies, n_tokens, trainable)
     batch = batch_bytes(train.micro_batch * train.seq_len)  # the loaded micro-batch; its pieces are views
-    recompute = recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable)
+    recompute = recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=world_size > 1)
     # gradients of earlier micro-batches (or pieces of one) are alive while later ones run forward
     grads_in_backward = grads if train.grad_accum > 1 or strategies.micro_batch_split > 1 else 0
     # torch's single-tensor AdamW makes one parameter-sized temporary (the denominator) at a time
-    update_temp = max((_numel(s) for s in trainable_shapes), default=0) * wb
+    update_temp = max((_numel(s) for s in device_shapes), default=0) * wb
     params_note = f"{n_params:,} x {base_b} B"
+    if strategies.nf4_block_size:  # the projections (most of the parameters) are NF4, about half a byte each
+        params_note = f"{n_params:,}: {nf4_total:,} in NF4 (~0.5 B), the rest x {base_b} B"
     gathered = gathered_in_recompute = 0
     if world_size > 1:
         sharded = fsdp_bytes(cfg, strategies, optimizer, trainable_shapes, trainable, world_size)
         params, grads, opt, update_temp = sharded[:4]
         gathered, gathered_in_recompute = sharded.gathered, sharded.gathered_in_recompute
         grads_in_backward = grads if grads_in_backward else 0
-        params_note = f"1/{world_size} shard of {n_params:,} x {base_b} B"
+        params_note = f"1/{world_size} shard of " + params_note
 
     # a dequantization in backward runs only after the loss tensors are freed: the two never coexist
     backward_start = params + gathered + opt + grads_in_backward + acts + max(loss, dequant_scratch) + batch
@@ -404,33 +535,37 @@ def estimate_memory(
             Component(name="parameters", bytes=params + gathered_in_recompute,
                       note=params_note + _gathered_note(gathered_in_recompute, "root and two blocks")),
             Component(name="gradients", bytes=max(grads_in_backward, head_grad), note="output head and accumulated"),
-            Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
+            Component(name="optimizer_state", bytes=opt, note=opt_note),
             Component(name="activations", bytes=acts + recompute, note=_acts_note(cfg, strategies)),
             Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
         )
-        return MemoryReport(components=components, peak_bytes=in_recompute, peak_phase="block recompute in backward")
+        return MemoryReport(components=components, peak_bytes=in_recompute, peak_phase="block recompute in backward",
+                            host=host)
     if backward_start >= optimizer_step:
         components = (
             Component(name="parameters", bytes=params + gathered,
                       note=params_note + _gathered_note(gathered, "root and one block")),
             Component(name="gradients", bytes=grads_in_backward,
                       note="accumulated over micro-batches" if grads_in_backward else "none yet at backward start"),
-            Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
+            Component(name="optimizer_state", bytes=opt, note=opt_note),
             Component(name="activations", bytes=acts, note=_acts_note(cfg, strategies)),
             Component(name="logits", bytes=loss, note=_loss_note(cfg, strategies, n_tokens)),
             Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
         ) + ((Component(name="temporaries", bytes=max(dequant_scratch - loss, 0),
                         note="NF4 dequantization of one weight, beyond the loss tensors it replaces"),)
              if dequant_scratch else ())
-        return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward")
+        return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward",
+                            host=host)
     components = (
         Component(name="parameters", bytes=params, note=params_note),
-        Component(name="gradients", bytes=grads, note=f"{n_trainable:,} trainable x {wb} B"
-                  + (f", 1/{world_size} shard" if world_size > 1 else "")),
-        Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__),
+        Component(name="gradients", bytes=grads, note=(
+            f"of the {len(device_shapes)} tensors the device steps x {wb} B (the others' freed once copied to the "
+            "host)" if grads_on_host else f"{n_trainable:,} trainable x {wb} B"
+            + (f", 1/{world_size} shard" if world_size > 1 else ""))),
+        Component(name="optimizer_state", bytes=opt, note=opt_note),
         Component(name="temporaries", bytes=update_temp, note="update of the largest parameter"),
     )
-    return MemoryReport(components=components, peak_bytes=optimizer_step, peak_phase="optimizer step")
+    return MemoryReport(components=components, peak_bytes=optimizer_step, peak_phase="optimizer step", host=host)
 
 
 def _gathered_note(n_bytes: int, what: str) -> str:
@@ -448,11 +583,13 @@ def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> str:
 
 def _acts_note(cfg: ModelConfig, strategies: Strategies) -> str:
     n_ckpt = checkpointed_layers(cfg, strategies)
+    offloaded = "; offloaded to host memory but about one block's worth" if strategies.activation_offloading else ""
     if n_ckpt == cfg.n_layers:
-        return f"{cfg.n_layers} block inputs kept, one block recomputed at a time"
+        return f"{cfg.n_layers} block inputs kept, one block recomputed at a time" + offloaded
     if n_ckpt:
-        return f"{n_ckpt} of {cfg.n_layers} blocks keep only their input, the others everything autograd saves"
-    return f"{cfg.n_layers} blocks, everything autograd saves"
+        return (f"{n_ckpt} of {cfg.n_layers} blocks keep only their input, the others everything autograd saves"
+                + offloaded)
+    return f"{cfg.n_layers} blocks, everything autograd saves" + offloaded
 
 
 def flops_per_token(cfg: ModelConfig, strategies: Strategies, seq_len: int) -> float:
@@ -481,8 +618,10 @@ def peak_flops(precision: str, hw: HardwareProfile) -> float:
     return hw.peak_flops_bf16  # bf16; fp16 runs on the same tensor cores on GPUs
 
 
-def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int, hw: HardwareProfile) -> float:
-    """Tokens per second from FLOPs per token, the device's peak for the compute dtype and an efficiency."""
+def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int, hw: HardwareProfile,
+                          trainable: Trainable = FULL) -> float:
+    """Tokens per second from FLOPs per token, the device's peak for the compute dtype and an efficiency; with
+    activation offloading, less the copy time that compute does not hide (`offload_exposed_seconds`)."""
     peak = peak_flops(strategies.precision, hw)
     # the fused loss loops over chunks in Python and makes its gradients in forward: a small fixed cost, so it
     # is chosen when memory asks for it, not when standard CE fits
@@ -495,7 +634,27 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
         overhead *= COMPILE_SPEEDUP[hw.device]
     # smaller matmuls and one more forward/backward launch sequence per piece
     overhead *= SPLIT_EFFICIENCY ** math.log2(strategies.micro_batch_split)
-    return overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
+    tokens_per_s = overhead * peak * EFFICIENCY[hw.device] / flops_per_token(cfg, strategies, seq_len)
+    if not strategies.activation_offloading:
+        return tokens_per_s
+    exposed = offload_exposed_seconds(cfg, strategies, seq_len, hw, trainable, 1 / tokens_per_s)
+    return OFFLOAD_OVERHEAD / (1 / tokens_per_s + exposed)
+
+
+def offload_exposed_seconds(cfg: ModelConfig, strategies: Strategies, seq_len: int, hw: HardwareProfile,
+                            trainable: Trainable, compute_seconds: float) -> float:
+    """Seconds per token that activation offloading's copies add to a step of `compute_seconds` per token.
+
+    The copies out run beside the forward's kernels and the copies back beside the backward's, each way over PCIe
+    at the profile's `pcie_bytes_per_s`. Whatever takes longer than the compute it overlaps is exposed. The
+    forward's share of compute is its FLOPs' share; recomputation happens in backward.
+    """
+    assert hw.device == "cuda", "the planner offloads activations only on CUDA"
+    moved = movable_activation_bytes(cfg, strategies, seq_len, 1, trainable=trainable) / seq_len
+    copy = moved / hw.pcie_bytes_per_s
+    plain = msgspec.structs.replace(strategies, activation_checkpointing="off", cross_entropy="standard")
+    forward = compute_seconds * flops_per_token(cfg, plain, seq_len) / 3 / flops_per_token(cfg, strategies, seq_len)
+    return max(copy - forward, 0.0) + max(copy - (compute_seconds - forward), 0.0)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

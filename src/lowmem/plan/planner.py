@@ -15,13 +15,24 @@ import msgspec
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.hub import resolve_model_dir
 from lowmem.nn.lora import TARGETS
-from lowmem.plan.catalogue import AVAILABLE_PRECISIONS, CATALOGUE, FP16_CPU_REASON
+from lowmem.plan.catalogue import (
+    AVAILABLE_PRECISIONS,
+    CATALOGUE,
+    FP16_CPU_REASON,
+    OFFLOAD_CPU_REASON,
+    OFFLOAD_FSDP_REASON,
+)
 from lowmem.plan.estimate import (
     COMPILE_SECONDS_PER_BLOCK,
     FULL,
+    HOST_PINNED_SHARE,
+    OFFLOAD_MIN_BYTES,
     Trainable,
     estimate_memory,
     estimate_tokens_per_s,
+    host_optimizer_components,
+    host_optimizer_seconds,
+    weight_bytes,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies, run_optimizer
@@ -59,6 +70,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     _check_supported(spec)
     _check_distributable(spec, world_size)
     _check_compile(spec, hw)
+    _check_offload(spec, hw, world_size)
     cfg = resolve_model(spec)
     if spec.train.seq_len > cfg.max_seq_len:
         raise PlanError(
@@ -72,15 +84,19 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     # Exact strategies first; splitting micro-batches (slower), then 8-bit optimizer states (not exact) only
     # when nothing before them fits (or when the spec forces them on)
     candidates = []
-    for tier in _tiers(spec, _candidates(spec, cfg, hw)):
+    for tier in _tiers(spec, _candidates(spec, cfg, hw, world_size, trainable)):
         for strategies in tier:
             if world_size > 1 and not _shardable(strategies):
                 continue
-            memory = estimate_memory(cfg, strategies, spec.train, run_optimizer(spec.optimizer, strategies),
-                                     trainable, what_trains, world_size=world_size)
+            optimizer = run_optimizer(spec.optimizer, strategies)
+            memory = estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
+                                     world_size=world_size)
+            tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
+            # a host optimizer's step comes once per step of micro_batch x grad_accum rows
+            tps = 1 / (1 / tps + host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
+                       / (spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len))
             # one GPU per process; on a CPU the processes share its cores
-            tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw) * (
-                world_size if hw.device == "cuda" else 1)
+            tps *= world_size if hw.device == "cuda" else 1
             candidates.append((strategies, memory, tps))
         if any(c[1].peak_bytes <= usable for c in candidates):
             break
@@ -141,18 +157,30 @@ def trainable_shapes(spec: RunSpec, cfg: ModelConfig) -> tuple[list[tuple[int, .
                           dropout=method.dropout > 0, dora=isinstance(method, Dora))
 
 
-def nf4_scaler_block_size(cfg: ModelConfig, block_size: int) -> int:
+def nf4_scaler_block_size(cfg: ModelConfig, block_size: int, world_size: int = 1) -> int:
     """The largest scaler block (256, 128, ..., 1) for which torchao can quantize every projection to NF4.
 
-    torchao needs each weight's element count to be a multiple of block_size x scaler_block_size.
+    torchao needs each weight's element count to be a multiple of block_size x scaler_block_size. Sharded over
+    `world_size` processes (FSDP2 splits an NF4 weight's rows, and with them its codes, scales and scale
+    factors, into equal parts: torchao's `aten.split` for NF4Tensor) each part must hold whole scaler blocks, and
+    the row count must divide evenly. Full-size models get 256 on any usual process count; a model this small
+    that it does not may quantize slightly differently on W processes than on one.
     """
-    numels = {d_out * d_in for name, (d_out, d_in) in
-              ((n, s) for n, s in param_shapes(cfg).items() if len(s) == 2 and n.startswith("layers."))}
+    shapes = {s for n, s in param_shapes(cfg).items() if len(s) == 2 and n.startswith("layers.")}
+    numels = {d_out * d_in for d_out, d_in in shapes}
+    uneven = sorted(d_out for d_out, _ in shapes if d_out % world_size)
+    if uneven:
+        raise PlanError(
+            f"method.kind = 'qlora' on {world_size} processes: FSDP2 splits each NF4 weight's rows evenly, and "
+            f"this model has projections with {uneven[0]} rows, not a multiple of {world_size}. Use a process "
+            "count that divides every projection's rows, or method.kind = 'lora'"
+        )
     for scaler in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if all(n % (block_size * scaler) == 0 for n in numels):
+        if all(n % (block_size * scaler * world_size) == 0 for n in numels):
             return scaler
+    per = f" on {world_size} processes (each holding 1/{world_size} of every weight)" if world_size > 1 else ""
     raise PlanError(
-        f"method.quant_block_size = {block_size} does not divide every projection of this model "
+        f"method.quant_block_size = {block_size} does not divide every projection of this model{per} "
         f"(element counts {sorted(numels)[:4]}...); use 64 or a smaller power of two"
     )
 
@@ -293,8 +321,6 @@ def _check_distributable(spec: RunSpec, world_size: int) -> None:
         return
     toggles = spec.memory.strategies
     problems = [
-        (isinstance(spec.method, QLora), "method.kind = 'qlora': torchao's NF4 base weights are not sharded with "
-         "FSDP2 in this version; use method.kind = 'lora' (the base in 16 or 32 bits, sharded)"),
         (toggles.optimizer_in_backward == "on", f"memory.strategies.optimizer_in_backward = 'on': "
          f"{FSDP_IN_BACKWARD_REASON}; set it to 'auto' or 'off'"),
         (toggles.low_bit_optimizer == "on", f"memory.strategies.low_bit_optimizer = 'on': {FSDP_LOW_BIT_REASON}; "
@@ -309,10 +335,8 @@ def _check_distributable(spec: RunSpec, world_size: int) -> None:
 
 
 def _shardable(strategies: Strategies) -> bool:
-    """Whether a candidate can run under FSDP2: no step inside backward, no 8-bit states, no every-k
-    checkpointing (its seam finds block k by the weights' identity, which FSDP's gathered copies do not keep)."""
-    return (not strategies.optimizer_in_backward and strategies.optimizer_state == "full"
-            and not strategies.activation_checkpointing.startswith("every-"))
+    """Whether a candidate can run under FSDP2: no step inside backward, no 8-bit states."""
+    return not strategies.optimizer_in_backward and strategies.optimizer_state == "full"
 
 
 def _check_compile(spec: RunSpec, hw: HardwareProfile) -> None:
@@ -325,6 +349,68 @@ def _check_compile(spec: RunSpec, hw: HardwareProfile) -> None:
             "C++ compiler (g++, c++ or clang++) is on PATH. Install one (e.g. apt-get install g++) or set "
             "memory.strategies.compile = 'off'"
         )
+
+
+def _check_offload(spec: RunSpec, hw: HardwareProfile, world_size: int) -> None:
+    """Refuse a forced activation offloading, or a host optimizer (`optimizer.offload`), where it cannot run."""
+    toggles = spec.memory.strategies
+    if toggles.activation_offloading == "on" and hw.device == "cpu":
+        raise PlanError(
+            f"memory.strategies.activation_offloading = 'on' on {hw.name}: {OFFLOAD_CPU_REASON}. Set it to 'auto' "
+            "or 'off' (activation_checkpointing is what saves activation memory on a CPU), or plan for a CUDA "
+            "device (--hardware h100-80gb)"
+        )
+    if toggles.activation_offloading == "on" and world_size > 1:
+        raise PlanError(
+            f"memory.strategies.activation_offloading = 'on' with {world_size} processes (FSDP2): "
+            f"{OFFLOAD_FSDP_REASON}. Set it to 'auto' or 'off', or plan for one process"
+        )
+    optimizer = spec.optimizer
+    if not (isinstance(optimizer, AdamW) and optimizer.offload):
+        return
+    problems = [
+        (hw.device == "cpu", f"{hw.name} is a CPU: torchao's CPUOffloadOptimizer moves the optimizer from a CUDA "
+         "device to the host, and there it is already; set optimizer.offload = false or plan for a CUDA device "
+         "(--hardware h100-80gb)"),
+        (world_size > 1, f"it serves a single GPU, not {world_size} processes (FSDP2 shards the optimizer state "
+         "instead); set optimizer.offload = false"),
+        (toggles.optimizer_in_backward == "on", "memory.strategies.optimizer_in_backward = 'on' cannot step "
+         "inside backward on the device when the host steps after it; turn one of them off"),
+        (toggles.low_bit_optimizer == "on", "memory.strategies.low_bit_optimizer = 'on' would run bitsandbytes' "
+         "8-bit AdamW on the device instead; the host keeps full-precision states (host memory is the cheap "
+         "kind), so set low_bit_optimizer to 'auto' or 'off'"),
+        (optimizer.offload_gradients and spec.train.grad_accum > 1, f"optimizer.offload_gradients = true frees "
+         f"each device gradient once copied, so with train.grad_accum = {spec.train.grad_accum} the next "
+         "micro-batch's gradient cannot add to it; set train.grad_accum = 1 (raise train.micro_batch instead) "
+         "or optimizer.offload_gradients = false"),
+        (optimizer.offload_gradients and toggles.micro_batch_split == "on", "optimizer.offload_gradients = true "
+         "frees each device gradient once copied, so memory.strategies.micro_batch_split = 'on' cannot add the "
+         "pieces' gradients; set micro_batch_split to 'auto' or 'off', or offload_gradients = false"),
+    ]
+    reasons = [why for bad, why in problems if bad]
+    if reasons:
+        raise PlanError("optimizer.offload = true: " + "; ".join(reasons))
+
+
+def _pinned_host_budgets(spec: RunSpec, hw: HardwareProfile, precisions: tuple[str, ...],
+                         trainable: list[tuple[int, ...]]) -> dict[str, int]:
+    """The pinned host bytes left for offloaded activations, for each precision the host optimizer's copies fit.
+
+    The pinned limit is HOST_PINNED_SHARE of the host's RAM. A host optimizer (`optimizer.offload`) takes its
+    copies and states from it first. If they fit no precision, the spec cannot run here.
+    """
+    pinned = int(HOST_PINNED_SHARE * hw.host_ram_bytes)
+    need = {p: sum(c.bytes for c in host_optimizer_components(spec.optimizer, trainable, weight_bytes(p)))
+            for p in precisions}
+    budgets = {p: pinned - n for p, n in need.items() if n <= pinned}
+    if not budgets:
+        raise PlanError(
+            f"optimizer.offload = true: the host copies, gradients and AdamW states need at least "
+            f"{format_bytes(min(need.values()))} of pinned memory, more than {HOST_PINNED_SHARE:.0%} of {hw.name}'s "
+            f"{format_bytes(hw.host_ram_bytes)} of RAM; set optimizer.offload = false or train fewer parameters "
+            "(method.kind = 'lora')"
+        )
+    return budgets
 
 
 def _auto_precisions(hw: HardwareProfile) -> tuple[str, ...]:
@@ -349,10 +435,13 @@ def _run_rate(spec: RunSpec, strategies: Strategies, tokens_per_s: float) -> flo
     return tokens / (tokens / tokens_per_s + COMPILE_SECONDS_PER_BLOCK)
 
 
-def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile) -> list[Strategies]:
+def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: int,
+                trainable: list[tuple[int, ...]]) -> list[Strategies]:
     precisions = _auto_precisions(hw) if spec.memory.precision == "auto" else (spec.memory.precision,)
     if spec.memory.strategies.optimizer_in_backward == "on":
         precisions = tuple(p for p in precisions if p != "fp16")
+    host_budgets = _pinned_host_budgets(spec, hw, precisions, trainable)
+    precisions = tuple(p for p in precisions if p in host_budgets)
     toggles = spec.memory.strategies
     partial = ("every-4", "every-2") if cfg.n_layers >= 4 else ()  # between off and full
     ckpt = {"auto": ("off", *partial, "selective", "full"), "on": ("full",), "off": ("off",)}[
@@ -369,15 +458,24 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile) -> list[St
     nf4 = {}
     if isinstance(spec.method, QLora):
         nf4 = {"nf4_block_size": spec.method.quant_block_size,
-               "nf4_scaler_block_size": nf4_scaler_block_size(cfg, spec.method.quant_block_size)}
-    in_backward_allowed = spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0
+               "nf4_scaler_block_size": nf4_scaler_block_size(cfg, spec.method.quant_block_size, world_size)}
+    in_backward_allowed = (spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0
+                           and not _host_optimizer(spec))
     in_backward = {"on": (True,), "off": (False,), "auto": (False, True) if in_backward_allowed else (False,)}[
         toggles.optimizer_in_backward]
     compile_ = {"on": (True,), "off": (False,), "auto": (False, True)}[toggles.compile]
+    offload_allowed = hw.device == "cuda" and world_size == 1  # _check_offload refused a forced "on" elsewhere
+    offloading = {"on": (True,), "off": (False,), "auto": (False, True) if offload_allowed else (False,)}[
+        toggles.activation_offloading]
+
+    def offload(on: bool, precision: str) -> dict[str, int | bool]:
+        return {"activation_offloading": on, "offload_min_bytes": OFFLOAD_MIN_BYTES if on else 0,
+                "offload_max_host_bytes": host_budgets[precision] if on else 0}
+
     return [
         Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
-                   compile=co, **nf4)
-        for p, c, ce, ob, co in itertools.product(precisions, ckpt, losses, in_backward, compile_)
+                   compile=co, **offload(of, p), **nf4)
+        for p, c, ce, ob, co, of in itertools.product(precisions, ckpt, losses, in_backward, compile_, offloading)
         # fp16 must be able to skip a step; selective checkpointing needs the aten ops a compiled block hides
         if not (p == "fp16" and ob) and not (co and c == "selective")
     ]
@@ -392,9 +490,12 @@ def _tiers(spec: RunSpec, base: list[Strategies]) -> list[list[Strategies]]:
     """Candidate groups in order of preference: the planner takes the fastest fitting plan of the first group
     that has one. `on` skips the groups without the strategy; `off` drops the groups with it."""
     toggles = spec.memory.strategies
-    splits = [] if toggles.micro_batch_split == "off" else micro_batch_splits(spec.train.micro_batch)
-    states = ["full"] if toggles.low_bit_optimizer == "off" or not isinstance(spec.optimizer, AdamW) else (
-        ["8bit"] if toggles.low_bit_optimizer == "on" else ["full", "8bit"])
+    # offloaded gradients are freed on the device once copied: the pieces' gradients could not add up there
+    splits = [] if toggles.micro_batch_split == "off" or _offloads_gradients(spec) else (
+        micro_batch_splits(spec.train.micro_batch))
+    states = ["full"] if (toggles.low_bit_optimizer == "off" or not isinstance(spec.optimizer, AdamW)
+                          or _host_optimizer(spec)) else (["8bit"] if toggles.low_bit_optimizer == "on" else
+                                                          ["full", "8bit"])
     tiers = []
     for state in states:
         with_state = [msgspec.structs.replace(s, optimizer_state=state) for s in base]
@@ -404,6 +505,16 @@ def _tiers(spec: RunSpec, base: list[Strategies]) -> list[list[Strategies]]:
         tiers += [[msgspec.structs.replace(s, micro_batch_split=k) for s in with_state if not s.optimizer_in_backward]
                   for k in splits]
     return [t for t in tiers if t]
+
+
+def _host_optimizer(spec: RunSpec) -> bool:
+    """Whether the optimizer steps on the host (`optimizer.offload`, torchao's CPUOffloadOptimizer)."""
+    return isinstance(spec.optimizer, AdamW) and spec.optimizer.offload
+
+
+def _offloads_gradients(spec: RunSpec) -> bool:
+    """Whether device gradients are freed once copied to a host optimizer (`optimizer.offload_gradients`)."""
+    return _host_optimizer(spec) and spec.optimizer.offload_gradients
 
 
 def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates, sharing: int = 1) -> str:
@@ -466,6 +577,8 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         reason, source = "forced by memory.strategies.optimizer_in_backward", "user"
     elif world_size > 1:
         reason, source = f"not under FSDP ({world_size} processes): {FSDP_IN_BACKWARD_REASON}", "fixed"
+    elif _host_optimizer(spec):
+        reason, source = "optimizer.offload: the host steps after backward, once every gradient is there", "fixed"
     elif not (spec.train.grad_accum == 1 and spec.train.clip_grad_norm == 0):
         reason, source = ("needs train.grad_accum = 1 and train.clip_grad_norm = 0 (both need every gradient "
                           "before any step)"), "fixed"
@@ -481,9 +594,11 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
             strategy="compile", value=value, source="auto",
             reason=_why(strategies, "compile", others("compile"), usable, hw, spec)
             + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)"))
+    decisions.append(_explain_offloading(spec, hw, strategies, others("activation_offloading"), usable, world_size))
     for name, info in CATALOGUE.items():
-        if name in ("precision", "activation_checkpointing", "chunked_cross_entropy", "fused_cross_entropy",
-                    "optimizer_in_backward", "compile", "micro_batch_split", "low_bit_optimizer"):
+        if name in ("precision", "activation_checkpointing", "activation_offloading", "chunked_cross_entropy",
+                    "fused_cross_entropy", "optimizer_in_backward", "compile", "micro_batch_split",
+                    "low_bit_optimizer"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
     decisions += _explain_last_resorts(spec, strategies, candidates, usable)
@@ -496,6 +611,24 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     return tuple(decisions)
 
 
+def _explain_offloading(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, rivals, usable: int,
+                        world_size: int) -> Decision:
+    """The activation_offloading decision: never on a CPU or under FSDP (why), else forced or chosen by fit."""
+    if hw.device == "cpu":
+        reason, source = OFFLOAD_CPU_REASON, "fixed"
+    elif world_size > 1:
+        reason, source = f"not under FSDP ({world_size} processes): {OFFLOAD_FSDP_REASON}", "fixed"
+    elif spec.memory.strategies.activation_offloading != "auto":
+        reason, source = "forced by memory.strategies.activation_offloading", "user"
+    else:
+        reason, source = _why(strategies, "activation_offloading", rivals, usable, hw, spec), "auto"
+    if strategies.activation_offloading:
+        reason += (f"; saved tensors of {format_bytes(strategies.offload_min_bytes)} or more move to pinned host "
+                   f"memory, at most {format_bytes(strategies.offload_max_host_bytes)} per forward")
+    return Decision(strategy="activation_offloading", value="on" if strategies.activation_offloading else "off",
+                    source=source, reason=reason)
+
+
 def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usable: int) -> list[Decision]:
     """Decisions for micro_batch_split and low_bit_optimizer, which `auto` uses only when nothing else fits."""
     toggles = spec.memory.strategies
@@ -503,6 +636,9 @@ def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usa
     whole = [c for c in candidates if c[0].micro_batch_split == 1]
     if toggles.micro_batch_split != "auto":
         split_reason, split_source = "forced by memory.strategies.micro_batch_split", "user"
+    elif _offloads_gradients(spec):
+        split_reason, split_source = ("optimizer.offload_gradients frees each device gradient once copied to the "
+                                      "host, so the pieces' gradients could not add up"), "fixed"
     elif k == 1:
         split_reason, split_source = "not needed: a plan with whole micro-batches fits", "auto"
     else:
@@ -515,6 +651,8 @@ def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usa
     state = strategies.optimizer_state
     if not isinstance(spec.optimizer, AdamW):
         reason, source = f"applies to optimizer.kind = 'adamw' only (this run: {spec.optimizer.__struct_config__.tag})", "fixed"
+    elif spec.optimizer.offload:
+        reason, source = "optimizer.offload keeps AdamW's states in host memory, at full precision", "fixed"
     elif toggles.low_bit_optimizer != "auto":
         reason, source = "forced by memory.strategies.low_bit_optimizer", "user"
     elif state == "full":
@@ -555,8 +693,8 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
 
 
 def _shown(field: str, value) -> str:
-    if field == "compile":
-        return f"compile {'on' if value else 'off'}"
+    if field in ("compile", "activation_offloading"):
+        return f"{'offloading' if field == 'activation_offloading' else field} {'on' if value else 'off'}"
     return str(value)
 
 

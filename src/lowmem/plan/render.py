@@ -40,6 +40,10 @@ def render_plan(p: Plan) -> str:
         lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
     lines.append(f"  {'total':<16} {format_bytes(p.memory.peak_bytes):>12}  "
                  f"{p.memory.peak_bytes / p.usable_bytes:6.1%} of usable budget")
+    if p.memory.host:
+        lines += ["", "pinned host memory (beside the device's)"]
+        for c in p.memory.host:
+            lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {c.note}")
     lines += ["", "  " + stacked_bar(p), "  " + _legend(p), ""]
     lines.append(f"estimated speed  {p.tokens_per_s:,.0f} tokens/s on {hw.name}")
     if len(p.alternatives) > 1:
@@ -51,7 +55,8 @@ def render_plan(p: Plan) -> str:
             mark = "*" if a.chosen else ("fits" if a.fits else "over")
             s = a.strategies
             extra = (f" split {s.micro_batch_split}" if s.micro_batch_split > 1 else "") + (
-                " 8-bit AdamW" if s.optimizer_state == "8bit" else "")
+                " 8-bit AdamW" if s.optimizer_state == "8bit" else "") + (
+                " offloaded" if s.activation_offloading else "")
             lines.append(f"  {mark:>4}  precision {s.precision:<10} checkpointing {s.activation_checkpointing:<9} "
                          f"loss {s.cross_entropy:<8} opt-in-bwd {'on ' if s.optimizer_in_backward else 'off'} "
                          f"compile {'on ' if s.compile else 'off'}{extra} "

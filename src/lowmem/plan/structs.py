@@ -23,7 +23,11 @@ class Strategies(msgspec.Struct, **_STRUCT):
     # "selective": every block keeps its input and its matmul/attention outputs; elementwise ops are recomputed
     activation_checkpointing: Literal["off", "every-4", "every-2", "selective", "full"]
     cross_entropy: Literal["standard", "chunked", "fused"]
+    # saved activations of at least offload_min_bytes wait for backward in pinned host memory, up to
+    # offload_max_host_bytes per forward (the rest stay on the device); both 0 without offloading
     activation_offloading: bool = False
+    offload_min_bytes: int = 0
+    offload_max_host_bytes: int = 0
     optimizer_in_backward: bool = False
     compile: bool = False
     # QLoRA: NF4 base weights in blocks of nf4_block_size, their scales double-quantized in blocks of
@@ -39,7 +43,7 @@ class Strategies(msgspec.Struct, **_STRUCT):
 def run_optimizer(optimizer: OptimizerSpec, strategies: Strategies) -> OptimizerSpec:
     """The optimizer a plan runs: the spec's, or its 8-bit-state form where the planner chose that."""
     if strategies.optimizer_state == "8bit":
-        assert isinstance(optimizer, AdamW), "the planner swaps only AdamW's states to 8 bits"
+        assert isinstance(optimizer, AdamW) and not optimizer.offload, "the planner swaps only on-device AdamW's states"
         return AdamW8bit(lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                          weight_decay=optimizer.weight_decay, backend="bitsandbytes")
     return optimizer
@@ -63,11 +67,16 @@ class Component(msgspec.Struct, **_STRUCT):
 
 
 class MemoryReport(msgspec.Struct, **_STRUCT):
-    """Predicted peak memory by component, and the phase of the step where the peak falls."""
+    """Predicted peak memory by component, and the phase of the step where the peak falls.
+
+    `host` is pinned host memory the plan fills beside the device's (offloaded activations, a host optimizer's
+    copies and states): not part of `peak_bytes`, which is the device's.
+    """
 
     components: tuple[Component, ...]
     peak_bytes: int
     peak_phase: str
+    host: tuple[Component, ...] = ()
 
     def by_name(self) -> dict[str, int]:
         return {c.name: c.bytes for c in self.components}

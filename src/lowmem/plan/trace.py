@@ -27,7 +27,10 @@ one is answered here, and only here (`_FakeDataAnswers`):
 
 A plan with `compile` is traced eager: torch.compile cannot trace fake tensors under these modes, and the
 compiled block holds what the eager one does or less (inductor fuses elementwise ops and saves fewer of their
-intermediates), so the trace is an upper bound for it.
+intermediates), so the trace is an upper bound for it. In the same way a plan with activation offloading or a host optimizer
+(`optimizer.offload`) is traced with everything on the device: those move tensors between a CUDA device and the
+host, and fake tensors live on the CPU. The traced device bytes are then an upper bound, and the analytic report
+(`MemoryReport.host`) is the only account of the host side.
 
 What it does not see, like `LiveTensorTracker` itself: scratch memory inside one kernel, and on CUDA
 the caching allocator's block rounding. Fake tensors live on the CPU here, so SDPA takes its CPU
@@ -46,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem.nn import init_params
 from lowmem.plan.structs import Component, MemoryReport, Plan
+from lowmem.spec.structs import AdamW
 from lowmem.spec.units import format_bytes
 from lowmem.train.loop import Training, build_training, train_step
 from lowmem.train.memory import LiveTensorTracker
@@ -144,6 +148,7 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
     spec = plan.spec
     if plan.strategies.compile:  # traced eager: see the module docstring
         plan = msgspec.structs.replace(plan, strategies=msgspec.structs.replace(plan.strategies, compile=False))
+    plan = _on_device(plan)
     B, T = spec.train.micro_batch, spec.train.seq_len
     tracker = LiveTensorTracker()
     answers = _FakeDataAnswers(tracker, n_positions=B * T, n_kept=B * (T - 1))
@@ -165,6 +170,17 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
     names = [n for n in COMPONENT_ORDER if n in by_category] + sorted(set(by_category) - set(COMPONENT_ORDER))
     components = tuple(Component(name=n, bytes=by_category[n], note=NOTES.get(n, "")) for n in names)
     return MemoryReport(components=components, peak_bytes=tracker.peak_bytes, peak_phase=answers.peak_phase)
+
+
+def _on_device(plan: Plan) -> Plan:
+    """`plan` with nothing moved to the host: no activation offloading, the optimizer on the device."""
+    strategies = msgspec.structs.replace(plan.strategies, activation_offloading=False, offload_min_bytes=0,
+                                         offload_max_host_bytes=0)
+    spec = plan.spec
+    if isinstance(spec.optimizer, AdamW) and spec.optimizer.offload:
+        optimizer = msgspec.structs.replace(spec.optimizer, offload=False, offload_gradients=False)
+        spec = msgspec.structs.replace(spec, optimizer=optimizer)
+    return msgspec.structs.replace(plan, spec=spec, strategies=strategies)
 
 
 def _phase_marked(run: Training, answers: _FakeDataAnswers):

@@ -169,10 +169,25 @@ MethodSpec = Full | Lora | QLora | Dora
 
 
 class AdamW(Spec, kw_only=True, tag="adamw", tag_field="kind"):
+    """torch's AdamW; `offload = true` runs it on the host instead (torchao's CPUOffloadOptimizer, CUDA only).
+
+    Offloaded, the moments and an fp32 master copy of each weight of 4,096 elements or more live in pinned host
+    memory; each gradient is copied there as backward finishes it, the host steps, and the weights are copied
+    back. `offload_gradients = true` also frees each device gradient once copied, so the gradients are never all
+    on the device; they then cannot accumulate there (no gradient accumulation, no micro-batch split).
+    """
+
     lr: PositiveFloat = 3e-4
     betas: tuple[Fraction, Fraction] = (0.9, 0.95)
     eps: PositiveFloat = 1e-8
     weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+    offload: bool = False
+    offload_gradients: bool = False
+
+    def __post_init__(self):
+        if self.offload_gradients and not self.offload:
+            raise ValueError("offload_gradients = true needs offload = true (the gradients go where the optimizer "
+                             "steps); set offload = true or offload_gradients = false")
 
 
 class SGD(Spec, kw_only=True, tag="sgd", tag_field="kind"):

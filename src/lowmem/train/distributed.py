@@ -147,20 +147,32 @@ def named_params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name.replace(NESTED, "."): t for name, t in module.named_parameters()}
 
 
-def shard(params: dict[str, torch.Tensor], n_layers: int, device: str) -> ParamShell:
+def shard(params: dict[str, torch.Tensor], n_layers: int, device: str, *, compute_dtype: torch.dtype | None = None,
+          offload: bool = False) -> ParamShell:
     """Put `params` (identical on every rank) in a shell and shard it: each block, then the root.
 
     The blocks reshard after forward (their full weights are gathered again in backward); the root keeps its
     full weights from forward to backward (`reshard_after_forward=False`): it is needed first in backward.
+
+    `compute_dtype` (mixed precision: fp32 masters, 16-bit compute): FSDP's `MixedPrecisionPolicy` casts each
+    block's shards to it before the all-gather, so a block is gathered, computed and held in 16 bits, and its
+    gradients are reduce-scattered in fp32 into the fp32 shards. Blocks only: the root (embeddings, final norm,
+    output head) computes in its master dtype, as in one process. The in-block cast of
+    `lowmem.train.strategies` then finds the weights already in the compute dtype and copies nothing.
+    `offload` (`CPUOffloadPolicy`): the shards, their gradients and the optimizer step live in host memory;
+    each unit's shards are copied to the device for its all-gather. Pinned only on CUDA.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     shell = ParamShell(params)
     mesh = init_device_mesh(device, (world_size(),))
+    policy = CPUOffloadPolicy(pin_memory=device == "cuda") if offload else OffloadPolicy()
+    mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     for i in range(n_layers):
-        fully_shard(layer(shell, i), mesh=mesh)
-    fully_shard(shell, mesh=mesh, reshard_after_forward=False)
+        fully_shard(layer(shell, i), mesh=mesh, offload_policy=policy,
+                    **({"mp_policy": mixed} if mixed else {}))
+    fully_shard(shell, mesh=mesh, reshard_after_forward=False, offload_policy=policy)
     return shell
 
 
@@ -179,17 +191,20 @@ def block_runner(shell: ParamShell, cfg: ModelConfig, inner: Callable[..., torch
     no dispatched op shows, so a memory tracker re-reads its storages there (`LiveTensorTracker.resync`).
     """
     names = block_param_names(cfg)
-    block_of = {id(getattr(layer(shell, i), names[0])): layer(shell, i) for i in range(cfg.n_layers)}
+    block_of = {id(getattr(layer(shell, i), names[0])): i for i in range(cfg.n_layers)}
 
     def run_block(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors):
-        module = block_of.get(id(tensors[0]))
-        assert module is not None, "run_block got weights that are not a block's sharded parameters"
+        i = block_of.get(id(tensors[0]))
+        assert i is not None, "run_block got weights that are not a block's sharded parameters"
+        module = layer(shell, i)
         sharded = tensors[:len(names)]
 
         def call(module: nn.Module, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
             full = named_params(module)  # inside the module's forward: FSDP has gathered them
             weights = [_gathered(full, name, w) for name, w in zip(names, sharded, strict=True)]
-            return (inner or _call)(block_fn, h, *weights, cos, sin, mask)
+            if inner is None:
+                return block_fn(h, *weights, cos, sin, mask)
+            return inner(block_fn, h, *weights, cos, sin, mask, layer=i)  # gathered copies: say which block
 
         out = module(call, h, *tensors[len(names):])
         if after_reshard is not None:
@@ -208,9 +223,6 @@ def _gathered(full: dict[str, torch.Tensor], name: str, sharded):
                                 dora_m=full.get(name + ".dora_m"))
     return full[name]
 
-
-def _call(block_fn: Callable[..., torch.Tensor], *tensors) -> torch.Tensor:
-    return block_fn(*tensors)
 
 
 def gather_full(params: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:

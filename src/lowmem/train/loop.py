@@ -51,11 +51,12 @@ from lowmem.spec.units import format_bytes
 from lowmem.train import distributed
 from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
 from lowmem.train.memory import LiveTensorTracker, resident_bytes
-from lowmem.train.optim import build_optimizer, lr_at
+from lowmem.train.optim import build_optimizer, lr_at, stepped_params
 from lowmem.train.sinks import close_sinks, open_sinks
 from lowmem.train.strategies import (
     InBackwardOptimizer,
     LossScaler,
+    activation_offload,
     block_runner,
     compute_dtype,
     loss_function,
@@ -133,9 +134,10 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
         scale = world / max(n_tokens, 1)
         if loss_scaler is not None:
             scale /= loss_scaler.scale  # unscale before clipping
-        for t in trainable:
+        stepped = stepped_params(optimizer, trainable)  # a host optimizer's gradients are on the host already
+        for t in stepped:
             t.grad.mul_(scale)
-        grad_norm = _clip(trainable, spec.train.clip_grad_norm)
+        grad_norm = _clip(stepped, spec.train.clip_grad_norm)
         if loss_scaler is None or loss_scaler.update(grad_norm):  # an inf/nan gradient skips the step
             with _category(tracker, "optimizer_state"):
                 optimizer.step()
@@ -218,10 +220,12 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
                                list(trainable_params.values()))
     run_block = block_runner(p.strategies, params)
     loss_fn = loss_function(p.strategies)
+    offload = activation_offload(p.strategies, p.hardware.device, params)
 
     def loss_of(batch, training: bool = True):
-        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
-                         run_block=run_block, adapters=adapters, training=training)
+        with offload:  # the model's saved tensors only: backward needs the loss's first
+            hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"],
+                             doc_ids=batch["doc_ids"], run_block=run_block, adapters=adapters, training=training)
         with tracker.category("logits"):
             return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
                            softcap=p.model.final_logit_softcap)
@@ -253,10 +257,13 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
     Every tensor is sharded (the frozen base too, `requires_grad=False`); the optimizer holds only the trainable
     shards. While `tracker` measures, it re-reads its storages wherever FSDP frees gathered weights.
     """
+    assert not p.strategies.activation_offloading, "the planner refuses activation offloading under FSDP"
     trainable = set(trainable_names(params) if adapters else params)
     for name, t in params.items():
         t.requires_grad_(name in trainable)
-    shell = distributed.shard(params, p.model.n_layers, p.hardware.device)
+    compute = compute_dtype(p.strategies)
+    shell = distributed.shard(params, p.model.n_layers, p.hardware.device,
+                              compute_dtype=compute if compute != param_dtype(p.strategies) else None)
     sharded = distributed.named_params(shell)  # DTensors, each rank holding its shard
     trainable_params = {n: t for n, t in sharded.items() if n in trainable}
     optimizer = build_optimizer(run_optimizer(p.spec.optimizer, p.strategies), list(trainable_params.values()))
@@ -390,8 +397,9 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     losses, measured, eval_loss, interrupted = [], None, None, False
     start = time.perf_counter()
     tokens_done, steady_start, steady_tokens = 0, None, 0
-    # Under torchrun the launcher stops all ranks together; a signal is not turned into a checkpoint there.
-    with _StopOnSignal(enabled=world == 1) as stop:
+    # Under torchrun the launcher passes SIGINT/SIGTERM on to every rank (then waits 30 s before SIGKILL); the
+    # ranks agree on stopping after each step (`stop.agreed`), so all of them write the same step's shards.
+    with _StopOnSignal() as stop:
         try:
             for step in range(first_step, total_steps):
                 measuring = step - first_step < MEASURE_STEPS
@@ -424,7 +432,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
                     for sink in sinks:
                         sink.write(record)
                     printer.update(record, done_before=first_step)
-                if stop.requested:
+                if stop.agreed():
                     save(step + 1)
                     interrupted = True
                     break
@@ -479,13 +487,12 @@ def _open_metrics(path: Path, first_step: int):
 class _StopOnSignal:
     """SIGINT/SIGTERM ask the loop to checkpoint after the current step and stop (main thread only)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self):
         self.requested = False
-        self.enabled = enabled
         self._previous = {}
 
     def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -494,6 +501,16 @@ class _StopOnSignal:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (every rank must call this after each step; one tiny all-reduce).
+
+        A signal reaches the ranks at slightly different moments, or only one rank when it is sent to one
+        process: each stops after the first step at whose end any rank had it, so all save the same step.
+        """
+        if distributed.world_size() == 1:
+            return self.requested
+        return distributed.all_reduce_sum([float(self.requested)])[0] > 0
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -641,7 +658,8 @@ def _clip(params: list[torch.Tensor], max_norm: float) -> float:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
     if max_norm == 0:
-        norms = torch.stack([t.grad.float().norm() for t in params])
+        # a host optimizer's gradients sit on the host beside the small ones on the device
+        norms = torch.stack([t.grad.float().norm().to(params[0].grad.device) for t in params])
         return float(norms.norm())
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 

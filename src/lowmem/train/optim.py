@@ -17,6 +17,12 @@ Which tensors the low-bit optimizers quantize (read from the installed sources; 
   own fp32 quantization map (256 or 16 entries; torchao/optim/subclass_8bit.py, subclass_4bit.py). Each
   parameter also has a 0-d fp32 `step`. The update runs under `torch.compile(dynamic=False)`, so every new
   parameter shape compiles once (about 10-25 s each on a CPU).
+- torchao 0.18 `CPUOffloadOptimizer` (torchao/optim/cpu_offload.py; `optimizer.offload`, CUDA only): a tensor of
+  at least `minimal_size` elements gets a pinned host copy and a pinned host gradient, allocated up front in its
+  dtype, and its own torch AdamW (fused, on the host). The smaller ones share one AdamW on the device. A
+  post-accumulate-grad hook copies each gradient to the host on a side stream as backward finishes it (and, with
+  `offload_gradients`, frees the device gradient). `step` waits for those copies, steps each host AdamW and
+  copies the weights back.
 """
 
 import functools
@@ -25,6 +31,7 @@ import math
 
 import torch
 
+from lowmem.plan.estimate import CPU_OFFLOAD_MIN_NUMEL
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, ScheduleSpec
 
 
@@ -34,6 +41,8 @@ def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor]) -> torch.op
     The learning rate of every optimizer returned can be changed between steps by assigning a float to
     `param_groups[i]["lr"]`, which is how the training loop applies its schedule.
     """
+    if isinstance(spec, AdamW) and spec.offload:
+        return _cpu_offload(spec, params)
     if isinstance(spec, AdamW):
         return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
                                  weight_decay=spec.weight_decay)
@@ -55,6 +64,68 @@ def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor]) -> torch.op
         optim = _import_backend("torchao.optim", "optimizer.kind = 'adamw4bit'", "torchao")
         return _torchao(optim.AdamW4bit, spec, params)
     raise AssertionError(f"unhandled optimizer {type(spec).__name__}")
+
+
+def stepped_params(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors whose `.grad` the optimizer's next step reads, one for each of `params`.
+
+    Usually these are `params` themselves. A host-stepped optimizer (`optimizer.offload`) reads the host copies
+    that the gradients went to during backward. The loop normalizes and clips the gradients of these tensors, so
+    that it changes what the step will use.
+    """
+    host_params = getattr(optimizer, "host_params", None)
+    return params if host_params is None else host_params(params)
+
+
+def _cpu_offload(spec: AdamW, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """torch's AdamW stepped on the host by torchao's CPUOffloadOptimizer (`optimizer.offload`), extended with
+    what lowmem's loop and checkpoints need (`_host_offloaded`)."""
+    elsewhere = sorted({str(p.device) for p in params if p.device.type != "cuda"})
+    if elsewhere:
+        raise ValueError(
+            f"optimizer.offload = true moves the optimizer from a CUDA device to the host, but these parameters are "
+            f"on {', '.join(elsewhere)}. Set optimizer.offload = false (on a CPU the optimizer runs on the host "
+            "already)"
+        )
+    optim = _import_backend("torchao.optim", "optimizer.offload = true", "torchao")
+    return _host_offloaded(optim.CPUOffloadOptimizer)(
+        params, torch.optim.AdamW, offload_gradients=spec.offload_gradients, minimal_size=CPU_OFFLOAD_MIN_NUMEL,
+        lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+
+
+@functools.cache
+def _host_offloaded(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`cls` (torchao's CPUOffloadOptimizer) with three additions that lowmem's loop and checkpoints need.
+
+    - `host_params`: see `stepped_params`. torchao copies each gradient to the host as soon as backward makes it,
+      before the loop divides the summed-loss gradients by the step's token count and clips them. So the loop
+      has to scale the host copies: scaling the device gradients would not reach the step.
+    - `state`: the states of all the inner optimizers (torchao never calls `Optimizer.__init__`, so it has none).
+      `execute` reads it.
+    - `load_state_dict` also refreshes the host copies of the weights from the device. A checkpoint restores the
+      device weights in place after the optimizer is built (`lowmem.train.checkpoint.load_checkpoint`), but
+      torchao took its host copies when it was built, and stepping from those would undo the restore.
+    """
+
+    class HostOffloaded(cls):
+        def host_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+            for copied in self.queue.values():  # the gradients' copies to the host are complete
+                copied.synchronize()
+            return [self.param_d2h_map[p] if p in self.queue else p for p in params]
+
+        @property
+        def state(self) -> dict:
+            inner = [*self.optim_dict.values(), *([self.d_opt] if self.d_opt is not None else [])]
+            return {k: v for optimizer in inner for k, v in optimizer.state.items()}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(state_dict)
+            with torch.no_grad():
+                for p_device, p_host in self.param_d2h_map.items():
+                    p_host.copy_(p_device)
+
+    HostOffloaded.__name__ = HostOffloaded.__qualname__ = cls.__name__
+    return HostOffloaded
 
 
 def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torch.optim.Optimizer:

@@ -1,5 +1,6 @@
 """The one function per strategy that applies what the plan decided. Nothing here decides anything."""
 
+import contextlib
 import math
 from collections.abc import Callable
 from functools import partial
@@ -12,6 +13,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from lowmem.nn.llama import AdaptedWeight
 from lowmem.nn.loss import CE_IMPLEMENTATIONS
 from lowmem.plan.structs import Strategies
+from lowmem.train.offload import ActivationOffload
 
 # precision -> (dtype of the trained tensors, their gradients and optimizer states; dtype blocks compute in).
 # mixed-bf16 and fp16 keep fp32 master weights and cast them to the compute dtype inside each block.
@@ -92,8 +94,8 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
     activation_checkpointing: "full" checkpoints every block, "selective" every block with the matmul and
     attention outputs saved (`SAVED_OPS`), "every-k" blocks 0, k, 2k, ... For "every-k" the seam recognizes
     block i by its `layers.{i}.attn_norm` tensor (the first weight `forward` passes; a norm is never adapted or
-    quantized, so it is the very tensor in `params`). A weight it does not know (e.g. FSDP's gathered copy) is
-    checkpointed: the safe side for memory.
+    quantized, so it is the very tensor in `params`), or by `layer=i` from a caller that knows it (FSDP's seam,
+    whose gathered weights are other tensors). A block it cannot place is checkpointed: the safe side.
     """
     value = strategies.activation_checkpointing
     master, compute = param_dtype(strategies), compute_dtype(strategies)
@@ -106,7 +108,8 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
                 if name.startswith("layers.") and name.endswith(".attn_norm")}
     compiled = torch.compile(_call, dynamic=False) if strategies.compile else _call
 
-    def run(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors: torch.Tensor | None):
+    def run(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors: torch.Tensor | None,
+            layer: int | None = None):
         call = _call if is_in_torch_dispatch_mode() else compiled
         fn = partial(call, partial(_cast_weights, block_fn, compute) if cast else block_fn)
         if cast:
@@ -114,12 +117,26 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
         if checkpoint is not None:
             return checkpoint(fn, h, *tensors)
         if k:
-            layer = layer_of.get(id(tensors[0]))
+            layer = layer_of.get(id(tensors[0])) if layer is None else layer
             if layer is None or layer % k == 0:
                 return _checkpointed(fn, h, *tensors)
         return fn(h, *tensors)
 
     return run
+
+
+def activation_offload(strategies: Strategies, device: str, params: dict[str, torch.Tensor]
+                       ) -> contextlib.AbstractContextManager:
+    """activation_offloading: the context to run each forward in, reusable across steps.
+
+    With offloading, this is an `ActivationOffload` from `device` to pinned host memory, with the plan's size
+    threshold and host budget; `params` (the parameters and frozen weights) always stay on the device. Without
+    it, this is a null context.
+    """
+    if not strategies.activation_offloading:
+        return contextlib.nullcontext()
+    return ActivationOffload(device, min_bytes=strategies.offload_min_bytes,
+                             max_host_bytes=strategies.offload_max_host_bytes, keep=params.values())
 
 
 def loss_function(strategies: Strategies) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
