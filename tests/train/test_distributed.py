@@ -139,6 +139,20 @@ def test_planned_per_process_peak_matches_rank_0s_measured_peak(runs):
     assert measured["parameters"] == pytest.approx(alone["parameters"] / WORLD, rel=0.01)
 
 
+def test_fsdp_cpu_offload_policy_changes_no_number(data_cache, tmp_path):
+    """A plan with fsdp_cpu_offload runs the executor's CPUOffloadPolicy path: the shards, their gradients and
+    the AdamW step on "host" shards. On CPU processes the policy only copies within host memory (which is why
+    the planner never chooses it there; its memory effect needs a GPU), so the losses and weights must equal
+    one process's as without it."""
+    sharded, single = _single_and_sharded(tmp_path, lambda rows: _spec(data_cache, rows, "adamw"),
+                                          fsdp_cpu_offload=True)
+    assert json.loads((sharded / "plan.json").read_text())["strategies"]["fsdp_cpu_offload"] is True
+    assert _losses(sharded) == pytest.approx(_losses(single), rel=REL_TOL)
+    got, want = (load_file(d / "model" / "model.safetensors") for d in (sharded, single))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=WEIGHT_ATOL["adamw"], msg=name)
+
+
 def test_every_2nd_block_checkpointed_under_fsdp(data_cache, tmp_path):
     """FSDP's seam tells the checkpointing which block runs (its gathered weights are not the params' tensors):
     block 0 is checkpointed, block 1 is not. Same losses as one process; the peak lies between the plan's
@@ -188,8 +202,9 @@ def test_planner_never_picks_what_fsdp_cannot_run(tiny_spec):
     p = plan(spec, "cpu", world_size=WORLD)
     assert all(not a.strategies.optimizer_in_backward and a.strategies.optimizer_state == "full"
                for a in p.alternatives)
-    decision = next(d for d in p.decisions if d.strategy == "optimizer_in_backward")
-    assert decision.source == "fixed" and "FSDP" in decision.reason
+    for strategy in ("optimizer_in_backward", "low_bit_optimizer"):  # each says why, not "not needed"
+        decision = next(d for d in p.decisions if d.strategy == strategy)
+        assert decision.source == "fixed" and "FSDP" in decision.reason, decision
 
 
 def test_the_plan_counts_every_process(tiny_spec):

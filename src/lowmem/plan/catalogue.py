@@ -81,6 +81,15 @@ CATALOGUE: dict[str, StrategyInfo] = {
               "alive during forward; auto uses it only when no plan with whole micro-batches fits",
         requires="train.micro_batch > 1; not together with optimizer_in_backward",
     ),
+    "fsdp_cpu_offload": StrategyInfo(
+        name="fsdp_cpu_offload",
+        saves="FSDP2's CPUOffloadPolicy: each process's parameter, gradient and optimizer-state shards live in "
+              "pinned host memory; the device holds only the units being gathered and computed",
+        costs="every unit's shards cross PCIe before each all-gather (forward and backward) and its gradient "
+              "shards back; the optimizer steps on the host CPU; auto uses it only when nothing else fits",
+        requires="a CUDA device and several processes under torchrun (on a CPU the shards are in host memory "
+                 "already: FSDP_OFFLOAD_CPU_REASON)",
+    ),
     "low_bit_optimizer": StrategyInfo(
         name="low_bit_optimizer",
         saves="AdamW's two fp32 moments held in 8 bits with block-wise scales (bitsandbytes): about 75% of the "
@@ -95,6 +104,9 @@ CATALOGUE: dict[str, StrategyInfo] = {
 OFFLOAD_CPU_REASON = "on a CPU the activations already live in host memory: there is nothing to move them to"
 OFFLOAD_FSDP_REASON = ("the hooks would also move the weights FSDP gathers for a block (they are not the run's "
                        "parameters), undoing FSDP's freeing of them")
+
+FSDP_OFFLOAD_CPU_REASON = ("on a CPU FSDP's shards already live in host memory: CPUOffloadPolicy would copy them "
+                           "within it and save nothing")
 
 # precision values the executor runs today
 AVAILABLE_PRECISIONS = ("fp32", "bf16", "mixed-bf16", "fp16")

@@ -349,6 +349,7 @@ class ShardedBytes(NamedTuple):
     update_temp: int  # the update's temporary for its largest trainable shard
     gathered: int  # full weights alive beside the shards in forward/backward: the root's and one block's
     gathered_in_recompute: int  # the same while a block is recomputed: the root's and two blocks'
+    largest_unit_shard: int  # the larger of the root's and one block's shards (fsdp_cpu_offload: in transit)
 
 
 def fsdp_bytes(cfg: ModelConfig, strategies: Strategies, optimizer: OptimizerSpec,
@@ -402,6 +403,8 @@ def fsdp_bytes(cfg: ModelConfig, strategies: Strategies, optimizer: OptimizerSpe
         update_temp=max((_numel(s) for s in trainable_shards), default=0) * wb,
         gathered=root + block,
         gathered_in_recompute=root + 2 * block,
+        largest_unit_shard=max(sum(shard_bytes(n) for n in shapes if not n.startswith("layers.")),
+                               sum(shard_bytes(n) for n in shapes if n.startswith("layers.0."))),
     )
 
 
@@ -447,6 +450,23 @@ def host_optimizer_seconds(optimizer: OptimizerSpec, shapes: list[tuple[int, ...
     assert hw.device == "cuda", "the planner refuses optimizer.offload without a CUDA device"
     n_bytes = sum(_numel(s) for s in host) * weight_bytes(precision)
     return 7 * n_bytes / HOST_ADAMW_BYTES_PER_S + n_bytes / hw.pcie_bytes_per_s
+
+
+def fsdp_offload_seconds(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optimizer: OptimizerSpec,
+                         trainable_shapes: list[tuple[int, ...]], trainable: Trainable, world_size: int,
+                         hw: HardwareProfile) -> float:
+    """Seconds that `fsdp_cpu_offload` adds to one optimizer step of one process.
+
+    Per micro-batch every unit's parameter shards cross PCIe before its forward all-gather and again before
+    its backward one, and the gradient shards come back; then the host steps the optimizer over the trainable
+    shards (memory-bound: HOST_ADAMW_BYTES_PER_S). Counted as not hidden behind compute: FSDP overlaps the
+    copies with other units' work only in part.
+    """
+    if not strategies.fsdp_cpu_offload:
+        return 0.0
+    sharded = fsdp_bytes(cfg, strategies, optimizer, trainable_shapes, trainable, world_size)
+    per_micro_batch = (2 * sharded.params + sharded.gradients) / hw.pcie_bytes_per_s
+    return train.grad_accum * per_micro_batch + 7 * sharded.gradients / HOST_ADAMW_BYTES_PER_S
 
 
 def estimate_memory(
@@ -515,6 +535,14 @@ def estimate_memory(
         gathered, gathered_in_recompute = sharded.gathered, sharded.gathered_in_recompute
         grads_in_backward = grads if grads_in_backward else 0
         params_note = f"1/{world_size} shard of " + params_note
+        if strategies.fsdp_cpu_offload:  # the shards, their gradients and the optimizer step move to the host
+            host += (Component(name="parameters", bytes=params, note=params_note + " (fsdp_cpu_offload)"),
+                     Component(name="gradients", bytes=grads, note="reduce-scattered shards, copied to the host"),
+                     Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__ + " on the host"))
+            # on the device: the units being gathered, each unit's shards in transit to its all-gather
+            params, grads, opt, update_temp, grads_in_backward = sharded.largest_unit_shard, 0, 0, 0, 0
+            params_note = "shards in host memory; one unit's in transit"
+            opt_note = "on the host (fsdp_cpu_offload)"
 
     # a dequantization in backward runs only after the loss tensors are freed: the two never coexist
     backward_start = params + gathered + opt + grads_in_backward + acts + max(loss, dequant_scratch) + batch

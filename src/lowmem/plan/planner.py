@@ -19,6 +19,7 @@ from lowmem.plan.catalogue import (
     AVAILABLE_PRECISIONS,
     CATALOGUE,
     FP16_CPU_REASON,
+    FSDP_OFFLOAD_CPU_REASON,
     OFFLOAD_CPU_REASON,
     OFFLOAD_FSDP_REASON,
 )
@@ -30,6 +31,7 @@ from lowmem.plan.estimate import (
     Trainable,
     estimate_memory,
     estimate_tokens_per_s,
+    fsdp_offload_seconds,
     host_optimizer_components,
     host_optimizer_seconds,
     weight_bytes,
@@ -71,6 +73,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     _check_distributable(spec, world_size)
     _check_compile(spec, hw)
     _check_offload(spec, hw, world_size)
+    _check_fsdp_offload(spec, hw, world_size)
     cfg = resolve_model(spec)
     if spec.train.seq_len > cfg.max_seq_len:
         raise PlanError(
@@ -84,17 +87,23 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     # Exact strategies first; splitting micro-batches (slower), then 8-bit optimizer states (not exact) only
     # when nothing before them fits (or when the spec forces them on)
     candidates = []
-    for tier in _tiers(spec, _candidates(spec, cfg, hw, world_size, trainable)):
+    fsdp_offload = hw.device == "cuda" and world_size > 1  # _check_distributable refused a forced "on" elsewhere
+    for tier in _tiers(spec, _candidates(spec, cfg, hw, world_size, trainable), fsdp_offload):
         for strategies in tier:
             if world_size > 1 and not _shardable(strategies):
                 continue
             optimizer = run_optimizer(spec.optimizer, strategies)
             memory = estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
                                      world_size=world_size)
+            if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
+                continue  # every process of the node pins its shards in the same host RAM
             tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
             # a host optimizer's step comes once per step of micro_batch x grad_accum rows
-            tps = 1 / (1 / tps + host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
-                       / (spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len))
+            # and so does FSDP's host step with its shards' copies
+            step_tokens = spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len
+            tps = 1 / (1 / tps + (host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
+                                  + fsdp_offload_seconds(cfg, strategies, spec.train, optimizer, trainable,
+                                                         what_trains, world_size, hw)) / step_tokens)
             # one GPU per process; on a CPU the processes share its cores
             tps *= world_size if hw.device == "cuda" else 1
             candidates.append((strategies, memory, tps))
@@ -334,6 +343,19 @@ def _check_distributable(spec: RunSpec, world_size: int) -> None:
                         + ". Or plan for one process (--nproc 1, no torchrun).")
 
 
+def _check_fsdp_offload(spec: RunSpec, hw: HardwareProfile, world_size: int) -> None:
+    """A forced fsdp_cpu_offload needs a CUDA device and several processes."""
+    if spec.memory.strategies.fsdp_cpu_offload != "on":
+        return
+    if hw.device == "cpu":
+        raise PlanError(f"memory.strategies.fsdp_cpu_offload = 'on' on {hw.name}: {FSDP_OFFLOAD_CPU_REASON}. Set it "
+                        "to 'auto' or 'off' (or plan for a CUDA device with --hardware)")
+    if world_size == 1:
+        raise PlanError("memory.strategies.fsdp_cpu_offload = 'on' for one process: lowmem shards with FSDP2 only "
+                        "under torchrun. Plan for N processes (lowmem plan --nproc N, torchrun --nproc_per_node N), "
+                        "or set it to 'auto' or 'off' (activation_offloading and optimizer.offload work in one)")
+
+
 def _shardable(strategies: Strategies) -> bool:
     """Whether a candidate can run under FSDP2: no step inside backward, no 8-bit states."""
     return not strategies.optimizer_in_backward and strategies.optimizer_state == "full"
@@ -486,9 +508,19 @@ def micro_batch_splits(micro_batch: int) -> list[int]:
     return [k for k in range(2, micro_batch + 1) if micro_batch % k == 0]
 
 
-def _tiers(spec: RunSpec, base: list[Strategies]) -> list[list[Strategies]]:
+def _tiers(spec: RunSpec, base: list[Strategies], fsdp_offload: bool = False) -> list[list[Strategies]]:
     """Candidate groups in order of preference: the planner takes the fastest fitting plan of the first group
-    that has one. `on` skips the groups without the strategy; `off` drops the groups with it."""
+    that has one. `on` skips the groups without the strategy; `off` drops the groups with it. FSDP's CPU
+    offload (where `fsdp_offload` allows it) comes after everything else: all the groups again, with it."""
+    toggles = spec.memory.strategies
+    offload = {"on": [True], "off": [False], "auto": [False, True]}[toggles.fsdp_cpu_offload] if fsdp_offload \
+        else [False]
+    return [[msgspec.structs.replace(s, fsdp_cpu_offload=True) for s in tier] if on else tier
+            for on in offload for tier in _exact_then_last_resorts(spec, base)]
+
+
+def _exact_then_last_resorts(spec: RunSpec, base: list[Strategies]) -> list[list[Strategies]]:
+    """`_tiers` without FSDP's offload: exact strategies, then micro-batch splits, then 8-bit states."""
     toggles = spec.memory.strategies
     # offloaded gradients are freed on the device once copied: the pieces' gradients could not add up there
     splits = [] if toggles.micro_batch_split == "off" or _offloads_gradients(spec) else (
@@ -598,10 +630,11 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     for name, info in CATALOGUE.items():
         if name in ("precision", "activation_checkpointing", "activation_offloading", "chunked_cross_entropy",
                     "fused_cross_entropy", "optimizer_in_backward", "compile", "micro_batch_split",
-                    "low_bit_optimizer"):
+                    "low_bit_optimizer", "fsdp_cpu_offload"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
-    decisions += _explain_last_resorts(spec, strategies, candidates, usable)
+    decisions += _explain_last_resorts(spec, strategies, candidates, usable, world_size)
+    decisions.append(_explain_fsdp_offload(spec, hw, strategies, candidates, usable, world_size))
     accum = spec.train.grad_accum
     decisions.append(Decision(
         strategy="gradient_accumulation", value=str(accum), source="user",
@@ -629,7 +662,29 @@ def _explain_offloading(spec: RunSpec, hw: HardwareProfile, strategies: Strategi
                     source=source, reason=reason)
 
 
-def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usable: int) -> list[Decision]:
+def _explain_fsdp_offload(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, candidates, usable: int,
+                          world_size: int) -> Decision:
+    """The fsdp_cpu_offload decision: never on a CPU or in one process (why), else forced or the last resort."""
+    toggle = spec.memory.strategies.fsdp_cpu_offload
+    if hw.device == "cpu":
+        reason, source = FSDP_OFFLOAD_CPU_REASON, "fixed"
+    elif world_size == 1:
+        reason, source = "one process: lowmem shards with FSDP2 only under torchrun (plan with --nproc N)", "fixed"
+    elif toggle != "auto":
+        reason, source = "forced by memory.strategies.fsdp_cpu_offload", "user"
+    elif not strategies.fsdp_cpu_offload:
+        reason, source = "not needed: a plan with the shards on the device fits", "auto"
+    else:
+        smallest = min(c[1].peak_bytes for c in candidates if not c[0].fsdp_cpu_offload)
+        reason, source = (f"no plan with the shards on the device fits (the smallest needs "
+                          f"{format_bytes(smallest)} > {format_bytes(usable)} usable): parameter, gradient and "
+                          "optimizer-state shards go to host memory, the optimizer steps on the host"), "auto"
+    return Decision(strategy="fsdp_cpu_offload", value="on" if strategies.fsdp_cpu_offload else "off",
+                    source=source, reason=reason)
+
+
+def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usable: int,
+                          world_size: int = 1) -> list[Decision]:
     """Decisions for micro_batch_split and low_bit_optimizer, which `auto` uses only when nothing else fits."""
     toggles = spec.memory.strategies
     k, rows = strategies.micro_batch_split, spec.train.micro_batch
@@ -655,6 +710,8 @@ def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usa
         reason, source = "optimizer.offload keeps AdamW's states in host memory, at full precision", "fixed"
     elif toggles.low_bit_optimizer != "auto":
         reason, source = "forced by memory.strategies.low_bit_optimizer", "user"
+    elif world_size > 1:
+        reason, source = f"not under FSDP ({world_size} processes): {FSDP_LOW_BIT_REASON}", "fixed"
     elif state == "full":
         reason, source = "not needed: a plan with full-precision AdamW states fits", "auto"
     else:

@@ -38,6 +38,8 @@ class Strategies(msgspec.Struct, **_STRUCT):
     micro_batch_split: int = 1
     # "8bit": an AdamW spec runs as bitsandbytes AdamW8bit with the same hyper-parameters
     optimizer_state: Literal["full", "8bit"] = "full"
+    # FSDP2's CPUOffloadPolicy: parameter, gradient and optimizer-state shards in host memory (CUDA, world > 1)
+    fsdp_cpu_offload: bool = False
 
 
 def run_optimizer(optimizer: OptimizerSpec, strategies: Strategies) -> OptimizerSpec:

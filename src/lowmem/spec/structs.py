@@ -270,6 +270,8 @@ class StrategySpec(Spec, kw_only=True):
     fits: `micro_batch_split` runs each micro-batch of `train.micro_batch` rows as 2, 4, ... smaller pieces
     whose gradients accumulate (the same step, up to float summation order); `low_bit_optimizer` keeps
     AdamW's moments in 8 bits (bitsandbytes AdamW8bit, same hyper-parameters; the updates change slightly).
+    `fsdp_cpu_offload` (CUDA, several processes under torchrun) keeps FSDP2's parameter, gradient and
+    optimizer-state shards in host memory and steps the optimizer there; `auto` uses it last of all.
     """
 
     activation_checkpointing: Toggle = "auto"
@@ -280,6 +282,7 @@ class StrategySpec(Spec, kw_only=True):
     compile: Toggle = "auto"
     micro_batch_split: Toggle = "auto"
     low_bit_optimizer: Toggle = "auto"
+    fsdp_cpu_offload: Toggle = "auto"
 
 
 class MemorySpec(Spec, kw_only=True):

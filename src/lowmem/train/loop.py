@@ -263,7 +263,8 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
         t.requires_grad_(name in trainable)
     compute = compute_dtype(p.strategies)
     shell = distributed.shard(params, p.model.n_layers, p.hardware.device,
-                              compute_dtype=compute if compute != param_dtype(p.strategies) else None)
+                              compute_dtype=compute if compute != param_dtype(p.strategies) else None,
+                              offload=p.strategies.fsdp_cpu_offload)
     sharded = distributed.named_params(shell)  # DTensors, each rank holding its shard
     trainable_params = {n: t for n, t in sharded.items() if n in trainable}
     optimizer = build_optimizer(run_optimizer(p.spec.optimizer, p.strategies), list(trainable_params.values()))
