@@ -55,8 +55,13 @@ SELECTIVE_RECOMPUTE_SHARE = 0.6
 # back: memory-bound work proportional to the parameters, about 1% of a step at these token counts
 MIXED_CAST_OVERHEAD = 0.99
 # Speed kept per halving of the micro-batch (micro_batch_split = 2, 4, ...): smaller matmuls and one more
-# forward/backward per piece. Measured on the development CPU, see SPLIT_MEASURED below.
-SPLIT_EFFICIENCY = 0.95
+# forward/backward per piece. Measured on the development CPU (quickstart-5m fp32, 8 x 256 tokens,
+# `python benchmarks/strategy_speed.py`), three sessions of best-of-3/3/5 interleaved runs: 2 pieces 0.997x /
+# 1.136x / 1.068x, 4 pieces 0.942x / 1.053x / 1.007x of whole micro-batches (the run-to-run spread, about 15%,
+# is larger than the effect: smaller pieces also fit the caches better). 0.97 per halving is the low end, kept
+# so that whole micro-batches win among equals. The same runs put the fused loss at 0.965x / 1.174x / 0.986x
+# (its 0.97 below stands; last session's "2x slower" was load) and the chunked loss at 0.914x / 1.002x / 1.020x.
+SPLIT_EFFICIENCY = 0.97
 
 # Share of peak FLOP/s a training step reaches, by device: on CPU 0.45 of the profile's peak (fitted on the
 # development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
