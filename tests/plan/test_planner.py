@@ -92,6 +92,12 @@ def test_render_shows_components_and_decisions(tiny_spec):
         assert word in text
 
 
+def test_a_cpu_plan_says_the_process_holds_more_than_its_tensors(tiny_spec):
+    """On a CPU the budget is the RAM a user has: the report says what the tensor budget leaves out."""
+    assert "benchmarks/host_overhead.py" in render_plan(plan(tiny_spec(), "cpu"))
+    assert "host_overhead" not in render_plan(plan(tiny_spec(), "h100-80gb"))
+
+
 def test_real_size_preset_plans_without_weights(tiny_spec):
     spec = tiny_spec("model.preset=llama3.1-8b", "data.tokenizer.vocab_size=128256", "train.seq_len=2048",
                      "train.micro_batch=1", "memory.precision=bf16")

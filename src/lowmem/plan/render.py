@@ -11,6 +11,11 @@ FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activation
 
 MAX_ALTERNATIVES_SHOWN = 12
 
+# What a CPU process holds beyond the live tensors the budget bounds, measured by benchmarks/host_overhead.py
+# (results/host_overhead.md): a runtime share in every run, and what glibc keeps after large frees.
+CPU_BEYOND_TENSORS = ("  note: the budget bounds tensors; the process also holds about 110-150 MiB of runtime and up "
+                      "to 180 MiB the allocator keeps (measured on a development CPU: benchmarks/host_overhead.py)")
+
 
 def render_plan(p: Plan) -> str:
     """The plan as a terminal report."""
@@ -40,6 +45,8 @@ def render_plan(p: Plan) -> str:
         lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
     lines.append(f"  {'total':<16} {format_bytes(p.memory.peak_bytes):>12}  "
                  f"{p.memory.peak_bytes / p.usable_bytes:6.1%} of usable budget")
+    if hw.device == "cpu":
+        lines.append(CPU_BEYOND_TENSORS)
     if p.memory.host:
         lines += ["", "pinned host memory (beside the device's)"]
         for c in p.memory.host:
