@@ -161,13 +161,15 @@ def test_loss_scaler_skips_an_overflowing_step_lowers_the_scale_and_recovers(tin
 
 
 def test_fp16_losses_stay_close_to_fp32_and_memory_matches_mixed(tiny_spec, tmp_path):
-    # fp16 has 11 mantissa bits: closer to fp32 than bf16; no step overflows at the planned initial scale
+    # fp16 has 11 mantissa bits, bf16 8: the first loss (same weights, forward only) is closer to fp32's. Later
+    # steps are not compared: Adam's normalized updates amplify rounding noise into either direction (on an
+    # AVX512-BF16 CPU mixed-bf16's step-4 loss was closer than fp16's). No step overflows at the initial scale.
     shape = ("train.steps=4", "memory.strategies.activation_checkpointing=off")
     ref = _run(tiny_spec(*shape), tmp_path / "fp32")
     fp16 = _run(tiny_spec(*shape, "memory.precision=fp16"), tmp_path / "fp16")
     assert fp16 == pytest.approx(ref, rel=1e-3)
     mixed = _run(tiny_spec(*shape, "memory.precision=mixed-bf16"), tmp_path / "mixed")
-    assert abs(fp16[-1] - ref[-1]) < abs(mixed[-1] - ref[-1])
+    assert 0 < abs(fp16[0] - ref[0]) < abs(mixed[0] - ref[0]) / 2
     # same dtype sizes, same tensors (but the scaled loss, a 0-d fp32 tensor)
     assert _peak(tmp_path / "fp16") == pytest.approx(_peak(tmp_path / "mixed"), abs=8)
     assert _peak(tmp_path / "fp16") < _peak(tmp_path / "fp32")
