@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 
 from lowmem.plan import plan
+from lowmem.plan.structs import Strategies
 from lowmem.spec import encode_spec
 from lowmem.train import execute
-from lowmem.train.checkpoint import CheckpointError, latest_checkpoint, read_trainer_state
+from lowmem.train.checkpoint import CheckpointError, latest_checkpoint, plan_fingerprint, read_trainer_state
 
 
 def _losses(run_dir):
@@ -69,6 +71,19 @@ def test_low_bit_optimizers_resume_to_the_uninterrupted_losses(tiny_spec, tmp_pa
     assert _losses(tmp_path) == uninterrupted  # bitwise
     trainer = json.loads((tmp_path / "checkpoints/step-00000002/trainer.json").read_text())
     assert trainer["sharded"] is False and trainer["loader"]["rows_per_batch"] == 4
+
+
+def test_a_setting_added_later_with_its_default_keeps_the_fingerprint(tiny_spec):
+    # what an older version, whose Strategies had no fsdp_cpu_offload field yet, fingerprinted for this plan
+    p = plan(tiny_spec(), "cpu")
+    fields = [(f.name, f.type, f.default) for f in msgspec.structs.fields(Strategies) if f.name != "fsdp_cpu_offload"]
+    Older = msgspec.defstruct("Strategies", fields, kw_only=True, frozen=True)
+    older = Older(**{name: getattr(p.strategies, name) for name, _, _ in fields})
+    newer = plan_fingerprint(p)
+    assert newer == plan_fingerprint(msgspec.structs.replace(p, strategies=older))
+    # a value other than the default still counts
+    changed = msgspec.structs.replace(p.strategies, fsdp_cpu_offload=True)
+    assert plan_fingerprint(msgspec.structs.replace(p, strategies=changed))["strategies"] != newer["strategies"]
 
 
 def test_resume_refuses_a_different_plan(tiny_spec, tmp_path):

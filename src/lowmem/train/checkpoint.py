@@ -71,7 +71,38 @@ def plan_fingerprint(plan, world: int = 1) -> dict[str, str]:
                                     micro_batch=spec.train.micro_batch * world)
     parts = {"model": (plan.model, spec.model), "strategies": plan.strategies, "data": spec.data,
              "method": spec.method, "optimizer": spec.optimizer, "train": train}
-    return {name: hashlib.sha256(msgspec.json.encode(v)).hexdigest()[:16] for name, v in parts.items()}
+    return {name: hashlib.sha256(msgspec.json.encode(_set_fields(v))).hexdigest()[:16] for name, v in parts.items()}
+
+
+def _set_fields(value):
+    """`value` with every Struct field that holds its default left out, recursively (tags kept).
+
+    A later version that adds a setting with a default (a new strategy, off) therefore fingerprints an old
+    run's plan as before, and resumes it; a setting whose value differs from the default still changes the
+    hash.
+    """
+    if isinstance(value, msgspec.Struct):
+        out = {}
+        config = value.__struct_config__
+        if config.tag is not None:
+            out[config.tag_field] = config.tag
+        for field in msgspec.structs.fields(value):
+            v = getattr(value, field.name)
+            if field.default is not msgspec.NODEFAULT and _same(v, field.default):
+                continue
+            if field.default_factory is not msgspec.NODEFAULT and _same(v, field.default_factory()):
+                continue
+            out[field.encode_name] = _set_fields(v)
+        return out
+    if isinstance(value, dict):
+        return {k: _set_fields(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_set_fields(v) for v in value]
+    return value
+
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and msgspec.json.encode(a) == msgspec.json.encode(b)
 
 
 def _combined(parts: dict[str, str]) -> str:
