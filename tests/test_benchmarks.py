@@ -26,6 +26,14 @@ def test_ladder_smoke(tmp_path):
     assert "| auto, 100% of baseline: fp32" in result.stdout  # the planner's own pick, measured
 
 
+def test_strategy_speed_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/strategy_speed.py"), "--smoke", "--out", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "strategy_speed.md").read_text()
+    assert "| standard |" in table and "| split 4 |" in table and "| fused CE |" in table
+
+
 def test_data_benchmark_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/data.py"), "--smoke", "--out", str(tmp_path)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
