@@ -27,6 +27,29 @@ def test_gpu_profile_prefers_bf16(tiny_spec):
     assert p.strategies.precision == "bf16"
 
 
+def test_a_learning_rate_bf16_would_round_away_gets_mixed_bf16(tiny_spec):
+    # 2e-5, a usual full fine-tuning rate, is below BF16_MIN_LR: the fast pure-bf16 plan is left out, and said so
+    p = plan(tiny_spec("memory.precision=auto", "optimizer.lr=2e-5"), "h100-80gb")
+    assert p.strategies.precision == "mixed-bf16" and not p.warnings
+    reason = {d.strategy: d.reason for d in p.decisions}["precision"]
+    assert "bf16 is left out at optimizer.lr = 2e-05 (below 7.8e-05)" in reason and "fp32 is slower" in reason
+    assert any(a.strategies.precision == "bf16" and a.fits and a.tokens_per_s >= p.tokens_per_s
+               for a in p.alternatives)
+
+
+def test_bf16_with_a_small_learning_rate_only_where_nothing_else_fits_and_with_a_warning(tiny_spec):
+    small = ("optimizer.lr=2e-5", "memory.strategies.low_bit_optimizer=off")
+    with pytest.raises(PlanError) as err:
+        plan(tiny_spec(*small, "memory.precision=mixed-bf16", "memory.budget=1MiB"), "h100-80gb")
+    mixed_needs = parse_bytes(str(err.value).split("at least ")[1].split(",")[0].replace(" ", ""))
+    p = plan(tiny_spec(*small, "memory.precision=auto", f"memory.budget={int(mixed_needs * 0.95)}"), "h100-80gb")
+    assert p.strategies.precision == "bf16"
+    assert any("optimizer.lr = 2e-05" in w and "no mixed-bf16 or fp32 plan fits" in w for w in p.warnings)
+    forced = plan(tiny_spec(*small, "memory.precision=bf16"), "h100-80gb")
+    assert any("most updates are lost" in w and "no mixed" not in w for w in forced.warnings)
+    assert not plan(tiny_spec("memory.precision=bf16"), "h100-80gb").warnings  # lr 3e-3: updates survive
+
+
 def test_tight_budget_turns_on_checkpointing(tiny_spec):
     # the loss strategies are held off, so checkpointing is the only lever
     fixed = ("train.seq_len=512", "train.micro_batch=8", "memory.strategies.chunked_cross_entropy=off",

@@ -6,6 +6,20 @@ The planner reads these records to build candidates, explain choices and reject 
 
 import msgspec
 
+# Pure bf16 keeps no fp32 copy of the weights, and a weight w changes only when its update is at least half the
+# spacing of bf16 numbers around it (round to nearest): |w| * 2**-8 (7 stored mantissa bits). Adam's update is
+# about lr per element, at most. For a weight of 0.02, the std Llama initializes with and the order of trained
+# Llama projections, an update of lr survives only from lr = 0.02 * 2**-8 = 7.8e-5 up. Measured
+# (tests/train/test_strategies.py): one bf16 AdamW step at lr 1e-5 moved 21% of the block weights, at lr 1e-3
+# all of them. torchtune's users met this as "very bad convergence with bf16" (torchtune #2254).
+TYPICAL_WEIGHT = 0.02
+BF16_MIN_LR = TYPICAL_WEIGHT * 2.0**-8
+BF16_LOST_UPDATES_REASON = (
+    f"bf16 weights round away an update smaller than half their spacing (for a weight of {TYPICAL_WEIGHT}: "
+    f"{BF16_MIN_LR:.1e}), so at this learning rate most updates are lost and the loss stalls; mixed-bf16 keeps "
+    "fp32 master weights and states (twice the bytes) and computes as fast"
+)
+
 
 class StrategyInfo(msgspec.Struct, frozen=True, kw_only=True):
     """What a strategy saves, what it costs, what it needs, and whether this version can run it."""
@@ -27,7 +41,8 @@ CATALOGUE: dict[str, StrategyInfo] = {
         costs="bf16 compute is slow on CPUs without AVX512-BF16/AMX (about 300x on a development machine); "
               "mixed-bf16/fp16 hold a 16-bit copy of each block's weights until its backward (one block at a time "
               "when checkpointed); fp16 skips steps whose scaled gradients overflow",
-        requires="auto picks bf16/mixed-bf16 only with native bf16 arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs) "
+        requires="auto picks bf16 only when optimizer.lr >= BF16_MIN_LR (below it, bf16 weights round most updates "
+                 "away: BF16_LOST_UPDATES_REASON); auto picks bf16/mixed-bf16 only with native bf16 arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs) "
                  "and fp16 only on GPUs without bf16 (on CPU it is slower than fp32: FP16_CPU_REASON); fp16 not "
                  "with optimizer_in_backward (an overflowing step must be skippable)",
     ),

@@ -17,6 +17,8 @@ from lowmem.nn.hub import resolve_model_dir
 from lowmem.nn.lora import TARGETS
 from lowmem.plan.catalogue import (
     AVAILABLE_PRECISIONS,
+    BF16_LOST_UPDATES_REASON,
+    BF16_MIN_LR,
     CATALOGUE,
     FP16_CPU_REASON,
     FSDP_OFFLOAD_CPU_REASON,
@@ -113,8 +115,11 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     if not fitting:
         raise PlanError(_nothing_fits(spec, budget, usable, candidates,
                                       sharing=world_size if hw.device == "cpu" else 1))
+    # auto leaves pure bf16 out at a learning rate whose updates it would round away, unless nothing else fits
+    kept = [c for c in fitting if not (c[0].precision == "bf16" and _bf16_drops_updates(spec))] \
+        if spec.memory.precision == "auto" else fitting
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
-    chosen = max(fitting, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
+    chosen = max(kept or fitting, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
     strategies, memory, tps = chosen
 
     warnings = []
@@ -123,6 +128,10 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     if strategies.precision in ("bf16", "mixed-bf16") and not hw.bf16_compute:
         warnings.append(f"memory.precision = {strategies.precision!r}: {hw.name} has no native bf16 arithmetic, so "
                         "bf16 compute is emulated and very slow there; fp32 would be faster")
+    if strategies.precision == "bf16" and _bf16_drops_updates(spec):
+        warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
+                        f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
+                        + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
     if budget > hw.memory_bytes:
         warnings.append(
             f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
@@ -435,6 +444,11 @@ def _pinned_host_budgets(spec: RunSpec, hw: HardwareProfile, precisions: tuple[s
     return budgets
 
 
+def _bf16_drops_updates(spec: RunSpec) -> bool:
+    """Whether pure bf16 weights would round away most of this run's updates (`BF16_MIN_LR`)."""
+    return spec.optimizer.lr < BF16_MIN_LR
+
+
 def _auto_precisions(hw: HardwareProfile) -> tuple[str, ...]:
     """What `precision = auto` may choose on `hw`: 16-bit compute only where the device runs it fast.
 
@@ -586,8 +600,16 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         decisions.append(Decision(strategy="precision", value=strategies.precision, source="user",
                                   reason="forced by memory.precision"))
     else:
-        decisions.append(Decision(strategy="precision", value=strategies.precision, source="auto",
-                                  reason=_why(strategies, "precision", others("precision"), usable, hw, spec)))
+        rivals = others("precision")
+        dropped = []
+        if strategies.precision != "bf16" and _bf16_drops_updates(spec):
+            rivals, dropped = [c for c in rivals if c[0].precision != "bf16"], [c for c in rivals if c[0].precision == "bf16"]
+        reason = _why(strategies, "precision", rivals, usable, hw, spec)
+        if dropped:
+            reason = "; ".join(r for r in (reason if rivals else "", f"bf16 is left out at optimizer.lr = "
+                                           f"{spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}")
+                               if r)
+        decisions.append(Decision(strategy="precision", value=strategies.precision, source="auto", reason=reason))
     # activation checkpointing
     value = strategies.activation_checkpointing
     if overrides.activation_checkpointing != "auto":
