@@ -37,17 +37,58 @@ def test_a_learning_rate_bf16_would_round_away_gets_mixed_bf16(tiny_spec):
                for a in p.alternatives)
 
 
-def test_bf16_with_a_small_learning_rate_only_where_nothing_else_fits_and_with_a_warning(tiny_spec):
-    small = ("optimizer.lr=2e-5", "memory.strategies.low_bit_optimizer=off")
+def _below_mixed_bf16(tiny_spec, *overrides: str) -> str:
+    """A budget 5% under the smallest mixed-bf16 plan of this spec on an H100 (where pure bf16 still fits)."""
     with pytest.raises(PlanError) as err:
-        plan(tiny_spec(*small, "memory.precision=mixed-bf16", "memory.budget=1MiB"), "h100-80gb")
-    mixed_needs = parse_bytes(str(err.value).split("at least ")[1].split(",")[0].replace(" ", ""))
-    p = plan(tiny_spec(*small, "memory.precision=auto", f"memory.budget={int(mixed_needs * 0.95)}"), "h100-80gb")
-    assert p.strategies.precision == "bf16"
+        plan(tiny_spec(*overrides, "memory.precision=mixed-bf16", "memory.budget=1MiB"), "h100-80gb")
+    needs = parse_bytes(str(err.value).split("at least ")[1].split(",")[0].replace(" ", ""))
+    return f"memory.budget={int(needs * 0.95)}"
+
+
+def test_where_only_bf16_fits_a_small_learning_rate_gets_stochastic_rounding(tiny_spec):
+    small = ("optimizer.lr=2e-5", "memory.strategies.low_bit_optimizer=off")
+    p = plan(tiny_spec(*small, "memory.precision=auto", _below_mixed_bf16(tiny_spec, *small)), "h100-80gb")
+    assert p.strategies.precision == "bf16" and p.strategies.bf16_stochastic_rounding and not p.warnings
+    decision = next(d for d in p.decisions if d.strategy == "bf16_stochastic_rounding")
+    assert decision.value == "on" and decision.source == "auto"
+    assert "below 7.8e-05" in decision.reason and "mixed-bf16 and fp32 would not fit" in decision.reason
+    # where it is not needed, or where precision is not bf16, it stays off and says why
+    fast = plan(tiny_spec("memory.precision=bf16"), "h100-80gb")
+    assert not fast.strategies.bf16_stochastic_rounding and not fast.warnings
+    assert "not needed" in {d.strategy: d.reason for d in fast.decisions}["bf16_stochastic_rounding"]
+    mixed = plan(tiny_spec(*small, "memory.precision=auto"), "h100-80gb")
+    assert mixed.strategies.precision == "mixed-bf16" and not mixed.strategies.bf16_stochastic_rounding
+
+
+def test_plain_bf16_at_a_small_learning_rate_warns(tiny_spec):
+    # SGD has no stochastic-rounding form here: plain bf16 is the last resort, with a warning
+    sgd = ("optimizer.kind=sgd", "optimizer.lr=2e-5")
+    p = plan(tiny_spec(*sgd, "memory.precision=auto", _below_mixed_bf16(tiny_spec, *sgd)), "h100-80gb")
+    assert p.strategies.precision == "bf16" and not p.strategies.bf16_stochastic_rounding
     assert any("optimizer.lr = 2e-05" in w and "no mixed-bf16 or fp32 plan fits" in w for w in p.warnings)
-    forced = plan(tiny_spec(*small, "memory.precision=bf16"), "h100-80gb")
+    assert "'sgd'" in {d.strategy: d.reason for d in p.decisions}["bf16_stochastic_rounding"]
+    forced = plan(tiny_spec("optimizer.lr=2e-5", "memory.precision=bf16",
+                            "memory.strategies.bf16_stochastic_rounding=off"), "h100-80gb")
     assert any("most updates are lost" in w and "no mixed" not in w for w in forced.warnings)
-    assert not plan(tiny_spec("memory.precision=bf16"), "h100-80gb").warnings  # lr 3e-3: updates survive
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (("memory.precision=fp32",), "memory.precision = 'fp32'"),  # the later setting wins
+    (("optimizer.kind=sgd",), "optimizer.kind = 'sgd'"),
+    (("optimizer.offload=true",), "optimizer.offload = true"),
+])
+def test_forced_stochastic_rounding_names_what_it_needs(tiny_spec, overrides, named):
+    with pytest.raises(PlanError, match=named):
+        plan(tiny_spec("memory.precision=bf16", "memory.strategies.bf16_stochastic_rounding=on", *overrides),
+             "h100-80gb")
+
+
+def test_forced_stochastic_rounding_is_refused_under_fsdp_and_auto_leaves_it_off(tiny_spec):
+    on = ("memory.precision=bf16", "memory.strategies.bf16_stochastic_rounding=on")
+    with pytest.raises(PlanError, match="not under FSDP"):
+        plan(tiny_spec(*on), "h100-80gb", world_size=2)
+    p = plan(tiny_spec("memory.precision=bf16", "optimizer.lr=2e-5"), "h100-80gb", world_size=2)
+    assert not p.strategies.bf16_stochastic_rounding and any("most updates are lost" in w for w in p.warnings)
 
 
 def test_tight_budget_turns_on_checkpointing(tiny_spec):

@@ -105,6 +105,17 @@ CATALOGUE: dict[str, StrategyInfo] = {
         requires="a CUDA device and several processes under torchrun (on a CPU the shards are in host memory "
                  "already: FSDP_OFFLOAD_CPU_REASON)",
     ),
+    "bf16_stochastic_rounding": StrategyInfo(
+        name="bf16_stochastic_rounding",
+        saves="lets pure bf16 (8 bytes per AdamW-trained parameter) learn at a learning rate below BF16_MIN_LR, "
+              "where mixed-bf16 would need 16 or more",
+        costs="torchao's _AdamW computes each update in fp32 and rounds stochastically (one random draw per "
+              "weight); its step compiles once per parameter shape (seconds on a CPU); the weights follow the "
+              "fp32 trajectory on average, with rounding noise (torchtune #2254 found it close to, not equal to, "
+              "fp32); auto prefers mixed-bf16 whenever that fits",
+        requires="memory.precision bf16, optimizer.kind = 'adamw' on the device (no optimizer.offload, no 8-bit "
+                 "states), one process (not tested under FSDP2), a C++ compiler for torch.compile on a CPU",
+    ),
     "low_bit_optimizer": StrategyInfo(
         name="low_bit_optimizer",
         saves="AdamW's two fp32 moments held in 8 bits with block-wise scales (bitsandbytes): about 75% of the "

@@ -76,6 +76,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     _check_compile(spec, hw)
     _check_offload(spec, hw, world_size)
     _check_fsdp_offload(spec, hw, world_size)
+    _check_stochastic_rounding(spec, hw, world_size)
     cfg = resolve_model(spec)
     if spec.train.seq_len > cfg.max_seq_len:
         raise PlanError(
@@ -115,11 +116,14 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     if not fitting:
         raise PlanError(_nothing_fits(spec, budget, usable, candidates,
                                       sharing=world_size if hw.device == "cpu" else 1))
-    # auto leaves pure bf16 out at a learning rate whose updates it would round away, unless nothing else fits
-    kept = [c for c in fitting if not (c[0].precision == "bf16" and _bf16_drops_updates(spec))] \
-        if spec.memory.precision == "auto" else fitting
+    # at a learning rate whose updates pure bf16 would round away, auto prefers any other precision that fits,
+    # then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
+    kept = fitting
+    if spec.memory.precision == "auto" and _bf16_drops_updates(spec):
+        kept = ([c for c in fitting if c[0].precision != "bf16"]
+                or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
-    chosen = max(kept or fitting, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
+    chosen = max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
     strategies, memory, tps = chosen
 
     warnings = []
@@ -128,7 +132,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     if strategies.precision in ("bf16", "mixed-bf16") and not hw.bf16_compute:
         warnings.append(f"memory.precision = {strategies.precision!r}: {hw.name} has no native bf16 arithmetic, so "
                         "bf16 compute is emulated and very slow there; fp32 would be faster")
-    if strategies.precision == "bf16" and _bf16_drops_updates(spec):
+    if strategies.precision == "bf16" and _bf16_drops_updates(spec) and not strategies.bf16_stochastic_rounding:
         warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
                         f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
                         + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
@@ -365,6 +369,33 @@ def _check_fsdp_offload(spec: RunSpec, hw: HardwareProfile, world_size: int) -> 
                         "or set it to 'auto' or 'off' (activation_offloading and optimizer.offload work in one)")
 
 
+def _stochastic_rounding_possible(spec: RunSpec, hw: HardwareProfile, world_size: int) -> str:
+    """Why bf16_stochastic_rounding cannot run for this spec ("" if it can): see its catalogue entry."""
+    if not isinstance(spec.optimizer, AdamW):
+        return f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r}: it is torchao's AdamW, so it needs 'adamw'"
+    if spec.optimizer.offload:
+        return "optimizer.offload = true: the host optimizer is torch's AdamW, which rounds to nearest"
+    if world_size > 1:
+        return f"not under FSDP ({world_size} processes): torchao's rounding step is not tested on sharded weights here"
+    if hw.device == "cpu" and hw.name.startswith("local") and not any(
+            shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        return "its step runs through torch.compile, whose CPU backend needs a C++ compiler (none on PATH)"
+    return ""
+
+
+def _check_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, world_size: int) -> None:
+    """A forced bf16_stochastic_rounding needs pure bf16 and an AdamW it can run in."""
+    if spec.memory.strategies.bf16_stochastic_rounding != "on":
+        return
+    if spec.memory.precision not in ("bf16", "auto"):
+        raise PlanError(f"memory.strategies.bf16_stochastic_rounding = 'on' with memory.precision = "
+                        f"{spec.memory.precision!r}: it rounds bf16 weights, and only pure bf16 keeps its weights in "
+                        "bf16. Set memory.precision = 'bf16', or the strategy to 'auto'")
+    why = _stochastic_rounding_possible(spec, hw, world_size)
+    if why:
+        raise PlanError(f"memory.strategies.bf16_stochastic_rounding = 'on': {why}. Set it to 'auto' or 'off'")
+
+
 def _shardable(strategies: Strategies) -> bool:
     """Whether a candidate can run under FSDP2: no step inside backward, no 8-bit states."""
     return not strategies.optimizer_in_backward and strategies.optimizer_state == "full"
@@ -508,9 +539,12 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size
         return {"activation_offloading": on, "offload_min_bytes": OFFLOAD_MIN_BYTES if on else 0,
                 "offload_max_host_bytes": host_budgets[precision] if on else 0}
 
+    rounding = {"on": True, "off": False, "auto": _bf16_drops_updates(spec)}[toggles.bf16_stochastic_rounding] \
+        and not _stochastic_rounding_possible(spec, hw, world_size)
+
     return [
         Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
-                   compile=co, **offload(of, p), **nf4)
+                   compile=co, **offload(of, p), **nf4, bf16_stochastic_rounding=rounding and p == "bf16")
         for p, c, ce, ob, co, of in itertools.product(precisions, ckpt, losses, in_backward, compile_, offloading)
         # fp16 must be able to skip a step; selective checkpointing needs the aten ops a compiled block hides
         if not (p == "fp16" and ob) and not (co and c == "selective")
@@ -544,7 +578,9 @@ def _exact_then_last_resorts(spec: RunSpec, base: list[Strategies]) -> list[list
                                                           ["full", "8bit"])
     tiers = []
     for state in states:
-        with_state = [msgspec.structs.replace(s, optimizer_state=state) for s in base]
+        # bitsandbytes' 8-bit AdamW has no stochastic rounding
+        with_state = [msgspec.structs.replace(s, optimizer_state=state, bf16_stochastic_rounding=(
+            s.bf16_stochastic_rounding and state == "full")) for s in base]
         if toggles.micro_batch_split != "on":
             tiers.append(with_state)
         # one piece at a time has no use for a step inside backward (it needs the whole step's gradients)
@@ -652,11 +688,12 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     for name, info in CATALOGUE.items():
         if name in ("precision", "activation_checkpointing", "activation_offloading", "chunked_cross_entropy",
                     "fused_cross_entropy", "optimizer_in_backward", "compile", "micro_batch_split",
-                    "low_bit_optimizer", "fsdp_cpu_offload"):
+                    "low_bit_optimizer", "fsdp_cpu_offload", "bf16_stochastic_rounding"):
             continue
         decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
     decisions += _explain_last_resorts(spec, strategies, candidates, usable, world_size)
     decisions.append(_explain_fsdp_offload(spec, hw, strategies, candidates, usable, world_size))
+    decisions.append(_explain_stochastic_rounding(spec, hw, strategies, candidates, usable, world_size))
     accum = spec.train.grad_accum
     decisions.append(Decision(
         strategy="gradient_accumulation", value=str(accum), source="user",
@@ -703,6 +740,37 @@ def _explain_fsdp_offload(spec: RunSpec, hw: HardwareProfile, strategies: Strate
                           "optimizer-state shards go to host memory, the optimizer steps on the host"), "auto"
     return Decision(strategy="fsdp_cpu_offload", value="on" if strategies.fsdp_cpu_offload else "off",
                     source=source, reason=reason)
+
+
+def _explain_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, candidates,
+                                 usable: int, world_size: int) -> Decision:
+    """The bf16_stochastic_rounding decision: only for pure bf16; auto below BF16_MIN_LR, where it is needed."""
+    toggle = spec.memory.strategies.bf16_stochastic_rounding
+    on = strategies.bf16_stochastic_rounding
+    lr = spec.optimizer.lr
+    why_not = _stochastic_rounding_possible(spec, hw, world_size)
+    if strategies.precision != "bf16":
+        reason, source = f"only pure bf16 weights need it (precision is {strategies.precision})", "fixed"
+    elif toggle != "auto":
+        reason, source = "forced by memory.strategies.bf16_stochastic_rounding", "user"
+    elif strategies.optimizer_state == "8bit":
+        reason, source = "bitsandbytes' 8-bit AdamW rounds to nearest", "fixed"
+    elif why_not:
+        reason, source = why_not, "fixed"
+    elif not on:
+        reason, source = (f"not needed: at optimizer.lr = {lr:g} (at least {BF16_MIN_LR:.1e}) an update survives "
+                          "bf16 rounding"), "auto"
+    else:
+        others = [c for c in candidates if c[0].precision != "bf16"]
+        smallest = min((c[1].peak_bytes for c in others), default=0)
+        reason, source = (f"optimizer.lr = {lr:g} is below {BF16_MIN_LR:.1e}, where bf16 weights round most updates "
+                          "away: each update is computed in fp32 and rounded up or down at random (torchao _AdamW), "
+                          "so the weights move by it on average"
+                          + (f"; mixed-bf16 and fp32 would not fit (at least {format_bytes(smallest)} > "
+                             f"{format_bytes(usable)} usable)" if others and spec.memory.precision == "auto" else "")), "auto"
+    if on and source == "user":
+        reason += " (torchao _AdamW: fp32 update, stochastic rounding to bf16)"
+    return Decision(strategy="bf16_stochastic_rounding", value="on" if on else "off", source=source, reason=reason)
 
 
 def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usable: int,

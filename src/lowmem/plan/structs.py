@@ -40,6 +40,9 @@ class Strategies(msgspec.Struct, **_STRUCT):
     optimizer_state: Literal["full", "8bit"] = "full"
     # FSDP2's CPUOffloadPolicy: parameter, gradient and optimizer-state shards in host memory (CUDA, world > 1)
     fsdp_cpu_offload: bool = False
+    # pure bf16 with an on-device AdamW: updates computed in fp32 and rounded to bf16 stochastically (torchao
+    # _AdamW), so that updates below bf16's spacing are kept on average
+    bf16_stochastic_rounding: bool = False
 
 
 def run_optimizer(optimizer: OptimizerSpec, strategies: Strategies) -> OptimizerSpec:

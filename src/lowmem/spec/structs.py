@@ -272,6 +272,9 @@ class StrategySpec(Spec, kw_only=True):
     AdamW's moments in 8 bits (bitsandbytes AdamW8bit, same hyper-parameters; the updates change slightly).
     `fsdp_cpu_offload` (CUDA, several processes under torchrun) keeps FSDP2's parameter, gradient and
     optimizer-state shards in host memory and steps the optimizer there; `auto` uses it last of all.
+    `bf16_stochastic_rounding` (pure bf16 with `optimizer.kind = "adamw"`, one process) computes each update in
+    fp32 and rounds the new bf16 weight up or down at random (torchao), so that updates below bf16's spacing
+    still move the weights on average; `auto` turns it on where the learning rate is below that spacing.
     """
 
     activation_checkpointing: Toggle = "auto"
@@ -283,6 +286,7 @@ class StrategySpec(Spec, kw_only=True):
     micro_batch_split: Toggle = "auto"
     low_bit_optimizer: Toggle = "auto"
     fsdp_cpu_offload: Toggle = "auto"
+    bf16_stochastic_rounding: Toggle = "auto"
 
 
 class MemorySpec(Spec, kw_only=True):

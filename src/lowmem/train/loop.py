@@ -216,7 +216,8 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
     trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}
     for t in trainable_params.values():
         t.requires_grad_(True)
-    optimizer = make_optimizer(p.strategies, partial(build_optimizer, run_optimizer(spec.optimizer, p.strategies)),
+    optimizer = make_optimizer(p.strategies, partial(build_optimizer, run_optimizer(spec.optimizer, p.strategies),
+                                                     stochastic_rounding=p.strategies.bf16_stochastic_rounding),
                                list(trainable_params.values()))
     run_block = block_runner(p.strategies, params)
     loss_fn = loss_function(p.strategies)
@@ -267,6 +268,7 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
                               offload=p.strategies.fsdp_cpu_offload)
     sharded = distributed.named_params(shell)  # DTensors, each rank holding its shard
     trainable_params = {n: t for n, t in sharded.items() if n in trainable}
+    assert not p.strategies.bf16_stochastic_rounding, "the planner rounds stochastically only in one process"
     optimizer = build_optimizer(run_optimizer(p.spec.optimizer, p.strategies), list(trainable_params.values()))
 
     def resync() -> None:

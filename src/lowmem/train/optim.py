@@ -35,12 +35,20 @@ from lowmem.plan.estimate import CPU_OFFLOAD_MIN_NUMEL
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, ScheduleSpec
 
 
-def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor], *,
+                    stochastic_rounding: bool = False) -> torch.optim.Optimizer:
     """The torch optimizer the spec names, over `params` (all trainable).
 
     The learning rate of every optimizer returned can be changed between steps by assigning a float to
-    `param_groups[i]["lr"]`, which is how the training loop applies its schedule.
+    `param_groups[i]["lr"]`, which is how the training loop applies its schedule. `stochastic_rounding` (the
+    plan's `bf16_stochastic_rounding`, an on-device AdamW over bf16 weights): torchao's `_AdamW`, which computes
+    each update in fp32 and rounds the new bf16 weight up or down at random, in proportion to where it falls
+    between the two, so that updates smaller than bf16's spacing still move the weights on average.
     """
+    if stochastic_rounding:
+        assert isinstance(spec, AdamW) and not spec.offload, "the planner rounds stochastically only on-device AdamW"
+        optim = _import_backend("torchao.optim", "memory.strategies.bf16_stochastic_rounding", "torchao")
+        return _torchao(optim._AdamW, spec, params, bf16_stochastic_round=True)
     if isinstance(spec, AdamW) and spec.offload:
         return _cpu_offload(spec, params)
     if isinstance(spec, AdamW):
@@ -135,19 +143,19 @@ def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torc
     return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
 
 
-def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW8bit | AdamW4bit,
-             params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """A torchao low-bit AdamW that also accepts a float `lr` assigned between steps, and steps under the
-    memory tracker (see `_measurable`)."""
+def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW | AdamW8bit | AdamW4bit,
+             params: list[torch.Tensor], **options) -> torch.optim.Optimizer:
+    """A torchao AdamW (low-bit, or `_AdamW` with `options`) that also accepts a float `lr` assigned between
+    steps, and steps under the memory tracker (see `_measurable`)."""
     optimizer = _measurable(cls)(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                 weight_decay=spec.weight_decay)
+                                 weight_decay=spec.weight_decay, **options)
     optimizer.register_step_pre_hook(_lr_as_tensor)
     return optimizer
 
 
 @functools.cache
 def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """`cls` (a torchao low-bit AdamW) with a step that also runs while a TorchDispatchMode is active.
+    """`cls` (a torchao AdamW) with a step that also runs while a TorchDispatchMode is active.
 
     torchao's step runs its update through `torch.compile(fullgraph=True)`, which refuses to trace under a
     user dispatch mode ("non-infra torch dispatch mode present"), such as the `LiveTensorTracker` that
