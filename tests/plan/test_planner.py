@@ -347,3 +347,13 @@ def test_forced_compile_without_a_cxx_compiler_is_refused(tiny_spec, monkeypatch
     with pytest.raises(PlanError, match=r"memory\.strategies\.compile = 'on'.*C\+\+ compiler"):
         plan(tiny_spec("memory.strategies.compile=on"), local)
     assert plan(tiny_spec("memory.strategies.compile=on"), "cpu").strategies.compile  # another machine: kept
+
+
+def test_weight_decay_that_bf16_rounds_away_is_a_warning(tiny_spec):
+    decay = ("memory.precision=bf16", "optimizer.weight_decay=0.1")  # lr 3e-3 x 0.1 = 3e-4 < 2**-9
+    assert any("optimizer.weight_decay = 0.1 has no effect in pure bf16" in w
+               for w in plan(tiny_spec(*decay), "h100-80gb").warnings)
+    assert not plan(tiny_spec(*decay, "memory.strategies.bf16_stochastic_rounding=on"), "h100-80gb").warnings
+    assert not plan(tiny_spec("memory.precision=mixed-bf16", "optimizer.weight_decay=0.1"), "h100-80gb").warnings
+    assert not plan(tiny_spec("memory.precision=bf16", "optimizer.kind=sgd", "optimizer.weight_decay=0.1"),
+                    "h100-80gb").warnings  # SGD adds the decay to the gradient, where it is not a tiny relative step

@@ -426,3 +426,25 @@ def test_stochastic_rounding_resumes_bitwise(tiny_spec, tmp_path):
     ref = load_file(tmp_path / "ref/model/model.safetensors")
     part = load_file(tmp_path / "part/model/model.safetensors")
     assert all(torch.equal(ref[n], part[n]) for n in ref)
+
+
+def test_weight_decay_rounds_away_in_pure_bf16_unless_rounded_stochastically(tiny_spec, tmp_path):
+    # lr 3e-3 x weight_decay 0.1 = 3e-4 per step, below bf16's 2**-9: rounding to nearest undoes every decay step
+    # (the planner warns); stochastic rounding keeps it on average (the weights shrink by about 4 x 3e-4)
+    shape = ("train.steps=4", "optimizer.lr=3e-3", "memory.precision=bf16", "train.schedule.warmup_steps=0",
+             "train.schedule.kind=constant")
+    for rounding in ("off", "on"):
+        for decay in ("0", "0.1"):
+            spec = tiny_spec(*shape, f"optimizer.weight_decay={decay}",
+                             f"memory.strategies.bf16_stochastic_rounding={rounding}")
+            p = plan(spec, "cpu")
+            assert any("has no effect in pure bf16" in w for w in p.warnings) == (rounding == "off" and decay != "0")
+            execute(p, tmp_path / f"{rounding}-{decay}", progress=False)
+    weights = {run: load_file(tmp_path / run / "model/model.safetensors") for run in ("off-0", "off-0.1", "on-0", "on-0.1")}
+    blocks = [n for n in weights["off-0"] if ".layers." in n and weights["off-0"][n].ndim == 2]
+    assert all(torch.equal(weights["off-0"][n], weights["off-0.1"][n]) for n in blocks)
+
+    def size(run):
+        return sum(float(weights[run][n].float().abs().sum()) for n in blocks)
+
+    assert size("on-0.1") / size("on-0") == pytest.approx(1 - 4 * 3e-4, abs=4e-4)

@@ -17,6 +17,7 @@ from lowmem.nn.hub import resolve_model_dir
 from lowmem.nn.lora import TARGETS
 from lowmem.plan.catalogue import (
     AVAILABLE_PRECISIONS,
+    BF16_DECAY_MIN,
     BF16_LOST_UPDATES_REASON,
     BF16_MIN_LR,
     CATALOGUE,
@@ -136,6 +137,14 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
         warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
                         f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
                         + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
+    if (strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding
+            and isinstance(spec.optimizer, AdamW | AdamW8bit | AdamW4bit | Adafactor)
+            and 0 < spec.optimizer.lr * spec.optimizer.weight_decay < BF16_DECAY_MIN):
+        opt = spec.optimizer
+        warnings.append(f"optimizer.weight_decay = {opt.weight_decay:g} has no effect in pure bf16: each step scales "
+                        f"the weights by 1 - lr x weight_decay = 1 - {opt.lr * opt.weight_decay:.1e}, which rounds "
+                        f"back to 1 (bf16 rounds away any relative change below {BF16_DECAY_MIN:.1e}). Use mixed-bf16, or "
+                        "memory.strategies.bf16_stochastic_rounding = 'on' (optimizer.kind = 'adamw')")
     if budget > hw.memory_bytes:
         warnings.append(
             f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
