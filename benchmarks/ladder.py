@@ -56,6 +56,10 @@ def chosen(p) -> str:
         parts.append("opt-in-bwd")
     if s.compile:
         parts.append("compile")
+    if s.micro_batch_split > 1:
+        parts.append(f"micro-batch split {s.micro_batch_split}")
+    if s.optimizer_state != "full":
+        parts.append(f"{s.optimizer_state} AdamW states")
     return ", ".join(parts)
 
 
