@@ -21,6 +21,10 @@ CONFIGS = {
     "optimizer-in-backward": ["memory.strategies.optimizer_in_backward=on", "train.clip_grad_norm=0"],
     "mixed-bf16": ["memory.precision=mixed-bf16"],
     "fp16-lora": ["memory.precision=fp16", "method.kind=lora", "method.rank=4"],
+    # torchao's compiled steps: traced with the states created and the update skipped (it crashed on fake tensors)
+    "torchao-adamw8bit": ["optimizer.kind=adamw8bit", "optimizer.backend=torchao"],
+    "torchao-adamw4bit": ["optimizer.kind=adamw4bit"],
+    "bf16-stochastic-rounding": ["memory.precision=bf16", "memory.strategies.bf16_stochastic_rounding=on"],
 }
 
 

@@ -32,6 +32,11 @@ intermediates), so the trace is an upper bound for it. In the same way a plan wi
 host, and fake tensors live on the CPU. The traced device bytes are then an upper bound, and the analytic report
 (`MemoryReport.host`) is the only account of the host side.
 
+A torchao optimizer (AdamW8bit, AdamW4bit, and `_AdamW` for bf16 stochastic rounding) steps through
+torch.compile, which cannot run on fake tensors: its states are created, where the tracker counts them, and its
+update is skipped (`lowmem.train.optim._measurable`). A measured run does not see that update's temporaries
+either.
+
 What it does not see, like `LiveTensorTracker` itself: scratch memory inside one kernel, and on CUDA
 the caching allocator's block rounding. Fake tensors live on the CPU here, so SDPA takes its CPU
 kernels: a CUDA run's flash / memory-efficient attention saves less for backward than the trace counts.

@@ -163,7 +163,12 @@ def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]
     see them (the tracker counts them as optimizer state), then runs torchao's own step with those modes
     set aside: the same compiled update as without a tracker, so measured and unmeasured steps (and a resumed
     run's first steps) compute the same bits. The update's transient temporaries go uncounted.
+
+    On fake tensors (`lowmem.plan.trace`) the states are created and the update is skipped: compiled code run on
+    fake tensors outside their mode reads data pointers that do not exist (it crashed the process), and a trace
+    needs only the states' bytes, which creating them gives.
     """
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
     class Measurable(cls):
@@ -179,6 +184,8 @@ def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]
                         state["step"] = torch.tensor(0.0)
                         state["exp_avg"] = self._new_buffer(p, True)
                         state["exp_avg_sq"] = self._new_buffer(p, False)
+            if any(isinstance(p, FakeTensor) for group in self.param_groups for p in group["params"]):
+                return None
             with _disable_current_modes():
                 return super().step(closure)
 
