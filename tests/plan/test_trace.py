@@ -1,6 +1,8 @@
 """trace_memory: the plan's own step on fake tensors, against what execute measures and what the planner predicts."""
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,11 @@ CONFIGS = {
     "torchao-adamw8bit": ["optimizer.kind=adamw8bit", "optimizer.backend=torchao"],
     "torchao-adamw4bit": ["optimizer.kind=adamw4bit"],
     "bf16-stochastic-rounding": ["memory.precision=bf16", "memory.strategies.bf16_stochastic_rounding=on"],
+    # bitsandbytes builds its quantization maps from Python lists (it failed on fake tensors)
+    "bitsandbytes-adamw8bit": ["optimizer.kind=adamw8bit"],
+    # each split piece's keep-mask holds fewer rows than the micro-batch (it failed with a TraceError)
+    "split-fused-ce": ["memory.strategies.micro_batch_split=on", "memory.strategies.fused_cross_entropy=on",
+                       "memory.strategies.chunked_cross_entropy=off"],
 }
 
 
@@ -127,3 +134,25 @@ def test_traced_selective_checkpointing_equals_measured(tiny_spec, tmp_path):
     execute(p, tmp_path, progress=False)
     measured = json.loads((tmp_path / "memory.json").read_text())
     assert traced.peak_bytes == pytest.approx(measured["measured_peak_bytes"], rel=0.02)
+
+
+def test_tracing_a_torchao_plan_leaves_later_real_runs_intact(tiny_spec, tmp_path):
+    # torchao caches its quantization maps per process; built first under fake tensors they were the trace's
+    # placeholder values (all 1.0) and a later real AdamW8bit in the same process diverged. A fresh process,
+    # so that nothing built the maps before the trace.
+    code = f"""
+import msgspec
+from lowmem.plan import plan
+from lowmem.plan.trace import trace_memory
+from lowmem.spec.structs import RunSpec
+from torchao.optim import subclass_4bit, subclass_8bit
+spec = msgspec.json.decode({msgspec.json.encode(tiny_spec("optimizer.kind=adamw4bit")).decode()!r}, type=RunSpec)
+trace_memory(plan(spec, "cpu"))
+maps = [m() for m in (subclass_8bit.get_qmap_signed, subclass_8bit.get_qmap_unsigned,
+                      subclass_4bit.get_qmap_signed, subclass_4bit.get_qmap_unsigned)]
+print("DISTINCT", [len(set(m)) for m in maps])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("DISTINCT"))
+    assert all(n >= 15 for n in json.loads(line.removeprefix("DISTINCT ")))  # 256 / 16 entries when real

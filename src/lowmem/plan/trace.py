@@ -18,8 +18,8 @@ one is answered here, and only here (`_FakeDataAnswers`):
   AdamW's bias correction); no shape depends on them. The traced loss, grad norm and token count are
   therefore meaningless, and `train_step`'s finite-loss check always passes.
 - `nonzero` of the labels' keep-mask (the kept-row gather of chunked and fused cross-entropy,
-  `lowmem.nn.loss._kept_rows`) returns `n_kept` rows: every position except the last of each row, which
-  `lowmem.data.loader.make_batch` never gives a target. Where documents end inside a row depends on the
+  `lowmem.nn.loss._kept_rows`), for a mask of whole rows (a micro-batch or one of its split pieces), returns
+  every position except the last of each row, which `lowmem.data.loader.make_batch` never gives a target. Where documents end inside a row depends on the
   data: assumed nowhere, so the trace keeps slightly more tokens than a real batch (the index vector
   and, for chunked CE, the gathered rows are a few rows larger than measured).
 - Any other data-dependent op (a boolean `nonzero` of another shape, `.item()` of a bool) raises
@@ -84,11 +84,11 @@ class _FakeDataAnswers(TorchDispatchMode):
     Sits above the tracker, which sits above FakeTensorMode: every other op passes straight through.
     """
 
-    def __init__(self, tracker: LiveTensorTracker, n_positions: int, n_kept: int) -> None:
+    def __init__(self, tracker: LiveTensorTracker, seq_len: int, n_positions: int) -> None:
         super().__init__()
         self.tracker = tracker
-        self.n_positions = n_positions
-        self.n_kept = n_kept
+        self.seq_len = seq_len
+        self.n_positions = n_positions  # a whole micro-batch's; a split micro-batch's pieces hold fewer rows
         self.step = 0
         self.in_forward = False
         self.in_optimizer_step = False
@@ -113,11 +113,13 @@ class _FakeDataAnswers(TorchDispatchMode):
         return 1.0 if tensor.is_floating_point() else 1
 
     def _kept_rows(self, mask: torch.Tensor) -> torch.Tensor:
-        if mask.dtype != torch.bool or mask.shape != (self.n_positions,):
+        n = mask.shape[0] if mask.dim() == 1 else -1
+        if mask.dtype != torch.bool or not (0 < n <= self.n_positions and n % self.seq_len == 0):
             raise TraceError(f"nonzero of a {mask.dtype} tensor of shape {tuple(mask.shape)}: its output size "
-                             f"depends on data; trace_memory answers only the labels' keep-mask "
-                             f"({self.n_positions},)")
-        return torch.empty((self.n_kept, 1), dtype=torch.int64, device=mask.device)  # fake: no data
+                             f"depends on data; trace_memory answers only the labels' keep-mask of whole rows "
+                             f"of {self.seq_len} (at most {self.n_positions} positions)")
+        kept = n - n // self.seq_len  # every position but the last of each row (`make_batch`)
+        return torch.empty((kept, 1), dtype=torch.int64, device=mask.device)  # fake: no data
 
     def _note_peak(self) -> None:
         peak = self.tracker.peak_bytes
@@ -156,7 +158,7 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
     plan = _on_device(plan)
     B, T = spec.train.micro_batch, spec.train.seq_len
     tracker = LiveTensorTracker()
-    answers = _FakeDataAnswers(tracker, n_positions=B * T, n_kept=B * (T - 1))
+    answers = _FakeDataAnswers(tracker, seq_len=T, n_positions=B * T)
     total_steps = plan.total_steps or steps  # only the learning rate depends on it
     with FakeTensorMode():
         params = init_params(plan.model, seed=spec.model.init_seed, dtype=param_dtype(plan.strategies))

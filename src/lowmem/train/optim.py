@@ -137,20 +137,71 @@ def _host_offloaded(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimi
 
 
 def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit AdamW (paged when `spec.paged`; on CPU tensors paging is a no-op)."""
+    """bitsandbytes' 8-bit AdamW (paged when `spec.paged`; on CPU tensors paging is a no-op).
+
+    Built with any fake-tensor mode set aside: bitsandbytes makes its two 256-entry quantization maps from Python
+    lists, which a fake tensor cannot give (`lowmem.plan.trace` builds the optimizer on fake parameters). The
+    maps are real constants then, as they are in a real run.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     optim = _import_backend("bitsandbytes.optim", "optimizer.backend = 'bitsandbytes'", "bitsandbytes")
-    cls = optim.PagedAdamW8bit if spec.paged else optim.AdamW8bit
-    return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    cls = _traceable_bitsandbytes(optim.PagedAdamW8bit if spec.paged else optim.AdamW8bit)
+    with unset_fake_temporarily():
+        return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+
+
+@functools.cache
+def _traceable_bitsandbytes(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`cls` (a bitsandbytes 8-bit optimizer) whose step on fake parameters creates the states and stops there.
+
+    bitsandbytes' update reads values (its block-wise quantization), which fake tensors do not have; a trace
+    needs only the states' bytes, and bitsandbytes' own `init_state` makes them, as a real first step would.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class Traceable(cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if not any(isinstance(p, FakeTensor) for group in self.param_groups for p in group["params"]):
+                return super().step(closure)
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is not None and not self.state[p]:
+                        self.init_state(group, p, gindex, pindex)
+            return None
+
+    Traceable.__name__ = Traceable.__qualname__ = cls.__name__
+    return Traceable
 
 
 def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW | AdamW8bit | AdamW4bit,
              params: list[torch.Tensor], **options) -> torch.optim.Optimizer:
     """A torchao AdamW (low-bit, or `_AdamW` with `options`) that also accepts a float `lr` assigned between
     steps, and steps under the memory tracker (see `_measurable`)."""
+    _prime_torchao_qmaps()
     optimizer = _measurable(cls)(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
                                  weight_decay=spec.weight_decay, **options)
     optimizer.register_step_pre_hook(_lr_as_tensor)
     return optimizer
+
+
+def _prime_torchao_qmaps() -> None:
+    """Compute torchao's quantization maps on real tensors, before any fake-tensor trace can.
+
+    torchao 0.18 builds each map once per process (`get_qmap_signed` / `get_qmap_unsigned` in subclass_8bit.py
+    and subclass_4bit.py, behind `lru_cache`) from tensor values. Built first under `lowmem.plan.trace`, they
+    would be the trace's placeholder values, cached for every later real run in the process (seen: a torchao
+    AdamW8bit diverged after a trace).
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        for module in ("torchao.optim.subclass_8bit", "torchao.optim.subclass_4bit"):
+            mod = importlib.import_module(module)
+            for name in ("get_qmap_signed", "get_qmap_unsigned"):
+                if hasattr(mod, name):
+                    getattr(mod, name)()
 
 
 @functools.cache
