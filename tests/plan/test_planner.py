@@ -349,11 +349,21 @@ def test_forced_compile_without_a_cxx_compiler_is_refused(tiny_spec, monkeypatch
     assert plan(tiny_spec("memory.strategies.compile=on"), "cpu").strategies.compile  # another machine: kept
 
 
-def test_weight_decay_that_bf16_rounds_away_is_a_warning(tiny_spec):
-    decay = ("memory.precision=bf16", "optimizer.weight_decay=0.1")  # lr 3e-3 x 0.1 = 3e-4 < 2**-9
-    assert any("optimizer.weight_decay = 0.1 has no effect in pure bf16" in w
-               for w in plan(tiny_spec(*decay), "h100-80gb").warnings)
-    assert not plan(tiny_spec(*decay, "memory.strategies.bf16_stochastic_rounding=on"), "h100-80gb").warnings
-    assert not plan(tiny_spec("memory.precision=mixed-bf16", "optimizer.weight_decay=0.1"), "h100-80gb").warnings
-    assert not plan(tiny_spec("memory.precision=bf16", "optimizer.kind=sgd", "optimizer.weight_decay=0.1"),
-                    "h100-80gb").warnings  # SGD adds the decay to the gradient, where it is not a tiny relative step
+def test_weight_decay_that_bf16_rounds_away_steers_auto_and_warns_otherwise(tiny_spec):
+    decay = ("optimizer.weight_decay=0.1",)  # lr 3e-3 x 0.1 = 3e-4 < 2**-9
+    auto = plan(tiny_spec(*decay, "memory.precision=auto"), "h100-80gb")
+    assert auto.strategies.precision == "mixed-bf16" and not auto.warnings
+    assert "bf16 is left out because optimizer.weight_decay = 0.1 has no effect in pure bf16" in {
+        d.strategy: d.reason for d in auto.decisions}["precision"]
+    # forced bf16 with AdamW: rounded stochastically, which keeps the decay on average
+    forced = plan(tiny_spec(*decay, "memory.precision=bf16"), "h100-80gb")
+    assert forced.strategies.bf16_stochastic_rounding and not forced.warnings
+    assert "weight decay" in {d.strategy: d.reason for d in forced.decisions}["bf16_stochastic_rounding"]
+    plain = plan(tiny_spec(*decay, "memory.precision=bf16", "memory.strategies.bf16_stochastic_rounding=off"),
+                 "h100-80gb")
+    assert any("optimizer.weight_decay = 0.1 has no effect in pure bf16" in w for w in plain.warnings)
+    adafactor = plan(tiny_spec("memory.precision=bf16", "optimizer.kind=adafactor", "optimizer.lr=3e-3", *decay),
+                     "h100-80gb")
+    assert any("has no effect in pure bf16" in w for w in adafactor.warnings)
+    # SGD adds the decay to the gradient, where it is not a tiny relative step
+    assert not plan(tiny_spec("memory.precision=bf16", "optimizer.kind=sgd", *decay), "h100-80gb").warnings

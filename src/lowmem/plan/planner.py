@@ -117,10 +117,10 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     if not fitting:
         raise PlanError(_nothing_fits(spec, budget, usable, candidates,
                                       sharing=world_size if hw.device == "cpu" else 1))
-    # at a learning rate whose updates pure bf16 would round away, auto prefers any other precision that fits,
-    # then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
+    # where pure bf16 would round away the updates (a small learning rate) or the weight decay, auto prefers any
+    # other precision that fits, then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
     kept = fitting
-    if spec.memory.precision == "auto" and _bf16_drops_updates(spec):
+    if spec.memory.precision == "auto" and _bf16_lossy(spec):
         kept = ([c for c in fitting if c[0].precision != "bf16"]
                 or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
@@ -137,14 +137,10 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
         warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
                         f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
                         + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
-    if (strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding
-            and isinstance(spec.optimizer, AdamW | AdamW8bit | AdamW4bit | Adafactor)
-            and 0 < spec.optimizer.lr * spec.optimizer.weight_decay < BF16_DECAY_MIN):
-        opt = spec.optimizer
-        warnings.append(f"optimizer.weight_decay = {opt.weight_decay:g} has no effect in pure bf16: each step scales "
-                        f"the weights by 1 - lr x weight_decay = 1 - {opt.lr * opt.weight_decay:.1e}, which rounds "
-                        f"back to 1 (bf16 rounds away any relative change below {BF16_DECAY_MIN:.1e}). Use mixed-bf16, or "
-                        "memory.strategies.bf16_stochastic_rounding = 'on' (optimizer.kind = 'adamw')")
+    if strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding and _bf16_drops_decay(spec):
+        warnings.append(_decay_lost(spec) + ". Use mixed-bf16, or memory.strategies.bf16_stochastic_rounding = 'on' "
+                        "(optimizer.kind = 'adamw')"
+                        + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
     if budget > hw.memory_bytes:
         warnings.append(
             f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
@@ -489,6 +485,24 @@ def _bf16_drops_updates(spec: RunSpec) -> bool:
     return spec.optimizer.lr < BF16_MIN_LR
 
 
+def _bf16_drops_decay(spec: RunSpec) -> bool:
+    """Whether pure bf16 weights would round away every step of decoupled weight decay (`BF16_DECAY_MIN`)."""
+    opt = spec.optimizer
+    return isinstance(opt, AdamW | AdamW8bit | AdamW4bit | Adafactor) and 0 < opt.lr * opt.weight_decay < BF16_DECAY_MIN
+
+
+def _bf16_lossy(spec: RunSpec) -> bool:
+    """Whether pure bf16 rounding to nearest would lose the run's updates or its weight decay."""
+    return _bf16_drops_updates(spec) or _bf16_drops_decay(spec)
+
+
+def _decay_lost(spec: RunSpec) -> str:
+    opt = spec.optimizer
+    return (f"optimizer.weight_decay = {opt.weight_decay:g} has no effect in pure bf16: each step scales the weights "
+            f"by 1 - lr x weight_decay = 1 - {opt.lr * opt.weight_decay:.1e}, which rounds back to 1 (bf16 rounds "
+            f"away any relative change below {BF16_DECAY_MIN:.1e})")
+
+
 def _auto_precisions(hw: HardwareProfile) -> tuple[str, ...]:
     """What `precision = auto` may choose on `hw`: 16-bit compute only where the device runs it fast.
 
@@ -548,7 +562,7 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size
         return {"activation_offloading": on, "offload_min_bytes": OFFLOAD_MIN_BYTES if on else 0,
                 "offload_max_host_bytes": host_budgets[precision] if on else 0}
 
-    rounding = {"on": True, "off": False, "auto": _bf16_drops_updates(spec)}[toggles.bf16_stochastic_rounding] \
+    rounding = {"on": True, "off": False, "auto": _bf16_lossy(spec)}[toggles.bf16_stochastic_rounding] \
         and not _stochastic_rounding_possible(spec, hw, world_size)
 
     return [
@@ -647,13 +661,13 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     else:
         rivals = others("precision")
         dropped = []
-        if strategies.precision != "bf16" and _bf16_drops_updates(spec):
+        if strategies.precision != "bf16" and _bf16_lossy(spec):
             rivals, dropped = [c for c in rivals if c[0].precision != "bf16"], [c for c in rivals if c[0].precision == "bf16"]
         reason = _why(strategies, "precision", rivals, usable, hw, spec)
         if dropped:
-            reason = "; ".join(r for r in (reason if rivals else "", f"bf16 is left out at optimizer.lr = "
-                                           f"{spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}")
-                               if r)
+            why = (f"at optimizer.lr = {spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
+                   if _bf16_drops_updates(spec) else f"because {_decay_lost(spec)}")
+            reason = "; ".join(r for r in (reason if rivals else "", f"bf16 is left out {why}") if r)
         decisions.append(Decision(strategy="precision", value=strategies.precision, source="auto", reason=reason))
     # activation checkpointing
     value = strategies.activation_checkpointing
@@ -768,13 +782,15 @@ def _explain_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, strategies:
         reason, source = why_not, "fixed"
     elif not on:
         reason, source = (f"not needed: at optimizer.lr = {lr:g} (at least {BF16_MIN_LR:.1e}) an update survives "
-                          "bf16 rounding"), "auto"
+                          "bf16 rounding, and no weight decay is rounded away"), "auto"
     else:
         others = [c for c in candidates if c[0].precision != "bf16"]
         smallest = min((c[1].peak_bytes for c in others), default=0)
-        reason, source = (f"optimizer.lr = {lr:g} is below {BF16_MIN_LR:.1e}, where bf16 weights round most updates "
-                          "away: each update is computed in fp32 and rounded up or down at random (torchao _AdamW), "
-                          "so the weights move by it on average"
+        lost = (f"optimizer.lr = {lr:g} is below {BF16_MIN_LR:.1e}, where bf16 weights round most updates away"
+                if _bf16_drops_updates(spec) else
+                f"bf16 weights round away each step of weight decay (lr x weight_decay < {BF16_DECAY_MIN:.1e})")
+        reason, source = (f"{lost}: each update is computed in fp32 and rounded up or down at random (torchao "
+                          "_AdamW), so the weights move by it on average"
                           + (f"; mixed-bf16 and fp32 would not fit (at least {format_bytes(smallest)} > "
                              f"{format_bytes(usable)} usable)" if others and spec.memory.precision == "auto" else "")), "auto"
     if on and source == "user":
