@@ -61,12 +61,26 @@ def _spec(data_cache, micro_batch: int, optimizer: str, *overrides: str):
     ])
 
 
+# A rank of a gloo run on this CPU sometimes dies with SIGABRT and nothing but "terminate called without an
+# active exception" (a C++ std::terminate, no Python traceback), the other rank then failing in a collective. Seen
+# in 2 of 6 full test runs on 2026-12-04, about one torchrun launch in 40; reproduced once in 95 launches outside
+# pytest, not yet explained (the session note has the figures). A run with exactly that signature is retried
+# once from scratch; any other failure, or a second abort, fails the test.
+RANK_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-         "--master_port", str(_free_port()), "-m", "lowmem.cli", "execute", *args, "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+             "--master_port", str(_free_port()), "-m", "lowmem.cli", "execute", *args, "--quiet"],
+            capture_output=True, text=True, timeout=300,
+        )
+        if done.returncode == 0 or attempt == 2 or RANK_ABORT not in done.stderr:
+            break
+        print(f"torchrun {' '.join(args)}: a rank aborted ({RANK_ABORT!r}); retrying once", file=sys.stderr)
+        if "--resume" not in args:  # a fresh run starts over; a resumed one resumes again
+            shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
