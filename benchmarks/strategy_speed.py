@@ -63,10 +63,11 @@ def main() -> None:
                 best[name] = max(best[name], execute(p, out, progress=False).tokens_per_s)
             print(r, name, round(best[name]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "strategy_speed.json").write_text(json.dumps({"cpu": cpu_name(), "tokens_per_s": best}, indent=2))
+    cpu = cpu_name()
+    (args.out / "strategy_speed.json").write_text(json.dumps({"cpu": cpu, "tokens_per_s": best}, indent=2))
     command = "--smoke" if args.smoke else f"--rounds {rounds}"
     lines = [f"# Steady tokens/s by strategy, {size['preset']} fp32 {size['micro_batch']} x {size['seq_len']}", "",
-             f"`python benchmarks/strategy_speed.py {command}` (best of {rounds} interleaved runs) on {cpu_name()}, "
+             f"`python benchmarks/strategy_speed.py {command}` (best of {rounds} interleaved runs) on {cpu}, "
              f"{resolve_hardware(None).n_cores} cores", "",
              "| variant | tokens/s | vs standard |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:,.0f} | {v / best['standard']:.3f}x |" for k, v in best.items()]

@@ -133,14 +133,15 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     if strategies.precision in ("bf16", "mixed-bf16") and not hw.bf16_compute:
         warnings.append(f"memory.precision = {strategies.precision!r}: {hw.name} has no native bf16 arithmetic, so "
                         "bf16 compute is emulated and very slow there; fp32 would be faster")
-    if strategies.precision == "bf16" and _bf16_drops_updates(spec) and not strategies.bf16_stochastic_rounding:
-        warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
-                        f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
-                        + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
-    if strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding and _bf16_drops_decay(spec):
-        warnings.append(_decay_lost(spec) + ". Use mixed-bf16, or memory.strategies.bf16_stochastic_rounding = 'on' "
-                        "(optimizer.kind = 'adamw')"
-                        + ("; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""))
+    if strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding:
+        # auto chose plain bf16 only because nothing else fitted (see `kept` above)
+        only_fit = "; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""
+        if _bf16_drops_updates(spec):
+            warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
+                            f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}{only_fit}")
+        if _bf16_drops_decay(spec):
+            warnings.append(f"{_decay_lost(spec)}. Use mixed-bf16, or memory.strategies.bf16_stochastic_rounding = "
+                            f"'on' (optimizer.kind = 'adamw'){only_fit}")
     if budget > hw.memory_bytes:
         warnings.append(
             f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
@@ -374,7 +375,7 @@ def _check_fsdp_offload(spec: RunSpec, hw: HardwareProfile, world_size: int) -> 
                         "or set it to 'auto' or 'off' (activation_offloading and optimizer.offload work in one)")
 
 
-def _stochastic_rounding_possible(spec: RunSpec, hw: HardwareProfile, world_size: int) -> str:
+def _why_no_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, world_size: int) -> str:
     """Why bf16_stochastic_rounding cannot run for this spec ("" if it can): see its catalogue entry."""
     if not isinstance(spec.optimizer, AdamW):
         return f"optimizer.kind = {spec.optimizer.__struct_config__.tag!r}: it is torchao's AdamW, so it needs 'adamw'"
@@ -382,8 +383,7 @@ def _stochastic_rounding_possible(spec: RunSpec, hw: HardwareProfile, world_size
         return "optimizer.offload = true: the host optimizer is torch's AdamW, which rounds to nearest"
     if world_size > 1:
         return f"not under FSDP ({world_size} processes): torchao's rounding step is not tested on sharded weights here"
-    if hw.device == "cpu" and hw.name.startswith("local") and not any(
-            shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+    if _cannot_compile(hw):
         return "its step runs through torch.compile, whose CPU backend needs a C++ compiler (none on PATH)"
     return ""
 
@@ -396,7 +396,7 @@ def _check_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, world_size: i
         raise PlanError(f"memory.strategies.bf16_stochastic_rounding = 'on' with memory.precision = "
                         f"{spec.memory.precision!r}: it rounds bf16 weights, and only pure bf16 keeps its weights in "
                         "bf16. Set memory.precision = 'bf16', or the strategy to 'auto'")
-    why = _stochastic_rounding_possible(spec, hw, world_size)
+    why = _why_no_stochastic_rounding(spec, hw, world_size)
     if why:
         raise PlanError(f"memory.strategies.bf16_stochastic_rounding = 'on': {why}. Set it to 'auto' or 'off'")
 
@@ -406,11 +406,16 @@ def _shardable(strategies: Strategies) -> bool:
     return not strategies.optimizer_in_backward and strategies.optimizer_state == "full"
 
 
+def _cannot_compile(hw: HardwareProfile) -> bool:
+    """Whether torch.compile cannot build here: inductor on this CPU needs a C++ compiler. A named profile is
+    another machine, whose compiler cannot be checked from here (assumed present)."""
+    return (hw.device == "cpu" and hw.name.startswith("local")
+            and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")))
+
+
 def _check_compile(spec: RunSpec, hw: HardwareProfile) -> None:
     """A forced compile must be able to run: inductor on this CPU needs a C++ compiler."""
-    if spec.memory.strategies.compile != "on" or hw.device != "cpu" or not hw.name.startswith("local"):
-        return  # a named profile is another machine: its compiler cannot be checked from here
-    if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+    if spec.memory.strategies.compile == "on" and _cannot_compile(hw):
         raise PlanError(
             "memory.strategies.compile = 'on': torch.compile's inductor backend builds C++ kernels on CPU and no "
             "C++ compiler (g++, c++ or clang++) is on PATH. Install one (e.g. apt-get install g++) or set "
@@ -563,7 +568,7 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size
                 "offload_max_host_bytes": host_budgets[precision] if on else 0}
 
     rounding = {"on": True, "off": False, "auto": _bf16_lossy(spec)}[toggles.bf16_stochastic_rounding] \
-        and not _stochastic_rounding_possible(spec, hw, world_size)
+        and not _why_no_stochastic_rounding(spec, hw, world_size)
 
     return [
         Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
@@ -660,9 +665,9 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
                                   reason="forced by memory.precision"))
     else:
         rivals = others("precision")
-        dropped = []
-        if strategies.precision != "bf16" and _bf16_lossy(spec):
-            rivals, dropped = [c for c in rivals if c[0].precision != "bf16"], [c for c in rivals if c[0].precision == "bf16"]
+        dropped = strategies.precision != "bf16" and _bf16_lossy(spec) and any(c[0].precision == "bf16" for c in rivals)
+        if dropped:
+            rivals = [c for c in rivals if c[0].precision != "bf16"]
         reason = _why(strategies, "precision", rivals, usable, hw, spec)
         if dropped:
             why = (f"at optimizer.lr = {spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
@@ -771,7 +776,7 @@ def _explain_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, strategies:
     toggle = spec.memory.strategies.bf16_stochastic_rounding
     on = strategies.bf16_stochastic_rounding
     lr = spec.optimizer.lr
-    why_not = _stochastic_rounding_possible(spec, hw, world_size)
+    why_not = _why_no_stochastic_rounding(spec, hw, world_size)
     if strategies.precision != "bf16":
         reason, source = f"only pure bf16 weights need it (precision is {strategies.precision})", "fixed"
     elif toggle != "auto":

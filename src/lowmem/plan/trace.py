@@ -19,9 +19,10 @@ one is answered here, and only here (`_FakeDataAnswers`):
   therefore meaningless, and `train_step`'s finite-loss check always passes.
 - `nonzero` of the labels' keep-mask (the kept-row gather of chunked and fused cross-entropy,
   `lowmem.nn.loss._kept_rows`), for a mask of whole rows (a micro-batch or one of its split pieces), returns
-  every position except the last of each row, which `lowmem.data.loader.make_batch` never gives a target. Where documents end inside a row depends on the
-  data: assumed nowhere, so the trace keeps slightly more tokens than a real batch (the index vector
-  and, for chunked CE, the gathered rows are a few rows larger than measured).
+  every position except the last of each row, which `lowmem.data.loader.make_batch` never gives a target.
+  Where documents end inside a row depends on the data: assumed nowhere, so the trace keeps slightly more
+  tokens than a real batch (the index vector and, for chunked CE, the gathered rows are a few rows larger
+  than measured).
 - Any other data-dependent op (a boolean `nonzero` of another shape, `.item()` of a bool) raises
   `TraceError` naming the op, rather than guessing.
 

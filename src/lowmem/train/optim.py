@@ -158,12 +158,10 @@ def _traceable_bitsandbytes(cls: type[torch.optim.Optimizer]) -> type[torch.opti
     bitsandbytes' update reads values (its block-wise quantization), which fake tensors do not have; a trace
     needs only the states' bytes, and bitsandbytes' own `init_state` makes them, as a real first step would.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
-
     class Traceable(cls):
         @torch.no_grad()
         def step(self, closure=None):
-            if not any(isinstance(p, FakeTensor) for group in self.param_groups for p in group["params"]):
+            if not _on_fake_tensors(self):
                 return super().step(closure)
             for gindex, group in enumerate(self.param_groups):
                 for pindex, p in enumerate(group["params"]):
@@ -186,6 +184,14 @@ def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW | AdamW8bit | AdamW4b
     return optimizer
 
 
+def _on_fake_tensors(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer holds fake parameters (`lowmem.plan.trace`): its update cannot run on them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(p, FakeTensor) for group in optimizer.param_groups for p in group["params"])
+
+
+@functools.cache
 def _prime_torchao_qmaps() -> None:
     """Compute torchao's quantization maps on real tensors, before any fake-tensor trace can.
 
@@ -219,7 +225,6 @@ def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]
     fake tensors outside their mode reads data pointers that do not exist (it crashed the process), and a trace
     needs only the states' bytes, which creating them gives.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
     class Measurable(cls):
@@ -235,7 +240,7 @@ def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]
                         state["step"] = torch.tensor(0.0)
                         state["exp_avg"] = self._new_buffer(p, True)
                         state["exp_avg_sq"] = self._new_buffer(p, False)
-            if any(isinstance(p, FakeTensor) for group in self.param_groups for p in group["params"]):
+            if _on_fake_tensors(self):
                 return None
             with _disable_current_modes():
                 return super().step(closure)
