@@ -26,22 +26,32 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_SUFFIXES",
+    "ATTENTION_KERNELS",
     "BLOCK_PARAM_NAMES",
     "AdaptedWeight",
+    "DocSpans",
     "apply_rope",
     "attend",
+    "attend_efficient",
+    "attend_varlen",
     "attention",
+    "attention_mask_bytes",
+    "attention_saved_bytes",
     "attention_scale",
     "block_param_names",
     "causal_mask",
+    "cu_seq_lens",
     "base_linear",
     "block",
     "dense_weight",
     "doc_mask",
+    "doc_starts",
+    "efficient_bias",
     "embed",
     "forward",
     "init_params",
     "is_nf4",
+    "layer_attention_inputs",
     "layer_masks",
     "linear",
     "logits",
@@ -201,6 +211,35 @@ def layer_masks(cfg: ModelConfig, T: int, doc_ids: torch.Tensor | None,
     return masks
 
 
+def layer_attention_inputs(cfg: ModelConfig, kernel: str, B: int, T: int, doc_ids: torch.Tensor | None,
+                           device: torch.device, dtype: torch.dtype) -> list:
+    """Each layer's attention input for `kernel` (the `mask` argument of `block`), built once per forward.
+
+    "sdpa": `layer_masks`. "sdpa-efficient": None or, where `layer_masks` has a mask, its `efficient_bias` in
+    `dtype` (the params' dtype; one tensor per window, shared). "varlen": a `DocSpans` per layer over one
+    `cu_seq`: the documents' spans when `doc_ids` is given (`doc_starts`; one host sync), else one span per
+    row (no sync), with the layer's sliding window where it is shorter than T.
+    """
+    if kernel == "sdpa":
+        return layer_masks(cfg, T, doc_ids, device)
+    if kernel == "sdpa-efficient":
+        masks = layer_masks(cfg, T, doc_ids, device)
+        biases = {id(m): efficient_bias(m, dtype) for m in masks if m is not None}  # one per distinct mask
+        return [None if m is None else biases[id(m)] for m in masks]
+    if doc_ids is None:
+        cu_seq = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)  # (B + 1,) one row each
+    else:
+        cu_seq = cu_seq_lens(doc_starts(doc_ids))  # (n_docs + 1,)
+        # its length changes from batch to batch: a compiled block (`torch.compile(dynamic=False)`) would
+        # otherwise compile again for every new number of documents
+        torch._dynamo.mark_dynamic(cu_seq, 0)
+    spans = []
+    for i in range(cfg.n_layers):
+        window = cfg.layer_window(i)
+        spans.append(DocSpans(cu_seq, T, None if window is None or window >= T else window))
+    return spans
+
+
 class AdaptedWeight(NamedTuple):
     """A frozen weight (out, in) with its LoRA (or DoRA) adapter: a leaf type that `linear` dispatches on.
 
@@ -335,6 +374,179 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, T, hd)
 
 
+# -- attention kernels on CUDA -------------------------------------------------------------------------
+#
+# "sdpa" is `attend`: SDPA picks its backend. With a (B, 1, T, T) mask flash attention is ruled out, and where
+# nothing else fits (and always on fake CUDA) the math kernel runs, saving the (B, H, T, T) probabilities in fp32
+# (issue #14: 2.09 GiB per layer at T = 4096 for llama3.2-1b, 33x the efficient kernel). The two CUDA kernels
+# below are called as themselves, not through SDPA's dispatch, so no other backend can run in their place.
+
+ATTENTION_KERNELS = ("sdpa", "sdpa-efficient", "varlen")
+FP32_BYTES = 4
+EFFICIENT_BIAS_ALIGN = 16  # the memory-efficient kernel wants the bias's row stride a multiple of 16 elements
+EFFICIENT_LSE_ALIGN = 32  # ...and rounds its logsumexp's length up to a multiple of 32 (its query block)
+RNG_STATE_BYTES = 16  # the (unused, dropout is 0) Philox seed and offset both kernels save: two 8-byte words
+
+
+class DocSpans(NamedTuple):
+    """Where the packed documents lie in the flattened (B*T) tokens: one layer's input to `attend_varlen`.
+
+    `forward` builds `cu_seq` once and shares it between layers (a layer with a sliding window differs only in
+    `window`). `max_len` is T, an upper bound on a document's length: the kernel skips the query blocks past a
+    document's end, and a bound known without reading the data back keeps the host from waiting for the GPU
+    and `torch.compile` from specializing on a batch's longest document.
+    """
+
+    cu_seq: torch.Tensor  # (n_docs + 1,) int32: document i is flattened tokens cu_seq[i]:cu_seq[i + 1]
+    max_len: int  # upper bound on any document's length
+    window: int | None  # keys a query sees, itself included (`causal_mask`); None: every earlier key
+
+
+def doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True at each document's first token: column 0 of every row and where `doc_ids` changes.
+
+    These are the tokens where `lowmem.data.loader.make_batch`'s positions are 0, and for documents that are
+    contiguous in their row (as packing makes them) the spans they delimit are exactly `doc_mask`'s blocks.
+    """
+    starts = torch.ones(doc_ids.shape, dtype=torch.bool, device=doc_ids.device)  # (B, T)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def cu_seq_lens(starts: torch.Tensor) -> torch.Tensor:
+    """Cumulative document offsets (n_docs + 1,) int32 into the flattened tokens, from (B, T) bool `starts`.
+
+    Entries are the flattened indices of the starts, then B * T; column 0 counts as a start in every row, so
+    no document crosses a row. The number of documents depends on the data: `nonzero` reads it back from the
+    device (one host sync, once per forward).
+    """
+    B, T = starts.shape
+    starts = starts.clone()
+    starts[:, 0] = True
+    first = starts.reshape(-1).nonzero().squeeze(1)  # (n_docs,) int64
+    end = torch.full((1,), B * T, dtype=first.dtype, device=first.device)
+    return torch.cat((first, end)).to(torch.int32)  # (n_docs + 1,)
+
+
+def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocSpans, *,
+                  scale: float | None = None) -> torch.Tensor:
+    """Causal attention within each packed document through `torch.nn.attention.varlen.varlen_attn`.
+
+    q (B, H, T, hd), k/v (B, KV, T, hd) in bf16 or fp16 → (B, H, T, hd) (a view of the kernel's (B*T, H, hd)
+    output). Grouped kv heads are read in place (`enable_gqa`), never repeated. Nothing of size T x T is made:
+    the kernel saves its inputs, its output and an fp32 logsumexp (H, B*T) (see `attention_saved_bytes`).
+    A sliding window of `w` keys (itself included) is flash attention's `window_size=(w - 1, 0)`.
+    """
+    from torch.nn.attention.varlen import varlen_attn  # registers the op; imported where it is used
+
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"attention_kernel='varlen' computes in bf16 or fp16 only (flash attention); the block "
+                         f"computes in {q.dtype}: use attention_kernel='sdpa-efficient' for fp32 compute")
+    B, H, T, hd = q.shape
+    KV = k.shape[1]
+    flat_q = q.transpose(1, 2).reshape(B * T, H, hd)  # (B*T, H, hd)
+    flat_k = k.transpose(1, 2).reshape(B * T, KV, hd)  # (B*T, KV, hd)
+    flat_v = v.transpose(1, 2).reshape(B * T, KV, hd)
+    window = (-1, 0) if spans.window is None else (spans.window - 1, 0)
+    y = varlen_attn(flat_q, flat_k, flat_v, spans.cu_seq, spans.cu_seq, spans.max_len, spans.max_len,
+                    scale=scale, window_size=window, enable_gqa=KV != H)  # (B*T, H, hd)
+    return y.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+
+
+def efficient_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The memory-efficient kernel's additive mask: 0 where `mask` (bool, (..., T, L)) attends, -inf elsewhere.
+
+    (..., T, L) in `dtype` (the kernel's compute dtype), a view of a buffer whose rows are padded to a multiple
+    of 16 elements, as the kernel requires (SDPA pads the same way). A float `mask` is copied as it is.
+    """
+    *lead, T, L = mask.shape
+    padded = -(-L // EFFICIENT_BIAS_ALIGN) * EFFICIENT_BIAS_ALIGN
+    bias = torch.zeros((*lead, T, padded), dtype=dtype, device=mask.device)[..., :L]
+    if mask.dtype == torch.bool:
+        return bias.masked_fill_(mask.logical_not(), float("-inf"))
+    return bias.copy_(mask)
+
+
+def attend_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, *,
+                     scale: float | None = None) -> torch.Tensor:
+    """`attend` through the memory-efficient kernel (`aten._scaled_dot_product_efficient_attention`) only.
+
+    q (B, H, T, hd), k/v (B, KV, T, hd), any float dtype → (B, H, T, hd). bias: None for plain causal
+    (the kernel's own causal mode), else an additive (B|1, 1, T, T) mask from `efficient_bias`; `forward` makes
+    it once per window and every layer shares it (a block computing in another dtype casts it, keeping a copy
+    per layer). Grouped kv heads are repeated, as SDPA needs them. Saves its inputs, its output and an fp32
+    logsumexp (B, H, T rounded up to 32), not T x T (see `attention_saved_bytes`).
+    """
+    B, H, T, _ = q.shape
+    KV = k.shape[1]
+    if KV != H:
+        k = k.repeat_interleave(H // KV, dim=1)  # (B, H, T, hd)
+        v = v.repeat_interleave(H // KV, dim=1)
+    if bias is not None:
+        if bias.dtype != q.dtype:
+            bias = efficient_bias(bias, q.dtype)
+        bias = bias.expand(B, H, T, T)  # a view: one head's mask, stride 0 over heads
+    need_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    y, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, need_lse, 0.0, bias is None, scale=scale)  # (B, H, T, hd), logsumexp, rng words
+    return y
+
+
+def attention_saved_bytes(kernel: str, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                          dtype_bytes: int) -> int:
+    """Bytes one layer's attention kernel saves for backward: from the rotated q, k, v to its output.
+
+    Counted as distinct storages under `saved_tensors_hooks` on fake CUDA (tests/nn/test_cuda_attention.py
+    checks every kernel exactly). Leaves out what `forward` builds once and every layer shares:
+    `attention_mask_bytes`.
+
+    - "math", what unrouted SDPA runs on fake CUDA (and on a GPU where no fused kernel fits): the softmax
+      probabilities (B, H, T, T) and the scaled q, k and v it multiplies, all in fp32 (torch upcasts bf16/fp16
+      there). Its output is re-laid out for wo by a copy, which wo saves when it trains.
+    - "sdpa-efficient": q and k, v repeated to all H heads, the output (its memory in (B, T, H, hd) order: it is
+      the very tensor wo reads, no copy), the fp32 logsumexp (B, H, T rounded up to 32) and two RNG words.
+    - "varlen": q (B*T, H, hd), k and v with their KV heads only, the output (again wo's input), the fp32
+      logsumexp (H, B*T) and the RNG words.
+
+    Args:
+        kernel: "math", "sdpa-efficient" or "varlen". ("sdpa" is whichever backend torch picks: on CPU the
+            planner's own formula covers it.)
+        B, T: batch and sequence length. n_heads, n_kv_heads, head_dim: the model's attention shape.
+        dtype_bytes: bytes per element of the compute dtype (2 for bf16/fp16, 4 for fp32).
+
+    Returns:
+        bytes, an int.
+    """
+    H, KV, hd, b = n_heads, n_kv_heads, head_dim, dtype_bytes
+    head_tensor = B * H * T * hd  # elements of a (B, H, T, hd) tensor
+    if kernel == "math":
+        return B * H * T * T * FP32_BYTES + 3 * head_tensor * FP32_BYTES
+    if kernel == "sdpa-efficient":
+        lse = B * H * (-(-T // EFFICIENT_LSE_ALIGN) * EFFICIENT_LSE_ALIGN) * FP32_BYTES
+        return 4 * head_tensor * b + lse + RNG_STATE_BYTES
+    if kernel == "varlen":
+        return 2 * head_tensor * b + 2 * B * KV * T * hd * b + H * B * T * FP32_BYTES + RNG_STATE_BYTES
+    raise ValueError(f"kernel={kernel!r}: attention_saved_bytes knows 'math', 'sdpa-efficient' and 'varlen'")
+
+
+def attention_mask_bytes(kernel: str, B: int, T: int, dtype_bytes: int) -> int:
+    """Bytes of one mask `forward` builds, once per distinct sliding window, for every layer with that window.
+
+    A mask exists where documents are packed (leading dim B) or, without packing, where a sliding window is
+    shorter than T (leading dim 1: pass B = 1). "sdpa"/"math": a bool (B, 1, T, T). "sdpa-efficient": the
+    additive (B, 1, T, T) bias in the compute dtype, rows padded to 16 elements, which every such layer's
+    kernel saves (one storage: count it once). "varlen": nothing of that size (`cu_seq`, (n_docs + 1) int32,
+    is left out).
+    """
+    if kernel not in (*ATTENTION_KERNELS, "math"):
+        raise ValueError(f"kernel={kernel!r}: choose one of {[*ATTENTION_KERNELS, 'math']}")
+    if kernel == "varlen":
+        return 0
+    if kernel == "sdpa-efficient":
+        return B * T * (-(-T // EFFICIENT_BIAS_ALIGN) * EFFICIENT_BIAS_ALIGN) * dtype_bytes
+    return B * T * T
+
+
 def attention_scale(cfg: ModelConfig) -> float | None:
     """The score scale: query_pre_attn_scalar ** -1/2 where set (Gemma 2), else None (1 / sqrt(head_dim))."""
     return None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
@@ -344,16 +556,24 @@ def attention(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
               n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
               bk: torch.Tensor | None = None, bv: torch.Tensor | None = None, scale: float | None = None,
-              logit_softcap: float | None = None) -> torch.Tensor:
+              logit_softcap: float | None = None, kernel: str = "sdpa") -> torch.Tensor:
     """Causal grouped-query self-attention with RoPE. x (B, T, D) → (B, T, D).
 
-    mask: None for plain causal attention, else a boolean (B, 1, T, T) mask (True = attend) that
-    already includes causality (see `doc_mask`). bq/bk/bv: optional biases (Qwen2). scale, logit_softcap:
-    see `attend`.
+    mask: what `layer_attention_inputs` gives the layer for `kernel`: for "sdpa" None (plain causal) or a
+    boolean (B|1, 1, T, T) mask (True = attend) that already includes causality (see `doc_mask`); for
+    "sdpa-efficient" None or the additive mask of `efficient_bias`; for "varlen" the layer's `DocSpans`.
+    bq/bk/bv: optional biases (Qwen2). scale, logit_softcap: see `attend` (only "sdpa" soft-caps).
     """
     B, T, _ = x.shape
     q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv)
-    y = attend(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)  # (B, H, T, hd)
+    if kernel == "varlen":
+        assert isinstance(mask, DocSpans) and logit_softcap is None, "forward checks the kernel's inputs"
+        y = attend_varlen(q, k, v, mask, scale=scale)  # (B, H, T, hd)
+    elif kernel == "sdpa-efficient":
+        assert logit_softcap is None, "forward refuses soft-capping with this kernel"
+        y = attend_efficient(q, k, v, mask, scale=scale)
+    else:
+        y = attend(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)
     y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
     return linear(y, wo)  # (B, T, D)
 
@@ -394,11 +614,13 @@ def residual_block(h: torch.Tensor, w: dict[str, Weight], attn_fn: Callable[[tor
     return h + m
 
 
-def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig) -> torch.Tensor:
+def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig,
+          attention_kernel: str = "sdpa") -> torch.Tensor:
     """One pre-norm transformer block. h (B, T, D) → (B, T, D).
 
     tensors: the layer's weights in `block_param_names(cfg)` order (for Llama: attn_norm, wq, wk, wv, wo,
-    mlp_norm, w1, w2, w3), then cos, sin (B, T, hd) and mask (None or bool (B|1, 1, T, T)).
+    mlp_norm, w1, w2, w3), then cos, sin (B, T, hd) and mask (the layer's `layer_attention_inputs` entry:
+    for "sdpa" None or bool (B|1, 1, T, T)). attention_kernel: see `forward`.
     """
     *weights, cos, sin, mask = tensors
     w = dict(zip(block_param_names(cfg), weights, strict=True))
@@ -406,7 +628,8 @@ def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig) -> torch.T
     def attn_fn(x: torch.Tensor) -> torch.Tensor:
         return attention(x, w["attn.wq"], w["attn.wk"], w["attn.wv"], w["attn.wo"], cos, sin, mask,
                          cfg.n_heads, cfg.n_kv_heads, bq=w.get("attn.bq"), bk=w.get("attn.bk"),
-                         bv=w.get("attn.bv"), scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap)
+                         bv=w.get("attn.bv"), scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap,
+                         kernel=attention_kernel)
 
     return residual_block(h, w, attn_fn, cfg)
 
@@ -426,7 +649,8 @@ def _call(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) 
 def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
             run_block: Callable[..., torch.Tensor] | None = None,
-            adapters: LoraSettings | None = None, training: bool = False) -> torch.Tensor:
+            adapters: LoraSettings | None = None, training: bool = False,
+            attention_kernel: str = "sdpa") -> torch.Tensor:
     """Hidden states after the final norm.
 
     Args:
@@ -441,8 +665,9 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             and must return `block_fn(*those args)`; for other families the weights are those of
             `block_param_names(cfg)` (biases, extra norms appended after w3). Every argument after
             `block_fn` is positional and is a tensor, except `mask`, which is None for plain causal
-            attention (no `doc_ids` and no sliding window shorter than T). `h` is (B, T, D) in the
-            params' dtype, cos/sin are (B, T, hd) fp32, mask is (B, 1, T, T) bool. So
+            attention (no `doc_ids` and no sliding window shorter than T) and for "varlen" a `DocSpans`
+            (a NamedTuple of a tensor and ints). `h` is (B, T, D) in the params' dtype, cos/sin are
+            (B, T, hd) fp32, mask is (B, 1, T, T) bool ("sdpa") or float ("sdpa-efficient"). So
             `lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)` works.
             Default: call `block_fn(*args)` directly. A weight that carries an adapter arrives as an
             `AdaptedWeight` (a NamedTuple of tensors and floats) instead of a tensor.
@@ -450,6 +675,15 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             were made with; its `scale` and `dropout` reach each adapted linear through `AdaptedWeight`.
             Required when params hold adapter tensors (`*.lora_a`), ignored otherwise.
         training: apply the adapters' dropout (as PEFT does in train mode); False for evaluation.
+        attention_kernel: how attention runs (`ATTENTION_KERNELS`; the plan's `strategies.attention_kernel`):
+            "sdpa": `F.scaled_dot_product_attention`, backend chosen by torch, with a (B, 1, T, T) bool
+            mask for packed documents (the CPU's kernel). The other two are CUDA kernels called directly, so
+            the math kernel cannot run in their place, and neither soft-caps attention logits (Gemma 2):
+            "varlen": flash attention over the packed documents (`attend_varlen`), bf16/fp16 compute, never
+            T x T; `mask` is then a `DocSpans`. "sdpa-efficient": the memory-efficient kernel
+            (`attend_efficient`), any float dtype, for fp32 compute; packed documents (or a sliding window)
+            go in as one additive (B|1, 1, T, T) mask per window shared by the layers; `mask` is that
+            float tensor or None. Numbers agree with "sdpa" to rounding.
 
     Returns:
         (B, T, D) hidden states in the params' dtype.
@@ -457,18 +691,39 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
     B, T = tokens.shape
     if T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds cfg.max_seq_len = {cfg.max_seq_len}")
+    _check_attention_kernel(attention_kernel, cfg, tokens.device)
+    for name, t in (("positions", positions), ("doc_ids", doc_ids)):
+        if t is not None and t.device != tokens.device:
+            # varlen's kernel would take its document offsets from the host unchecked on fake CUDA
+            raise ValueError(f"{name} are on {t.device} but tokens on {tokens.device}: move the whole batch to "
+                             "the device the model runs on")
     if positions is None:
         positions = torch.arange(T, device=tokens.device).expand(B, T)
     run_block = run_block or _call
     cos, sin = rope_cache(cfg, positions)  # (B, T, hd) each
-    masks = layer_masks(cfg, T, doc_ids, tokens.device)  # per layer: None or (B|1, 1, T, T)
-    block_fn = partial(block, cfg=cfg)
+    block_fn = partial(block, cfg=cfg, attention_kernel=attention_kernel)
     names = block_param_names(cfg)
     h = embed(params, tokens, cfg)  # (B, T, D)
+    masks = layer_attention_inputs(cfg, attention_kernel, B, T, doc_ids, tokens.device, h.dtype)  # per layer
     for i in range(cfg.n_layers):
         layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in names]
         h = run_block(block_fn, h, *layer, cos, sin, masks[i])
     return _norm(h, params["norm"], cfg)
+
+
+def _check_attention_kernel(kernel: str, cfg: ModelConfig, device: torch.device) -> None:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel={kernel!r}: unknown; choose one of {list(ATTENTION_KERNELS)}")
+    if kernel == "sdpa":
+        return
+    if cfg.attn_logit_softcap is not None:
+        raise ValueError(
+            f"attention_kernel={kernel!r} cannot soft-cap attention logits, and this {cfg.family} model has "
+            f"attn_logit_softcap = {cfg.attn_logit_softcap} (Gemma 2); use attention_kernel='sdpa', which "
+            "computes the capped (B, H, T, T) scores explicitly")
+    if device.type != "cuda":
+        raise ValueError(f"attention_kernel={kernel!r} is a CUDA kernel, but the tokens are on {device}; "
+                         "use attention_kernel='sdpa' off CUDA")
 
 
 def _weight(params: Params, name: str, adapters: LoraSettings | None, training: bool) -> Weight:

@@ -73,8 +73,15 @@ SAVED_OPS = frozenset(
 )
 
 
+# flash attention over packed documents (`lowmem.nn.llama.attend_varlen`): torch's custom ops in this namespace,
+# matched by namespace so this module need not import torch.nn.attention.varlen (0.8 s) to name them
+SAVED_OP_NAMESPACES = frozenset({"torch_attn"})
+
+
 def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if func in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if func in SAVED_OPS or getattr(func, "namespace", None) in SAVED_OP_NAMESPACES:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective(block_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
@@ -153,21 +160,46 @@ class InBackwardOptimizer:
     because the hooks do both. The loss must already be normalized when `backward` runs (the hooks step
     immediately), which is why the planner allows it only without gradient accumulation and without
     global-norm clipping (both need every gradient first).
+
+    The hooks also sum the gradients' squared norms, for reporting, into a 0-d fp32 tensor on the parameters'
+    device: reading a value back in each hook would wait for the device once per parameter. `reset_grad_norm()`
+    before backward, `grad_norm()` after it (one read of the device, or none while it stays a tensor).
     """
 
     def __init__(self, build: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params: list[torch.Tensor]):
         self._optimizers = [build([p]) for p in params]
-        self.grad_sq_sum = 0.0  # squared gradient norms summed by the hooks, for reporting
+        device = params[0].device if params else torch.device("cpu")
+        self._grad_sq = torch.zeros((), dtype=torch.float32, device=device)  # summed by the hooks
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(opt))
                          for p, opt in zip(params, self._optimizers, strict=True)]
 
     def _hook(self, optimizer: torch.optim.Optimizer):
         def step(param: torch.Tensor) -> None:
-            self.grad_sq_sum += float(param.grad.float().pow(2).sum())
+            # the norm reduces in fp32 without an fp32 copy of a bf16 gradient; squared, it adds on the device
+            self._grad_sq.add_(torch.linalg.vector_norm(param.grad, dtype=torch.float32).square())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         return step
+
+    def reset_grad_norm(self) -> None:
+        """Start a new sum of squared gradient norms (before each backward)."""
+        self._grad_sq.zero_()
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global norm of the gradients the hooks stepped with since `reset_grad_norm`: 0-d fp32, on the
+        parameters' device (`float()` of it is the one host sync of the step)."""
+        return self._grad_sq.sqrt()
+
+    @property
+    def grad_sq_sum(self) -> float:
+        """The squared norm summed so far, as a float (reads the device). Kept for callers that set it to 0.0
+        before backward and take its square root after; `reset_grad_norm` and `grad_norm` are the same."""
+        return float(self._grad_sq)
+
+    @grad_sq_sum.setter
+    def grad_sq_sum(self, value: float) -> None:
+        self._grad_sq.fill_(value)
 
     @property
     def param_groups(self) -> list[dict]:
