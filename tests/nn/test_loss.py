@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowmem.nn.loss as loss_mod
 from lowmem.nn.loss import (
@@ -280,3 +281,105 @@ def test_all_implementations_are_registered():
                                   "fused": fused_linear_cross_entropy_sum}
     assert set(loss_mod.__all__) >= {"CE_IMPLEMENTATIONS", "loss_peak_bytes", "chunked_cross_entropy_sum",
                                      "fused_linear_cross_entropy_sum"}
+
+
+# -- projection in bf16 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(CE_IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_bf16_projection_matches_the_fp32_projection(kind, dtype, softcap):
+    # Stated tolerance: the summed loss within 5e-4 relative (the logits are rounded to bf16 once, about 2^-9,
+    # and the errors average out over tokens); gradients within 2e-2 of the largest reference entry, as
+    # test_alternatives_match_standard_bf16 (measured: up to 9e-3, fused summing its chunks' weight gradients
+    # in bf16 as Liger does). Gradients arrive in the inputs' dtype, fp32 inputs included.
+    hidden, weight, labels = make_batch(200, 32, 500, 0.3, dtype)
+    fn = CE_IMPLEMENTATIONS[kind]
+    ref = loss_and_grads(fn, hidden, weight, labels, softcap=softcap)
+    got = loss_and_grads(fn, hidden, weight, labels, softcap=softcap, projection_dtype=torch.bfloat16)
+    assert got[0].dtype == torch.float32 and got[1].item() == ref[1].item()
+    assert (got[0] - ref[0]).abs() <= 5e-4 * ref[0].abs()
+    for a, b in zip(got[2:], ref[2:], strict=True):
+        assert a.dtype == dtype
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+    default = loss_and_grads(fn, hidden, weight, labels, softcap=softcap, projection_dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(default, ref, strict=True))  # None is fp32
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of every matmul's operands and every fp32 output of the given shapes."""
+
+    def __init__(self, shapes) -> None:
+        super().__init__()
+        self.shapes = {tuple(s) for s in shapes}
+        self.matmul_dtypes: set[torch.dtype] = set()
+        self.fp32_copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            self.matmul_dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) in self.shapes:
+            self.fp32_copies.append(f"{func} {tuple(out.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("kind", sorted(CE_IMPLEMENTATIONS))
+def test_bf16_projection_multiplies_in_bf16_without_fp32_copies(kind):
+    N, D, V = 64, 32, 300
+    hidden, weight, labels = make_batch(N, D, V, 0.0, torch.bfloat16)
+    for projection, dtypes in ((None, {torch.float32}), (torch.bfloat16, {torch.bfloat16})):
+        seen = _MatmulDtypes([(N, D), (V, D)])
+        with seen:
+            loss_and_grads(CE_IMPLEMENTATIONS[kind], hidden, weight, labels, projection_dtype=projection)
+        assert seen.matmul_dtypes == dtypes, (projection, seen.matmul_dtypes)
+        assert bool(seen.fp32_copies) == (projection is None), seen.fp32_copies  # the check sees them
+
+
+def test_projection_dtype_is_checked():
+    hidden, weight, labels = make()
+    for fn in CE_IMPLEMENTATIONS.values():
+        with pytest.raises(ValueError, match="projection_dtype=torch.int8"):
+            fn(hidden, weight, labels, projection_dtype=torch.int8)
+    with pytest.raises(ValueError, match="projection_bytes=1"):
+        loss_peak_bytes("fused", 8, 20, 8, 2, projection_bytes=1)
+
+
+def measured_projection_peak_bytes(kind, hidden, weight, labels, projection_dtype, weight_grad):
+    """`measured_peak_bytes` with a projection dtype and, optionally, a frozen weight."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad)
+    tracker = LiveTensorTracker()
+    input_bytes = tracker.add_existing([h, w, labels], "inputs")
+    with tracker:
+        loss_sum, n = CE_IMPLEMENTATIONS[kind](h, w, labels, projection_dtype=projection_dtype)
+        loss_sum.backward()
+    return tracker.peak_bytes - input_bytes, n.item()
+
+
+@pytest.mark.parametrize("kind", sorted(CE_IMPLEMENTATIONS))
+@pytest.mark.parametrize("weight_grad", [True, False])
+@pytest.mark.parametrize("N,D,V,dtype,frac_ignored", [
+    (256, 64, 2048, torch.bfloat16, 0.3),  # logits dominate, ignored tokens
+    (16, 64, 4096, torch.bfloat16, 0.0),  # the weight dominates
+    (256, 64, 2048, torch.float32, 0.0),  # fp32 inputs (mixed precision's head) cast to bf16
+    (16, 64, 4096, torch.float32, 0.0),
+])
+def test_loss_peak_bytes_predicts_the_measured_peak_of_a_bf16_projection(kind, weight_grad, N, D, V, dtype,
+                                                                         frac_ignored):
+    hidden, weight, labels = make_batch(N, D, V, frac_ignored, dtype)
+    measured, n_kept = measured_projection_peak_bytes(kind, hidden, weight, labels, torch.bfloat16, weight_grad)
+    predicted = loss_peak_bytes(kind, N, V, D, dtype.itemsize, n_kept, weight_grad=weight_grad,
+                                projection_bytes=2)
+    assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
+
+
+def test_bf16_projection_of_bf16_inputs_holds_less_than_the_fp32_projection():
+    N, D, V = 1024, 64, 8192
+    hidden, weight, labels = make_batch(N, D, V, 0.0, torch.bfloat16)
+    peak = {(kind, p): measured_projection_peak_bytes(kind, hidden, weight, labels, p, True)[0]
+            for kind in CE_IMPLEMENTATIONS for p in (None, torch.bfloat16)}
+    # fused: no fp32 weight copy and a bf16 accumulator instead of an fp32 one (measured 4.60 -> 1.58 MB)
+    assert peak["fused", torch.bfloat16] < 0.4 * peak["fused", None], peak
+    for kind in ("standard", "chunked"):  # the fp32 logits dominate; the fp32 copies are gone
+        assert peak[kind, torch.bfloat16] < peak[kind, None], peak
