@@ -207,6 +207,29 @@ def test_lr_assigned_between_steps_scales_the_next_update(name):
     assert ratio == pytest.approx(0.5, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor"])
+def test_cpu_optimizers_step_as_torchs_defaults(name):
+    """`fused=True` (AdamW, SGD) is for CUDA parameters only, and Adafactor's `foreach=False` is the CPU default:
+    on a CPU, four steps give the same bits as torch's optimizer built with no kernel choice
+    (tests/train/test_cuda_optim.py checks the CUDA choices)."""
+    x, y, init = _problem()
+    spec = _spec(name)
+    defaults = {"adamw": lambda p: torch.optim.AdamW(p, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                                                     weight_decay=spec.weight_decay),
+                "sgd": lambda p: torch.optim.SGD(p, lr=spec.lr, momentum=spec.momentum,
+                                                 weight_decay=spec.weight_decay),
+                "adafactor": lambda p: torch.optim.Adafactor(p, lr=spec.lr, weight_decay=spec.weight_decay)}
+    finals = []
+    for make in (lambda p: build_optimizer(spec, p), defaults[name]):
+        params = _leaves(init)
+        optimizer = make(params)
+        _train(optimizer, params, 4, x, y)
+        finals.append(params)
+        assert not optimizer.defaults.get("fused")
+    for p, q in zip(*finals, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_paged_needs_the_bitsandbytes_backend():
     with pytest.raises(ValueError, match=r"optimizer\.paged"):
         build_optimizer(AdamW8bit(backend="torchao", paged=True), [torch.zeros(4, requires_grad=True)])

@@ -53,13 +53,19 @@ def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor], *,
         return _cpu_offload(spec, params)
     if isinstance(spec, AdamW):
         return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                 weight_decay=spec.weight_decay)
+                                 weight_decay=spec.weight_decay, **_fused_on_cuda(params))
     if isinstance(spec, SGD):
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        if any(_is_fake(p) for p in params):
+            _register_fake_fused_sgd()
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                               **_fused_on_cuda(params))
     if isinstance(spec, Adafactor):
         # torch's Adafactor (Shazeer & Stern 2018, no first moment): a factored second moment for
-        # tensors with 2+ dims, relative step size min(lr, 1/sqrt(step)), decoupled weight decay
-        return torch.optim.Adafactor(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        # tensors with 2+ dims, relative step size min(lr, 1/sqrt(step)), decoupled weight decay. It has no
+        # fused kernel; its foreach path (torch's default on CUDA) allocates an update the size of all the
+        # parameters at once, the per-tensor path twice the largest one (tests/train/test_cuda_optim.py
+        # measures both). On a CPU the per-tensor path is the default already.
+        return torch.optim.Adafactor(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=False)
     if isinstance(spec, AdamW8bit):
         if spec.backend == "bitsandbytes":
             return _bitsandbytes_adamw8bit(spec, params)
@@ -72,6 +78,43 @@ def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor], *,
         optim = _import_backend("torchao.optim", "optimizer.kind = 'adamw4bit'", "torchao")
         return _torchao(optim.AdamW4bit, spec, params)
     raise AssertionError(f"unhandled optimizer {type(spec).__name__}")
+
+
+def _fused_on_cuda(params: list[torch.Tensor]) -> dict[str, bool]:
+    """`fused=True` for torch's AdamW and SGD when every parameter is on a CUDA device; on a CPU, nothing.
+
+    torch's default on CUDA is the foreach path, whose update allocates one temporary the size of all the
+    parameters together (+1.32 GiB on a fake-CUDA trace of llama3.2-1b full bf16, issue 14); the fused kernel
+    updates each tensor in place and allocates nothing (tests/train/test_cuda_optim.py measures both). On a CPU
+    the default stays, so CPU runs compute the same bits as before.
+    """
+    if not params or any(p.device.type != "cuda" for p in params):
+        return {}
+    return {"fused": True}
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+@functools.cache
+def _register_fake_fused_sgd() -> None:
+    """Give `aten::_fused_sgd_` the fake (shape-only) kernel torch 2.13 lacks, so fused SGD steps on fake tensors.
+
+    torch registers one for `_fused_adam(w)_` (torch/_meta_registrations.py) but not for `_fused_sgd_`, which
+    then fails under FakeTensorMode (`lowmem.plan.trace`, fake CUDA). The op updates its tensor lists in place
+    and returns nothing, so its fake kernel does nothing. Registered once per process, and only when fused SGD
+    is built over fake parameters, so real runs never see it.
+    """
+    for name in ("aten::_fused_sgd_", "aten::_fused_sgd_.tensor_lr"):
+        torch.library.register_fake(name)(_fused_sgd_fake)
+
+
+def _fused_sgd_fake(self, grads, momentum_buffer_list, *, weight_decay, momentum, lr, dampening, nesterov,
+                    maximize, is_first_step, grad_scale=None, found_inf=None) -> None:
+    return None
 
 
 def stepped_params(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -94,6 +137,17 @@ def _cpu_offload(spec: AdamW, params: list[torch.Tensor]) -> torch.optim.Optimiz
             f"optimizer.offload = true moves the optimizer from a CUDA device to the host, but these parameters are "
             f"on {', '.join(elsewhere)}. Set optimizer.offload = false (on a CPU the optimizer runs on the host "
             "already)"
+        )
+    if any(_is_fake(p) for p in params) and not torch.cuda.is_available():
+        # fake CUDA (`lowmem.fakecuda`, a torch built without CUDA): torchao's CPUOffloadOptimizer reaches for the
+        # CUDA runtime itself, with no seam to stand in for it: its constructor asserts that a CUDA device is
+        # available (torchao.utils.get_available_devices) and makes a `torch.cuda.Stream` ("torch.cuda.Stream
+        # requires CUDA support"), and each gradient hook and step waits on streams and records and synchronizes
+        # events. None of that exists here, so stop with the reason instead of torchao's bare assertion.
+        raise NotImplementedError(
+            "optimizer.offload = true cannot run on fake CUDA (a torch built without CUDA): torchao's "
+            "CPUOffloadOptimizer needs CUDA streams and events when it is built and in every backward and step. "
+            "lowmem.plan.trace traces such a plan with the optimizer on the device (an upper bound); run it on a GPU"
         )
     optim = _import_backend("torchao.optim", "optimizer.offload = true", "torchao")
     return _host_offloaded(optim.CPUOffloadOptimizer)(
@@ -141,22 +195,47 @@ def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torc
 
     Built with any fake-tensor mode set aside: bitsandbytes makes its two 256-entry quantization maps from Python
     lists, which a fake tensor cannot give (`lowmem.plan.trace` builds the optimizer on fake parameters). The
-    maps are real constants then, as they are in a real run.
+    maps are real constants then, as they are in a real run; over fake parameters they are replaced by fake
+    copies on the parameters' device (`_fake_quantization_maps`).
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     optim = _import_backend("bitsandbytes.optim", "optimizer.backend = 'bitsandbytes'", "bitsandbytes")
     cls = _traceable_bitsandbytes(optim.PagedAdamW8bit if spec.paged else optim.AdamW8bit)
     with unset_fake_temporarily():
-        return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        optimizer = cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if _on_fake_tensors(optimizer):
+        _fake_quantization_maps(optimizer)
+    return optimizer
+
+
+def _fake_quantization_maps(optimizer: torch.optim.Optimizer) -> None:
+    """Replace a bitsandbytes optimizer's real quantization maps by fake copies on its parameters' device.
+
+    bitsandbytes keeps the maps in `name2qmap` and moves them to a parameter's device when it first makes that
+    parameter's states (`Optimizer2State.init_state`: `name2qmap["dynamic"].to(p.device)`). Real tensors moved
+    to `cuda` under FakeTensorMode raise ("Please convert all Tensors to FakeTensors first"), and there is no
+    CUDA to move them to. Fake copies carry the same shapes and dtypes, so the states made from them hold the
+    bytes a GPU run's would; their values are never read (a fake step stops after the states, `_traceable_...`).
+    """
+    fake = next(p for group in optimizer.param_groups for p in group["params"] if _is_fake(p))
+    optimizer.name2qmap = {name: fake.fake_mode.from_tensor(qmap).to(fake.device)
+                           for name, qmap in optimizer.name2qmap.items()}
 
 
 @functools.cache
 def _traceable_bitsandbytes(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """`cls` (a bitsandbytes 8-bit optimizer) whose step on fake parameters creates the states and stops there.
 
-    bitsandbytes' update reads values (its block-wise quantization), which fake tensors do not have; a trace
-    needs only the states' bytes, and bitsandbytes' own `init_state` makes them, as a real first step would.
+    bitsandbytes' update reads values (its block-wise quantization) and, on CUDA, calls its own compiled kernels
+    and `torch.cuda.synchronize()`, none of which a fake tensor can go through; a trace needs only the states'
+    bytes, and bitsandbytes' own `init_state` makes them, as a real first step would.
+
+    A paged optimizer's large states (1e5 elements and up) are CUDA unified memory that bitsandbytes' C library
+    allocates (`F.get_paged`, `cudaMallocManaged`) and wraps as a CPU tensor, which fake parameters cannot have.
+    Over fake parameters they are ordinary tensors on the parameter's device instead: the bytes a GPU holds while
+    the pages are resident, which is the upper bound (the CUDA allocator's `max_memory_allocated` does not count
+    managed memory, so a GPU run measures less there than a trace).
     """
     class Traceable(cls):
         @torch.no_grad()
@@ -168,6 +247,11 @@ def _traceable_bitsandbytes(cls: type[torch.optim.Optimizer]) -> type[torch.opti
                     if p.grad is not None and not self.state[p]:
                         self.init_state(group, p, gindex, pindex)
             return None
+
+        def get_state_buffer(self, p, dtype=torch.float32):
+            if _is_fake(p):
+                return torch.zeros_like(p, dtype=dtype)
+            return super().get_state_buffer(p, dtype)
 
     Traceable.__name__ = Traceable.__qualname__ = cls.__name__
     return Traceable
