@@ -169,6 +169,15 @@ def test_each_forward_gets_its_own_budget():
         y.sum().backward()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without a CUDA runtime")
+def test_a_cuda_offloader_builds_without_a_cuda_runtime():
+    """On fake CUDA (a torch built without CUDA) there are no streams: the offloader for "cuda" copies plainly,
+    and moves fake tensors made on "cuda" (device cuda:0); tests/train/test_cuda_optim.py runs it."""
+    offload = ActivationOffload("cuda", min_bytes=0, max_host_bytes=UNBOUNDED)
+    assert offload.device == torch.device("cuda", 0)
+    assert type(offload._copier).__name__ == "_PlainCopier"
+
+
 # -- the executor applies it from the plan ---------------------------------------------------------------
 
 

@@ -37,28 +37,104 @@ Saved-tensor hooks turn off autograd's check that a saved tensor is not modified
 would report it, and tests/train/test_offload.py shows that the gradients match exactly with and without
 offloading.
 
-On a CPU the same bookkeeping runs with plain host copies and no stream. There it frees nothing, because the
-activations already live in host memory, which is why the planner never offloads on a CPU. Tests use it to check
-which tensors move and that the gradients do not change. The memory effect can be measured only on CUDA.
+Every stream, event and pinned-memory call sits behind one seam, the copier (`_copier`): `_StreamCopier` on a
+CUDA device of a torch with a CUDA runtime (the above), `_PlainCopier` everywhere else, with synchronous plain
+copies and nothing to wait for. The bookkeeping around it (what moves, the budget, fetching ahead) is the same.
+
+- On fake CUDA (`lowmem.fakecuda`: fake tensors on `cuda` in a torch built without CUDA, which has no streams,
+  events or pinned memory) the plain copier moves fake tensors between `cuda` and the host, so the device bytes
+  saved for backward are what a GPU run holds, and tests/train/test_cuda_optim.py measures them.
+- On a CPU it frees nothing, because the activations already live in host memory (the copy back is the host
+  tensor itself), which is why the planner never offloads on a CPU. Tests use it to check which tensors move and
+  that the gradients do not change.
 """
 
 import weakref
 from collections.abc import Iterable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+
+class _PlainCopier:
+    """Copies between `device` and host memory as plain synchronous copies: no stream, no event, no pinned memory.
+
+    For a CPU (the copy back is the host tensor itself) and for fake CUDA (a torch built without CUDA has no
+    streams to overlap with; fake tensors move between `cuda` and the host as shapes).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty_like(t, device="cpu")
+        host.copy_(t)
+        return host
+
+    def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The tensor on the device, and what to wait for before reading it (nothing: the copy is done)."""
+        return host.to(self.device), None
+
+    def wait(self, ready: None) -> None:
+        pass
+
+
+class _StreamCopier:
+    """Copies on a side CUDA stream that overlap the compute stream's kernels (the module docstring's stream
+    safety rules), into and out of pinned host memory. Kept across steps: each new stream would get its own pool
+    in the caching allocator."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty_like(t, device="cpu", pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is complete
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        return host
+
+    def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start the copy back; returns the device tensor and the event recorded after its copy."""
+        t = torch.empty_like(host, device=self.device)  # from the compute stream's pool
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the memory's previous user is done
+        with torch.cuda.stream(self.stream):
+            t.copy_(host, non_blocking=True)
+        ready = self.stream.record_event()
+        t.record_stream(self.stream)  # safe to free even if backward never takes it
+        return t, ready
+
+    def wait(self, ready: torch.cuda.Event) -> None:
+        """The compute stream waits for the copy back before backward reads the tensor."""
+        torch.cuda.current_stream(self.device).wait_event(ready)
+
+
+def _copier(device: torch.device) -> _PlainCopier | _StreamCopier:
+    """The copier for `device`: side-stream copies on a CUDA device when the CUDA runtime is there, plain copies
+    on a CPU and on fake CUDA (`torch.cuda.is_available()` is False there; `lowmem.fakecuda` keeps it so)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return _StreamCopier(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # where a fake tensor made on "cuda" says it is
+    return _PlainCopier(device)
 
 
 class _Moved:
     """A saved tensor's host copy, its place in the forward's save order, and its way back to the device."""
 
-    __slots__ = ("__weakref__", "fetched", "forward", "host", "index", "ready")
+    __slots__ = ("__weakref__", "fetched", "forward", "host", "index", "ready", "taken")
 
     def __init__(self, host: torch.Tensor, index: int, forward: "_Forward") -> None:
         self.host = host
         self.index = index
         self.forward = forward
         self.fetched: torch.Tensor | None = None  # on the device again, waiting for backward to take it
-        self.ready: torch.cuda.Event | None = None  # recorded on the side stream after the copy back
+        self.ready: torch.cuda.Event | None = None  # the copier's event after the copy back (None: plain copy)
+        self.taken = False  # backward has taken it at least once
 
 
 class _Forward:
@@ -79,8 +155,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     stream would get its own pool in the caching allocator. Each `with` starts a new budget of `max_host_bytes`.
 
     Args:
-        device: the device whose saved tensors move: a CUDA device (pinned host copies on a side stream), or
-            "cpu" (plain copies, synchronous; frees nothing, for tests).
+        device: the device whose saved tensors move: a CUDA device (pinned host copies on a side stream; plain
+            copies on fake CUDA), or "cpu" (plain copies, synchronous; frees nothing, for tests).
         min_bytes: tensors smaller than this stay where they are.
         max_host_bytes: host bytes one forward may fill; tensors that would go past it stay on the device.
         keep: tensors never moved, nor any view of their storage (the parameters and frozen weights).
@@ -88,14 +164,12 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, device: torch.device | str, *, min_bytes: int, max_host_bytes: int,
                  keep: Iterable[torch.Tensor] = ()) -> None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self._copier = _copier(torch.device(device))
+        self.device = self._copier.device
         self.min_bytes = min_bytes
         self.max_host_bytes = max_host_bytes
-        self._kept = frozenset(t.untyped_storage().data_ptr() for t in keep if type(t) is torch.Tensor)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # storages by their StorageImpl address, which fake tensors have too (a fake storage has no data pointer)
+        self._kept = frozenset(t.untyped_storage()._cdata for t in keep if _is_plain(t))
         self._forward = _Forward()
         super().__init__(self._pack, self._unpack)
 
@@ -128,54 +202,34 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         n_bytes = t.numel() * t.element_size()
         if forward.host_bytes + n_bytes > self.max_host_bytes:
             return t.detach()
-        record = _Moved(self._copy_out(t), len(forward.records), forward)
+        record = _Moved(self._copier.to_host(t), len(forward.records), forward)
         forward.host_bytes += n_bytes
         forward.records.append(weakref.ref(record))
         forward.by_source[id(t)] = (weakref.ref(t), t._version, weakref.ref(record))
         return record
 
     def _movable(self, t: torch.Tensor) -> bool:
-        return (type(t) is torch.Tensor and t.layout == torch.strided and t.device == self.device
+        return (_is_plain(t) and t.layout == torch.strided and t.device == self.device
                 and t.numel() * t.element_size() >= self.min_bytes
-                and t.untyped_storage().data_ptr() not in self._kept)
-
-    def _copy_out(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of `t`: pinned and asynchronous on the side stream for CUDA, plain for CPU."""
-        host = torch.empty_like(t, device="cpu", pin_memory=self._stream is not None)
-        if self._stream is None:
-            host.copy_(t)
-            return host
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # t is complete
-        with torch.cuda.stream(self._stream):
-            host.copy_(t, non_blocking=True)
-        t.record_stream(self._stream)  # its memory is not reused before the copy has read it
-        return host
+                and t.untyped_storage()._cdata not in self._kept)
 
     # ------------------------------------------------------------------------------------------- backward
 
     def _unpack(self, packed: "torch.Tensor | _Moved") -> torch.Tensor:
         if not isinstance(packed, _Moved):
             return packed
-        if self._stream is None:
-            return packed.host
         if packed.fetched is None:
             self._fetch(packed)
         t = packed.fetched
         packed.fetched = None  # autograd owns it now; a tensor saved twice is fetched again for its second use
-        torch.cuda.current_stream(self.device).wait_event(packed.ready)
+        packed.taken = True
+        self._copier.wait(packed.ready)
         self._prefetch_before(packed)
         return t
 
     def _fetch(self, record: _Moved) -> None:
-        """Start copying `record` back to the device on the side stream."""
-        compute = torch.cuda.current_stream(self.device)
-        t = torch.empty_like(record.host, device=self.device)  # from the compute stream's pool
-        self._stream.wait_stream(compute)  # the memory's previous user is done with it
-        with torch.cuda.stream(self._stream):
-            t.copy_(record.host, non_blocking=True)
-        record.ready = self._stream.record_event()
-        t.record_stream(self._stream)  # safe to free even if backward never takes it
-        record.fetched = t
+        """Start copying `record` back to the device (on the side stream, with a stream copier)."""
+        record.fetched, record.ready = self._copier.to_device(record.host)
 
     def _prefetch_before(self, record: _Moved) -> None:
         """Fetch the nearest tensor saved before `record` that is still on the host: backward runs in about
@@ -184,8 +238,13 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         records = record.forward.records
         for i in range(record.index - 1, -1, -1):
             earlier = records[i]()
-            if earlier is None or (earlier.ready is not None and earlier.fetched is None):
+            if earlier is None or (earlier.taken and earlier.fetched is None):
                 continue  # released by autograd, or already taken: backward is past it
             if earlier.fetched is None:
                 self._fetch(earlier)
             return
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    """A plain tensor (a fake one included), not a subclass such as an NF4 weight: only those move."""
+    return type(t) is torch.Tensor or type(t) is FakeTensor
