@@ -18,7 +18,7 @@ from lowmem.plan.planner import trainable_shapes
 from lowmem.train import execute
 from lowmem.train.loop import build_training, train_step
 from lowmem.train.memory import LiveTensorTracker
-from lowmem.train.strategies import LossScaler, block_runner, param_dtype
+from lowmem.train.strategies import InBackwardOptimizer, LossScaler, block_runner, param_dtype
 
 
 def _losses(run_dir):
@@ -448,3 +448,33 @@ def test_weight_decay_rounds_away_in_pure_bf16_unless_rounded_stochastically(tin
         return sum(float(weights[run][n].float().abs().sum()) for n in blocks)
 
     assert size("on-0.1") / size("on-0") == pytest.approx(1 - 4 * 3e-4, abs=4e-4)
+
+
+# -- optimizer in backward ----------------------------------------------------------------------------------
+
+
+def test_optimizer_in_backward_sums_the_gradient_norm_on_the_device():
+    """The hooks add each gradient's squared norm into one 0-d fp32 tensor (no host read per parameter;
+    tests/train/test_cuda_optim.py counts them on fake CUDA): `grad_norm()` is the global norm of the gradients
+    they stepped with, `reset_grad_norm()` (or `grad_sq_sum = 0.0`, as the loop sets it) starts the next step."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(32, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(8, generator=g)]
+    x = torch.randn(4, 32, generator=g)
+
+    def loss(params):
+        w1, w2, b = params
+        return (torch.tanh(x @ w1) @ w2 + b).pow(2).sum()
+
+    reference = [t.clone().requires_grad_() for t in init]
+    loss(reference).backward()
+    expected = torch.cat([t.grad.flatten() for t in reference]).norm()
+    params = [t.clone().requires_grad_() for t in init]
+    optimizer = InBackwardOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.0), params)
+    for reset in (optimizer.reset_grad_norm, lambda: setattr(optimizer, "grad_sq_sum", 0.0)):
+        reset()
+        loss(params).backward()
+        norm = optimizer.grad_norm()
+        assert norm.dim() == 0 and norm.dtype == torch.float32
+        torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+        assert optimizer.grad_sq_sum == pytest.approx(float(expected) ** 2, rel=1e-5)
+        assert all(p.grad is None for p in params)  # each hook freed its gradient
