@@ -75,7 +75,7 @@ def test_no_arguments_shows_help(runner):
     [
         ("validate", {"--set", "-s", "--help"}),
         ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--nproc", "--help"}),
-        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--help"}),
+        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--cap-memory", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
         ("export", {"--out", "--merge", "--help"}),
         ("report", {"--png", "--help"}),
@@ -269,13 +269,15 @@ def test_execute_saved_plan_refuses_overrides(tiny_run, tmp_path, runner):
     assert not (tmp_path / "x").exists()
 
 
-def test_execute_plan_for_other_hardware_is_one_clean_error(runner, tmp_path):
+def test_execute_cuda_plan_on_a_torch_without_cuda_is_one_clean_error(runner, tmp_path):
     result = runner.invoke(app, ["plan", str(QUICKSTART), "--json", "--hardware", "h100-80gb"])
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(result.stdout)
     result = runner.invoke(app, ["execute", str(plan_path), "--out", str(tmp_path / "run")])
     # the plan report is printed before the run starts, the error after it
-    assert_clean_error(result, "h100-80gb", "CPU only", quiet_stdout=False)
+    # one line naming the card and the fix: a CUDA build, or a plan for this machine
+    assert_clean_error(result, "h100-80gb", "built without CUDA", quiet_stdout=False)
+    assert "download.pytorch.org" in result.output and "lowmem plan SPEC" in result.output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -125,6 +125,9 @@ def execute(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's newest checkpoint.")]
     = False,
+    cap_memory: Annotated[str | None, typer.Option(
+        "--cap-memory", help="Enforce a cap on live tensor bytes, e.g. 2GiB: past it a step runs out of memory as "
+        "on a full GPU (rehearses memory.on_oom on any machine).", show_default=False)] = None,
 ) -> None:
     """Run a spec (planned for this machine first) or a saved plan, and write the run directory.
 
@@ -151,7 +154,15 @@ def execute(
     if not quiet and not secondary:
         typer.echo(render_plan(p))
         typer.echo("")
-    result = run(p, out, progress=not quiet, resume=resume)
+    cap = None
+    if cap_memory is not None:
+        from lowmem.spec.units import parse_bytes
+
+        try:
+            cap = parse_bytes(cap_memory)
+        except ValueError as err:
+            raise _UserError(f"--cap-memory {cap_memory!r}: {err}") from None
+    result = run(p, out, progress=not quiet, resume=resume, cap_memory_bytes=cap)
     if secondary:
         return
     typer.echo("")

@@ -169,9 +169,10 @@ class _EpochSchedule:
 
     def __init__(
         self, dataset: RowSource, row_indices: np.ndarray, micro_batch: int, seed: int, shuffle: bool,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, pin_memory: bool = False,
     ):
         self.dataset = dataset
+        self.pin_memory = pin_memory  # page-locked batches (made in the prefetch thread): async copies to a GPU
         self.row_indices = row_indices
         self.micro_batch = micro_batch
         self.seed = seed
@@ -193,7 +194,10 @@ class _EpochSchedule:
         global_batch = self.micro_batch * self.world_size
         start = cursor * global_batch + self.rank * self.micro_batch  # this rank's slice of the global batch
         rows = self.order(epoch)[start : start + self.micro_batch]
-        return make_batch(*self.dataset.rows(rows))
+        batch = make_batch(*self.dataset.rows(rows))
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
 
     def advance(self, epoch: int, cursor: int) -> tuple[int, int]:
         cursor += 1
@@ -221,6 +225,7 @@ class BatchLoader:
         shuffle: permute each epoch.
         prefetch: batches made ahead in a daemon thread; 0 makes them in the caller's thread.
         rank, world_size: this process's share of each global batch (see above); 0, 1 in a single process.
+        pin_memory: pin each batch (in the prefetch thread) so that its copy to a GPU runs without blocking.
     """
 
     def __init__(
@@ -234,6 +239,7 @@ class BatchLoader:
         prefetch: int = 2,
         rank: int = 0,
         world_size: int = 1,
+        pin_memory: bool = False,
     ):
         row_indices = np.asarray(row_indices, dtype=np.int64)
         if row_indices.ndim != 1:
@@ -255,7 +261,8 @@ class BatchLoader:
         self.micro_batch = micro_batch
         self.seed = seed
         self.prefetch = prefetch
-        self._schedule = _EpochSchedule(dataset, row_indices, micro_batch, seed, shuffle, rank, world_size)
+        self._schedule = _EpochSchedule(dataset, row_indices, micro_batch, seed, shuffle, rank, world_size,
+                                        pin_memory)
         self.batches_per_epoch = self._schedule.batches_per_epoch
         self._epoch, self._cursor = 0, 0
         self._thread: threading.Thread | None = None

@@ -43,6 +43,11 @@ class Strategies(msgspec.Struct, **_STRUCT):
     # pure bf16 with an on-device AdamW: updates computed in fp32 and rounded to bf16 stochastically (torchao
     # _AdamW), so that updates below bf16's spacing are kept on average
     bf16_stochastic_rounding: bool = False
+    # the attention kernel (lowmem.nn.llama.forward): "sdpa" on the CPU (explicit document mask); on CUDA "varlen"
+    # (flash over packed documents, bf16/fp16 compute) or "sdpa-efficient" (the memory-efficient kernel; fp32)
+    attention_kernel: Literal["sdpa", "sdpa-efficient", "varlen"] = "sdpa"
+    # the dtype of the vocabulary projection inside the loss (logits upcast to fp32 in chunks); fp32 on the CPU
+    projection_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 def run_optimizer(optimizer: OptimizerSpec, strategies: Strategies) -> OptimizerSpec:

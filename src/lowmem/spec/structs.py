@@ -300,6 +300,9 @@ class MemorySpec(Spec, kw_only=True):
     safety_margin: Annotated[float, Meta(ge=0, lt=1)] = 0.1
     precision: Literal["auto", "fp32", "bf16", "mixed-bf16", "fp16"] = "auto"
     strategies: StrategySpec = StrategySpec()
+    # a step that runs out of device memory: "replan" frees it, re-plans for what was really available and
+    # continues from the last completed step; "stop" checkpoints that step and stops with the error
+    on_oom: Literal["replan", "stop"] = "replan"
 
     def __post_init__(self):
         if self.budget is not None:

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lowmem.nn.hf import _fsync as _fsync_file
 from lowmem.train import distributed
+from lowmem.train.device import cuda_rng_state, restore_cuda_rng_state
 
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -69,9 +70,25 @@ def plan_fingerprint(plan, world: int = 1) -> dict[str, str]:
     spec = plan.spec
     train = msgspec.structs.replace(spec.train, log_every=1, eval_every=0, eval_batches=1,
                                     micro_batch=spec.train.micro_batch * world)
-    parts = {"model": (plan.model, spec.model), "strategies": plan.strategies, "data": spec.data,
+    parts = {"model": (plan.model, spec.model), "strategies": _stored_strategies(plan.strategies), "data": spec.data,
              "method": spec.method, "optimizer": spec.optimizer, "train": train}
     return {name: hashlib.sha256(msgspec.json.encode(_set_fields(v))).hexdigest()[:16] for name, v in parts.items()}
+
+
+# Strategies that change what a step holds on the device but neither what the checkpoint stores nor what the
+# step computes (up to float summation order): a run may resume under a plan that chose them differently, as
+# an on-OOM re-plan does (`memory.on_oom`). Precision, the optimizer's states and where they step stay fixed.
+MEMORY_ONLY_STRATEGIES = ("activation_checkpointing", "cross_entropy", "activation_offloading", "offload_min_bytes",
+                          "offload_max_host_bytes", "compile", "micro_batch_split", "attention_kernel",
+                          "projection_dtype")
+
+
+def _stored_strategies(strategies):
+    """`strategies` with the memory-only ones at their defaults: the part a resume must keep."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(strategies)
+                if f.name in MEMORY_ONLY_STRATEGIES and f.default is not msgspec.NODEFAULT}
+    return msgspec.structs.replace(strategies, **{name: defaults.get(name, "any") for name in MEMORY_ONLY_STRATEGIES
+                                                  if hasattr(strategies, name)})
 
 
 def _set_fields(value):
@@ -130,7 +147,9 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
     tensors, skeleton = _split_state(_by_name(optimizer.state_dict(), list(params)))
     trainer = {"format": CHECKPOINT_FORMAT, "step": step, "loader": loader_state,
                "fingerprint": _combined(fingerprint), "fingerprint_parts": fingerprint, "optimizer": skeleton,
-               "sharded": world > 1, "world_size": world, "torch_rng": torch.get_rng_state().tolist()}
+               "sharded": world > 1, "world_size": world, "torch_rng": torch.get_rng_state().tolist(),
+               # LoRA dropout and stochastic rounding on a GPU draw from the CUDA generators: a resume needs them
+               "cuda_rng": cuda_rng_state("cuda")}
     first = distributed.rank() == 0
 
     def prepare() -> None:
@@ -279,6 +298,7 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torc
                 t.copy_(weights[name])
     optimizer.load_state_dict(_by_index(state, names, path))
     torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
+    restore_cuda_rng_state(trainer.get("cuda_rng"), "cuda")
     return trainer
 
 

@@ -68,14 +68,26 @@ def process_group(device: str) -> Iterator[None]:
     if not dist.is_available():
         raise ValueError("torchrun started several processes but this torch build has no torch.distributed; "
                          "run a single process, or install a torch build with distributed support")
-    backend = "nccl" if device == "cuda" else "gloo"
+    kwargs = {}
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend)  # reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (env://)
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local)
+        kwargs["device_id"] = local
+    # reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (env://)
+    dist.init_process_group(backend=backend_for(device), **kwargs)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def backend_for(device: str) -> str:
+    """The process group's backends: gloo on CPU; on CUDA NCCL for device tensors and gloo for host ones.
+
+    FSDP's collectives move CUDA tensors (NCCL); the few scalars the loop and checkpoints agree on (a step's loss
+    and token count, a stop request, a failed write) are host float64 tensors, which NCCL rejects: gloo takes them.
+    """
+    return "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
 
 
 def barrier() -> None:

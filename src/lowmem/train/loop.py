@@ -11,6 +11,7 @@ A run directory holds::
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -49,7 +50,21 @@ from lowmem.plan.structs import run_optimizer
 from lowmem.spec.structs import Dora, FileTokenizer, Lora, QLora, RunSpec
 from lowmem.spec.units import format_bytes
 from lowmem.train import distributed
-from lowmem.train.checkpoint import latest_checkpoint, load_checkpoint, plan_fingerprint, save_checkpoint
+from lowmem.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    plan_fingerprint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from lowmem.train.device import (
+    CudaMemory,
+    check_local_device,
+    cuda_rng_state,
+    real_cuda,
+    restore_cuda_rng_state,
+    to_device,
+)
 from lowmem.train.memory import LiveTensorTracker, resident_bytes
 from lowmem.train.optim import build_optimizer, lr_at, stepped_params
 from lowmem.train.sinks import close_sinks, open_sinks
@@ -109,7 +124,8 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
     lr = lr_at(step, total_steps, spec.optimizer.lr, spec.train.schedule)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, n_tokens = 0.0, 0
+    # the loss and token sums stay 0-d tensors on the device: one host read per step, none per micro-batch
+    loss_sum = n_tokens = None
     in_backward = isinstance(optimizer, InBackwardOptimizer)
     assert not (in_backward and loss_scaler), "the planner refuses fp16 with optimizer_in_backward"
     assert not (in_backward and split > 1), "the planner refuses micro_batch_split with optimizer_in_backward"
@@ -121,6 +137,7 @@ def train_step(step: int, total_steps: int, spec: RunSpec, loss_of, loader, trai
             micro_loss, micro_n = loss_of(piece)
             loss_sum, n_tokens = _backward(micro_loss, micro_n, loss_sum, n_tokens, in_backward, optimizer,
                                            loss_scaler, tracker, trainable)
+    loss_sum, n_tokens = float(loss_sum), int(n_tokens)  # the step's host reads, after its last backward
     world = distributed.world_size()
     if world > 1:  # every rank's share of the step: the loss and the gradients are over all of them
         loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
@@ -163,21 +180,29 @@ def _pieces(batch: dict[str, torch.Tensor], split: int) -> list[dict[str, torch.
             for parts in zip(*(t.chunk(split) for t in batch.values()), strict=True)]
 
 
-def _backward(micro_loss, micro_n, loss_sum: float, n_tokens: int, in_backward: bool, optimizer, loss_scaler,
-              tracker: LiveTensorTracker | None, trainable: list[torch.Tensor]) -> tuple[float, int]:
-    """Backward of one (piece of a) micro-batch's summed loss; returns the step's running loss sum and count."""
+def _backward(micro_loss: torch.Tensor, micro_n: torch.Tensor, loss_sum: torch.Tensor | None,
+              n_tokens: torch.Tensor | None, in_backward: bool, optimizer, loss_scaler,
+              tracker: LiveTensorTracker | None, trainable: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of one (piece of a) micro-batch's summed loss; returns the step's running loss sum and count.
+
+    Both stay on the device (no host read here); `train_step` reads them once, after the step's last backward.
+    """
     if in_backward:
-        # the hooks step during backward, so the loss is normalized first (grad_accum is 1: planner rule)
+        # the hooks step during backward, so the loss is normalized first (grad_accum is 1: planner rule); the
+        # count divides on the device: no host read before backward
         optimizer.grad_sq_sum = 0.0
         with _category(tracker, "optimizer_state"):
-            (micro_loss / max(int(micro_n), 1)).backward()
+            (micro_loss / micro_n.clamp(min=1).to(micro_loss.dtype)).backward()
     elif loss_scaler is not None:
         (micro_loss * loss_scaler.scale).backward()
     else:
         micro_loss.backward()
     if tracker and not in_backward:
         tracker.reclassify((t.grad for t in trainable), "gradients")
-    return loss_sum + micro_loss.item(), n_tokens + int(micro_n)
+    micro_loss, micro_n = micro_loss.detach(), torch.as_tensor(micro_n).detach()
+    if loss_sum is None:
+        return micro_loss, micro_n
+    return loss_sum + micro_loss, n_tokens + micro_n
 
 
 def _category(tracker: LiveTensorTracker | None, name: str):
@@ -220,18 +245,25 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
                                                      stochastic_rounding=p.strategies.bf16_stochastic_rounding),
                                list(trainable_params.values()))
     run_block = block_runner(p.strategies, params)
-    loss_fn = loss_function(p.strategies)
+    loss_fn = _planned_loss(p)
     offload = activation_offload(p.strategies, p.hardware.device, params)
 
     def loss_of(batch, training: bool = True):
         with offload:  # the model's saved tensors only: backward needs the loss's first
             hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"],
-                             doc_ids=batch["doc_ids"], run_block=run_block, adapters=adapters, training=training)
+                             doc_ids=batch["doc_ids"], run_block=run_block, adapters=adapters, training=training,
+                             attention_kernel=p.strategies.attention_kernel)
         with tracker.category("logits"):
             return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
                            softcap=p.model.final_logit_softcap)
 
     return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, _tokens_per_piece(p)))
+
+
+def _planned_loss(p: Plan):
+    """The plan's cross-entropy, its vocabulary projection in the planned dtype (bf16 on a GPU; fp32 on the CPU)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p.strategies.projection_dtype]
+    return partial(loss_function(p.strategies), projection_dtype=dtype)
 
 
 def _with_adapters(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings | None
@@ -277,12 +309,13 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
 
     optimizer.register_step_pre_hook(lambda *_: resync())  # after backward FSDP freed the root's full weights
     run_block = distributed.block_runner(shell, p.model, block_runner(p.strategies, params), after_reshard=resync)
-    loss_fn = loss_function(p.strategies)
+    loss_fn = _planned_loss(p)
 
     def loss_in_shell(module, batch, training: bool):
         params = distributed.named_params(module)  # the root's weights full (FSDP gathered them), blocks sharded
         hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
-                         run_block=run_block, adapters=adapters, training=training)
+                         run_block=run_block, adapters=adapters, training=training,
+                             attention_kernel=p.strategies.attention_kernel)
         with tracker.category("logits"):
             return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
                            softcap=p.model.final_logit_softcap)
@@ -312,25 +345,107 @@ def check_distributable(p: Plan, world: int) -> None:
 
 
 def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True,
-            resume: bool = False) -> RunResult:
+            resume: bool = False, cap_memory_bytes: int | None = None) -> RunResult:
     """Run a plan (a RunSpec is planned for this machine first) and write the run directory.
 
     With `resume`, continue from the newest complete checkpoint in the run directory (same plan required);
     the resumed run's losses equal those of a run never stopped. SIGINT/SIGTERM finish the current step,
     write a checkpoint and return with `interrupted=True`.
     Under `torchrun --nproc_per_node N` every process calls this and they train data-parallel with FSDP2
-    (gloo on CPU, NCCL on CUDA); `train.micro_batch` is then per process. See `_execute`.
+    (gloo on CPU, NCCL and gloo on CUDA); `train.micro_batch` is then per process. See `_execute`.
+
+    A step that runs out of device memory (`torch.OutOfMemoryError`) does not end the run while
+    `memory.on_oom = "replan"` (the default): the step's tensors are freed, the last completed step is
+    checkpointed, the spec is re-planned with the budget lowered to what was really available, and the run
+    resumes under the new plan (`replan_after_oom`), which gives what a resume under that plan gives.
+    `cap_memory_bytes` enforces a cap on live tensor bytes (any device): an op past it raises
+    `torch.OutOfMemoryError` as a full GPU would, so that on-OOM re-planning can be rehearsed on a CPU.
     """
     if isinstance(plan_or_spec, Plan):
         p = plan_or_spec
     else:  # under torchrun: planned for the processes it has (memory per process, tokens over all)
         p = plan(plan_or_spec, world_size=distributed.launch_world_size())
-    check_executable(p)
+    note = check_executable(p)
+    if note and progress and distributed.launch_rank() == 0:
+        sys.stderr.write(f"note: {note}\n")
     with distributed.process_group(p.hardware.device):
-        return _execute(p, out_dir, progress=progress, resume=resume)
+        for replans in range(MAX_REPLANS + 1):
+            try:
+                return _execute(p, out_dir, progress=progress, resume=resume, cap_memory_bytes=cap_memory_bytes)
+            except _OutOfMemory as oom:
+                if p.spec.memory.on_oom == "stop" or distributed.world_size() > 1 or replans == MAX_REPLANS:
+                    raise oom.as_error(p, replans) from None
+                p = replan_after_oom(p, oom.available_bytes)
+                resume = True
+                if progress and distributed.rank() == 0:
+                    sys.stderr.write(f"\nout of memory in step {oom.step + 1} ({oom.message}); re-planned for "
+                                     f"{format_bytes(p.budget_bytes)}: {describe_strategies(p)}; resuming from "
+                                     f"step {oom.resume_step}\n")
+    raise AssertionError("unreachable")
 
 
-def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: bool) -> RunResult:
+# A run re-plans at most this many times after running out of memory; then it stops with the error.
+MAX_REPLANS = 3
+# The re-planned budget is this fraction of the smaller of what was available and what the failed plan
+# predicted: strictly below the failed plan's peak, so the planner must choose a plan that holds less.
+REPLAN_FRACTION = 0.9
+
+
+class _OutOfMemory(Exception):
+    """A step ran out of memory; the state of step `resume_step` is on disk, ready to resume under a new plan."""
+
+    def __init__(self, step: int, resume_step: int, message: str, available_bytes: int | None):
+        super().__init__(message)
+        self.step, self.resume_step, self.message, self.available_bytes = step, resume_step, message, available_bytes
+
+    def as_error(self, p: Plan, replans: int) -> RuntimeError:
+        why = ("memory.on_oom = 'stop'" if p.spec.memory.on_oom == "stop" else
+               "re-planning is for one process (several ranks would have to agree on the new plan)"
+               if distributed.world_size() > 1 else f"it was re-planned {replans} times already")
+        return RuntimeError(
+            f"out of memory in step {self.step + 1} ({self.message}); not re-planned: {why}. The state of step "
+            f"{self.resume_step} is checkpointed: lower memory.budget (the plan counted on "
+            f"{format_bytes(p.budget_bytes)}) and continue with `lowmem execute RUN_DIR --resume` on a new plan"
+        )
+
+
+def replan_after_oom(p: Plan, available_bytes: int | None) -> Plan:
+    """The spec planned again for a smaller budget, keeping everything a checkpoint stores as it was.
+
+    The budget is REPLAN_FRACTION of the smaller of `available_bytes` (what the device really had for this
+    process) and the failed plan's predicted peak. Precision, the optimizer's state kind, optimizer in backward,
+    stochastic rounding and FSDP offload are pinned to the failed plan's values, so its checkpoint loads; what may
+    change are the strategies that only move memory (checkpointing, offloading, cross-entropy, micro-batch split).
+    """
+    basis = min(b for b in (available_bytes, p.memory.peak_bytes, p.budget_bytes) if b)
+    s = p.strategies
+    pinned = msgspec.structs.replace(
+        p.spec.memory.strategies,
+        low_bit_optimizer="on" if s.optimizer_state == "8bit" else "off",
+        optimizer_in_backward="on" if s.optimizer_in_backward else "off",
+        bf16_stochastic_rounding="on" if s.bf16_stochastic_rounding else "off",
+        fsdp_cpu_offload="on" if s.fsdp_cpu_offload else "off",
+    )
+    memory = msgspec.structs.replace(p.spec.memory, budget=f"{int(basis * REPLAN_FRACTION)}B",
+                                     precision=s.precision, strategies=pinned)
+    return plan(msgspec.structs.replace(p.spec, memory=memory), p.hardware, p.world_size)
+
+
+def describe_strategies(p: Plan) -> str:
+    """The memory strategies of a plan in one short line."""
+    s = p.strategies
+    parts = [s.precision, f"checkpointing {s.activation_checkpointing}", f"{s.cross_entropy} CE"]
+    if s.activation_offloading:
+        parts.append("activation offloading")
+    if s.micro_batch_split > 1:
+        parts.append(f"micro-batch split {s.micro_batch_split}")
+    if s.optimizer_state == "8bit":
+        parts.append("8-bit AdamW")
+    return ", ".join(parts)
+
+
+def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: bool,
+             cap_memory_bytes: int | None = None) -> RunResult:
     """`execute` once the process group (if any) is up: under torchrun every rank runs this.
 
     Data parallel over W ranks: `train.micro_batch` is per rank (torchtune's convention), so one optimizer
@@ -361,11 +476,15 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     train_rows, eval_rows = split_rows(len(dataset), spec.data.eval_rows, spec.train.seed)
     total_steps = p.total_steps or _steps_for_epochs(spec, len(train_rows), world)
 
-    tracker = LiveTensorTracker()
+    device = p.hardware.device
+    tracker = LiveTensorTracker(cap_bytes=cap_memory_bytes)
+    cuda_memory = CudaMemory(device)
     params, adapters, trainable_params, optimizer, loss_of, loss_scaler = build_training(
         p, _initial_params(p, param_dtype(p.strategies)), tracker, world)
     trainable = list(trainable_params.values())
-    loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed, rank=rank, world_size=world)
+    host_loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed, rank=rank,
+                              world_size=world, pin_memory=real_cuda(device))
+    loader = _DeviceBatches(host_loader, device)
     first_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainable_params, optimizer, fingerprint,
@@ -397,7 +516,8 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     tokens_per_step = p.tokens_per_step  # every process's (check_distributable: the plan's world is this one)
     tracker.add_existing(params.values(), "parameters")  # frozen base weights count too
     tracker.add_existing(_state_tensors(optimizer), "optimizer_state")
-    losses, measured, eval_loss, interrupted = [], None, None, False
+    losses, measured, cuda_measured, eval_loss, interrupted = [], None, None, None, False
+    updating = _UpdateWatch(optimizer)
     start = time.perf_counter()
     tokens_done, steady_start, steady_tokens = 0, None, 0
     # Under torchrun the launcher passes SIGINT/SIGTERM on to every rank (then waits 30 s before SIGKILL); the
@@ -406,14 +526,27 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
         try:
             for step in range(first_step, total_steps):
                 measuring = step - first_step < MEASURE_STEPS
+                # an enforced cap needs the tracker in every step; only the first ones are reported
+                tracking = measuring or cap_memory_bytes is not None
+                before = _StepStart.take(loader, device)
+                updating.started = False
+                oom = None
                 if measuring:
-                    with tracker:
-                        stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, tracker,
-                                           loss_scaler, split=p.strategies.micro_batch_split)
+                    cuda_memory.start()
+                try:
+                    with tracker if tracking else contextlib.nullcontext():
+                        stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer,
+                                           tracker if tracking else None, loss_scaler,
+                                           split=p.strategies.micro_batch_split)
+                except torch.OutOfMemoryError as err:  # handled below, once the traceback's frames are gone
+                    oom = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if oom is not None:
+                    resume_step = _checkpoint_before_oom(out, step, first_step, before, updating.started, optimizer,
+                                                         loader, save, device)
+                    raise _OutOfMemory(step, resume_step, oom, _available_bytes(cuda_memory, cap_memory_bytes))
+                if measuring:
                     measured = tracker.snapshot()
-                else:
-                    stats = train_step(step, total_steps, spec, loss_of, loader, trainable, optimizer, None,
-                                       loss_scaler, split=p.strategies.micro_batch_split)
+                    cuda_measured = _max_stats(cuda_measured, cuda_memory.read())
                 losses.append(stats.loss)
                 tokens_done += tokens_per_step
                 elapsed = time.perf_counter() - start
@@ -424,10 +557,12 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
                           "elapsed_s": elapsed, "rss_bytes": resident_bytes()}
                 if measuring:
                     record["tensor_peak_bytes"] = measured["peak_bytes"]
+                    if cuda_measured is not None:
+                        record.update(cuda_measured)
                 if spec.train.eval_every and len(eval_rows) >= spec.train.micro_batch * world and (
                     (step + 1) % spec.train.eval_every == 0 or step + 1 == total_steps
                 ):
-                    eval_loss = evaluate(loss_of, dataset, eval_rows, spec)
+                    eval_loss = evaluate(loss_of, dataset, eval_rows, spec, device=device)
                     record["eval_loss"] = eval_loss
                 if (step + 1) % spec.train.log_every == 0 or step + 1 == total_steps or "eval_loss" in record:
                     metrics.write(json.dumps(record) + "\n")
@@ -452,7 +587,7 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     else:
         tokens_per_s = tokens_done / max(end - start, 1e-9)
 
-    report = memory_report(p, measured)
+    report = memory_report(p, measured, cuda_measured)
     if rank == 0:
         (out / "memory.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
     model_dir = None
@@ -470,6 +605,104 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
         planned_peak_bytes=p.memory.peak_bytes, measured_peak_bytes=report["measured_peak_bytes"],
         model_dir=str(model_dir) if model_dir else None, interrupted=interrupted, resumed_from_step=first_step,
     )
+
+
+class _DeviceBatches:
+    """The loader's batches on the run's device (pinned host batches copied without blocking on a GPU)."""
+
+    def __init__(self, loader: BatchLoader, device: str):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return to_device(next(self.loader), self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class _StepStart(NamedTuple):
+    """What a step starts from besides the weights: where the data is, the RNG states (to go back on OOM)."""
+
+    loader: dict[str, int]
+    cpu_rng: torch.Tensor
+    cuda_rng: list | None
+
+    @classmethod
+    def take(cls, loader, device: str) -> "_StepStart":
+        return cls(loader.state_dict(), torch.get_rng_state(), cuda_rng_state(device))
+
+    def restore(self, loader, device: str) -> None:
+        loader.load_state_dict(self.loader)
+        torch.set_rng_state(self.cpu_rng)
+        restore_cuda_rng_state(self.cuda_rng, device)
+
+
+class _UpdateWatch:
+    """Whether the current step has begun to change the weights (its optimizer step, or any in-backward hook)."""
+
+    def __init__(self, optimizer):
+        self.in_backward = isinstance(optimizer, InBackwardOptimizer)
+        self._started = False
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.register_step_pre_hook(lambda *_: setattr(self, "_started", True))
+
+    @property
+    def started(self) -> bool:
+        return self._started or self.in_backward  # in-backward updates while backward runs
+
+    @started.setter
+    def started(self, value: bool) -> None:
+        self._started = value
+
+
+def _checkpoint_before_oom(out: Path, step: int, first_step: int, before: _StepStart, updated: bool, optimizer,
+                           loader, save: Callable[[int], None], device: str) -> int:
+    """Free the failed step and leave on disk the state it started from; returns that state's step.
+
+    A step that failed before touching the weights (forward, backward) is undone: gradients dropped, the loader
+    and the RNGs put back, and the weights as they are are the state of `step`. One that failed in its update
+    may have changed some weights: the newest checkpoint on disk is the state to go back to.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if real_cuda(device):
+        torch.cuda.empty_cache()
+    if not updated:
+        before.restore(loader, device)
+        save(step)
+        return step
+    newest = latest_checkpoint(out)
+    if newest is None:
+        raise RuntimeError(
+            f"out of memory in the optimizer update of step {step + 1}, which had already changed some weights, and "
+            f"{out}/checkpoints holds no checkpoint to go back to. Lower memory.budget and start again, or set "
+            "output.save_every so a re-plan can resume"
+        )
+    return int(read_trainer_state(newest)["step"])
+
+
+def _available_bytes(cuda_memory: CudaMemory, cap_bytes: int | None) -> int | None:
+    """What this process really had: the enforced cap, or on a GPU its allocated bytes plus the driver's free."""
+    available = cuda_memory.available_bytes()
+    if cap_bytes is not None:
+        return cap_bytes if available is None else min(cap_bytes, available)
+    return available
+
+
+def _max_stats(a: dict | None, b: dict | None) -> dict | None:
+    """The larger of two steps' CUDA memory figures, field by field."""
+    if a is None or b is None:
+        return b or a
+    return {k: max(a[k], b[k]) for k in b}
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -554,13 +787,13 @@ def lora_settings(method) -> LoraSettings | None:
     return None
 
 
-def check_executable(p: Plan) -> None:
-    """Refuse, before anything runs, a plan this version cannot execute here."""
-    if p.hardware.device != "cpu":
-        raise ValueError(
-            f"this plan was made for {p.hardware.name} ({p.hardware.device}); this version executes on CPU "
-            "only. Re-plan for this machine: lowmem plan SPEC (no --hardware)"
-        )
+def check_executable(p: Plan) -> str | None:
+    """Refuse, before anything runs, a plan this machine cannot execute; a line to show when it runs elsewhere.
+
+    A CUDA plan needs a CUDA torch and a GPU with at least the memory the plan was made for
+    (`lowmem.train.device.check_local_device`, which names both cards when they differ).
+    """
+    return check_local_device(p.hardware)
 
 
 def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenizer, PackedDataset]:
@@ -606,51 +839,74 @@ def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenize
 
 
 @torch.no_grad()
-def evaluate(loss_of, dataset: PackedDataset, eval_rows, spec: RunSpec) -> float:
+def evaluate(loss_of, dataset: PackedDataset, eval_rows, spec: RunSpec, device: str = "cpu") -> float:
     """Mean loss per target token over up to `train.eval_batches` batches of the held-out rows, in order.
 
     Under data parallelism each rank takes its slice of every batch (as in training) and the sums are reduced.
     """
     loader = BatchLoader(dataset, eval_rows, spec.train.micro_batch, spec.train.seed, shuffle=False, prefetch=0,
                          rank=distributed.rank(), world_size=distributed.world_size())
-    total, count = 0.0, 0
+    total = count = None  # on the device: read once, after the last batch
     for _ in range(min(spec.train.eval_batches, loader.batches_per_epoch)):
-        loss_sum, n = loss_of(next(loader), training=False)
-        total += loss_sum.item()
-        count += int(n)
+        loss_sum, n = loss_of(to_device(next(loader), device), training=False)
+        total = loss_sum if total is None else total + loss_sum
+        count = n if count is None else count + n
     loader.close()
-    total, count = distributed.all_reduce_sum([total, count])
+    total, count = distributed.all_reduce_sum([float(total), float(count)])
     return total / max(count, 1)
 
 
-def memory_report(p: Plan, measured: dict | None) -> dict:
-    """Planned versus measured peak bytes, per component and in total."""
+def memory_report(p: Plan, measured: dict | None, cuda: dict | None = None) -> dict:
+    """Planned versus measured peak bytes, per component and in total.
+
+    On a GPU (`cuda`: the measured steps' `max_memory_allocated`, `max_memory_reserved`, `num_alloc_retries`)
+    the measured peak is the allocator's `max_memory_allocated`; the components stay the live-tensor tracker's.
+    """
     planned = p.memory.by_name()
     measured_by = dict(measured["peak_by_category"]) if measured else {}
     measured_peak = measured["peak_bytes"] if measured else 0
     names = list(dict.fromkeys([*planned, *measured_by]))
     rows = [{"component": n, "planned_bytes": planned.get(n, 0), "measured_bytes": measured_by.get(n, 0)}
             for n in names]
+    method = "live tensor bytes (TorchDispatchMode)"
+    extra = {}
+    if cuda is not None:
+        measured_peak, method = cuda["max_memory_allocated"], "torch.cuda.max_memory_allocated"
+        extra = {"cuda": {**cuda, "reserved_over_allocated": cuda["max_memory_reserved"]
+                          / max(cuda["max_memory_allocated"], 1)},
+                 "tracked_peak_bytes": measured["peak_bytes"] if measured else 0}
     error = (p.memory.peak_bytes - measured_peak) / measured_peak if measured_peak else None
-    return {"device": p.hardware.name, "method": "live tensor bytes (TorchDispatchMode)",
+    return {"device": p.hardware.name, "method": method,
             "planned_peak_bytes": p.memory.peak_bytes, "planned_phase": p.memory.peak_phase,
-            "measured_peak_bytes": measured_peak, "error": error, "components": rows}
+            "measured_peak_bytes": measured_peak, "error": error, "components": rows, **extra}
 
 
 def _initial_params(p: Plan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The run's starting weights, created or loaded straight onto the plan's device, tensor by tensor.
+
+    QLoRA quantizes each projection to NF4 as it arrives (on the device), so the full-precision model is never
+    whole there: a checkpoint through `load_hf`'s converter; a preset's random init is drawn on the host (its
+    values do not depend on the device) and moved one quantized tensor at a time.
+    """
+    device = p.hardware.device
+    convert = None
+    if p.strategies.nf4_block_size:  # QLoRA: quantized as read, never whole in full precision (issue #3)
+        from lowmem.nn.quant import nf4_converter
+
+        convert = nf4_converter(p.model, block_size=p.strategies.nf4_block_size,
+                                scaler_block_size=p.strategies.nf4_scaler_block_size)
     if p.spec.model.path is not None:
         model_dir = resolve_model_dir(p.spec.model.path)
-        if p.strategies.nf4_block_size:  # QLoRA: quantized as read, never whole in full precision (issue #3)
-            from lowmem.nn.quant import nf4_converter
-
-            convert = nf4_converter(p.model, block_size=p.strategies.nf4_block_size,
-                                    scaler_block_size=p.strategies.nf4_scaler_block_size)
-            # the frozen base in the dtype `build_training` would cast it to before quantizing
-            _, params = load_hf(model_dir, dtype=compute_dtype(p.strategies), convert=convert)
+        if convert is not None:  # the frozen base in the dtype `build_training` would cast it to before quantizing
+            _, params = load_hf(model_dir, dtype=compute_dtype(p.strategies), device=device, convert=convert)
             return params
-        _, params = load_hf(model_dir, dtype=dtype)
+        _, params = load_hf(model_dir, dtype=dtype, device=device)
         return params
-    return init_params(p.model, seed=p.spec.model.init_seed, dtype=dtype)
+    if convert is None or device == "cpu":  # on the CPU `_with_adapters` quantizes (same values)
+        return init_params(p.model, seed=p.spec.model.init_seed, dtype=dtype, device=device)
+    host = init_params(p.model, seed=p.spec.model.init_seed, dtype=dtype)
+    compute = compute_dtype(p.strategies)
+    return {name: convert(name, host.pop(name).to(compute).to(device)) for name in list(host)}
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
@@ -717,4 +973,9 @@ def describe_memory(report: dict) -> str:
                  f"{format_bytes(report['measured_peak_bytes']):>12}")
     if report["error"] is not None:
         lines.append(f"planned is {report['error']:+.1%} off measured ({report['method']})")
+    cuda = report.get("cuda")
+    if cuda:
+        lines.append(f"CUDA allocator: reserved {format_bytes(cuda['max_memory_reserved'])} "
+                     f"({cuda['reserved_over_allocated']:.2f}x allocated), {cuda['num_alloc_retries']} allocation "
+                     "retries")
     return "\n".join(lines)

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from lowmem.spec.units import format_bytes
+
 __all__ = ["LiveTensorTracker", "measure_cuda_peak", "resident_bytes"]
 
 DEFAULT_CATEGORY = "activations"
@@ -119,8 +121,11 @@ class LiveTensorTracker(TorchDispatchMode):
     stays counted until it is freed, also after the `with` block ends.
     """
 
-    def __init__(self, default_category: str = DEFAULT_CATEGORY) -> None:
+    def __init__(self, default_category: str = DEFAULT_CATEGORY, cap_bytes: int | None = None) -> None:
         super().__init__()
+        # an enforced cap: an op whose output takes the live bytes past it raises torch.OutOfMemoryError, as the
+        # CUDA allocator does on a full card (`lowmem execute --cap-memory`: rehearses `memory.on_oom` on a CPU)
+        self.cap_bytes = cap_bytes
         self._category = default_category
         self._live: dict[int, _Live] = {}  # key: the StorageImpl address (`storage._cdata`)
         self._by_category: dict[str, int] = {}
@@ -148,11 +153,16 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._drain_freed()
             if type(out) is torch.Tensor:  # the common case, kept free of generators
                 self._note(out.untyped_storage(), fresh is None or fresh[0], input_keys)
-                return out
-            for position, tensor in _iter_tensors(out):
-                is_new = fresh is None or fresh[min(position, len(fresh) - 1)]
-                for storage in _storages(tensor):
-                    self._note(storage, is_new, input_keys)
+            else:
+                for position, tensor in _iter_tensors(out):
+                    is_new = fresh is None or fresh[min(position, len(fresh) - 1)]
+                    for storage in _storages(tensor):
+                        self._note(storage, is_new, input_keys)
+            over = self.cap_bytes is not None and self._current > self.cap_bytes
+        if over:
+            raise torch.OutOfMemoryError(
+                f"{func}: live tensor bytes {format_bytes(self._current)} passed the enforced cap "
+                f"{format_bytes(self.cap_bytes)} (LiveTensorTracker cap_bytes)")
         return out
 
     def _note(self, storage: torch.UntypedStorage, is_new: bool, input_keys: set[int] | None) -> None:
