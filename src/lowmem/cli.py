@@ -162,7 +162,12 @@ def execute(
             cap = parse_bytes(cap_memory)
         except ValueError as err:
             raise _UserError(f"--cap-memory {cap_memory!r}: {err}") from None
-    result = run(p, out, progress=not quiet, resume=resume, cap_memory_bytes=cap)
+    from lowmem.train.loop import OutOfMemoryStop
+
+    try:
+        result = run(p, out, progress=not quiet, resume=resume, cap_memory_bytes=cap)
+    except OutOfMemoryStop as err:
+        _fail(str(err))
     if secondary:
         return
     typer.echo("")

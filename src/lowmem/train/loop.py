@@ -391,6 +391,10 @@ MAX_REPLANS = 3
 REPLAN_FRACTION = 0.9
 
 
+class OutOfMemoryStop(RuntimeError):
+    """A run stopped for lack of memory, its last completed step checkpointed (the message says what to do)."""
+
+
 class _OutOfMemory(Exception):
     """A step ran out of memory; the state of step `resume_step` is on disk, ready to resume under a new plan."""
 
@@ -398,11 +402,11 @@ class _OutOfMemory(Exception):
         super().__init__(message)
         self.step, self.resume_step, self.message, self.available_bytes = step, resume_step, message, available_bytes
 
-    def as_error(self, p: Plan, replans: int) -> RuntimeError:
+    def as_error(self, p: Plan, replans: int) -> "OutOfMemoryStop":
         why = ("memory.on_oom = 'stop'" if p.spec.memory.on_oom == "stop" else
                "re-planning is for one process (several ranks would have to agree on the new plan)"
                if distributed.world_size() > 1 else f"it was re-planned {replans} times already")
-        return RuntimeError(
+        return OutOfMemoryStop(
             f"out of memory in step {self.step + 1} ({self.message}); not re-planned: {why}. The state of step "
             f"{self.resume_step} is checkpointed: lower memory.budget (the plan counted on "
             f"{format_bytes(p.budget_bytes)}) and continue with `lowmem execute RUN_DIR --resume` on a new plan"
@@ -682,7 +686,7 @@ def _checkpoint_before_oom(out: Path, step: int, first_step: int, before: _StepS
         return step
     newest = latest_checkpoint(out)
     if newest is None:
-        raise RuntimeError(
+        raise OutOfMemoryStop(
             f"out of memory in the optimizer update of step {step + 1}, which had already changed some weights, and "
             f"{out}/checkpoints holds no checkpoint to go back to. Lower memory.budget and start again, or set "
             "output.save_every so a re-plan can resume"
