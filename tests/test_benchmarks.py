@@ -53,3 +53,45 @@ def test_peers_smoke(tmp_path):
     # same initial weights and rows: the first step's loss agrees across the tools
     first = {(r["method"], r["tool"]): r["first_loss"] for r in rows}
     assert first["full", "hf"] == pytest.approx(first["full", "lowmem"], abs=1e-3)
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks/gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `from _spec import ...`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_gpu_check_table_and_targets():
+    g = _gpu_check()
+    gib = 2**30
+    row = dict(planned_bytes=int(10.2 * gib), allocated_bytes=10 * gib, reserved_bytes=11 * gib,
+               reserved_over_allocated=1.10, alloc_retries=0, tokens_per_s=50_000.0, planned_tokens_per_s=60_000.0,
+               attention_kernel="varlen", final_loss=7.0)
+    full = {**row, "row": "full bf16", "mfu": g.mfu(50_000.0, 10**9, 10**9, 989e12)}
+    lora = {**row, "row": "LoRA r=8", "alloc_retries": 2, "mfu": 0.2}
+    rows = [full, lora, {"row": "+ 8-bit AdamW", "failed": "ImportError: no bitsandbytes"}]
+    resume = {"steps": 8, "resumed_from": 4, "compared_steps": 4, "exact": True, "max_abs_diff": 0.0}
+    md = g.to_markdown("## t", {"passed": 5, "failed": 0, "skipped": 1}, rows, resume)
+    assert full["mfu"] == pytest.approx(6 * 10**9 * 50_000 / 989e12)  # 6·N·tokens/s for full fine-tuning
+    assert "| full bf16 | 10.20 GiB | 10.00 GiB | +2.0% | 11.00 GiB | 1.10 | 0 | 50,000 | 60,000 | 30.3% | varlen |" in md
+    assert "| + 8-bit AdamW | — |" in md and "failed: ImportError" in md
+    assert "| MFU >= 40%, full bf16 | 30.3% | FAIL |" in md
+    assert "| reserved/allocated <= 1.10 | 1.10 | pass |" in md
+    assert "| no allocator retries | 2 | FAIL |" in md
+    assert "| every row ran | 1 failed | FAIL |" in md
+    assert "| resume reproduces the losses exactly | yes | pass |" in md
+    assert "`pytest -m gpu`: 5 passed, 0 failed, 1 skipped" in md
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or __import__("torch").cuda.is_available(),
+                    reason="checks the no-GPU exit")
+def test_gpu_check_without_cuda(tmp_path):
+    ran = [subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), *flags, "--out", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300) for flags in ([], ["--require-gpu"])]
+    assert [r.returncode for r in ran] == [0, 1], ran[0].stderr[-2000:]
+    assert "needs a CUDA GPU" in ran[0].stdout and not list(tmp_path.iterdir())
