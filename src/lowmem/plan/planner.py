@@ -572,11 +572,30 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size
 
     return [
         Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
-                   compile=co, **offload(of, p), **nf4, bf16_stochastic_rounding=rounding and p == "bf16")
+                   compile=co, **offload(of, p), **nf4, bf16_stochastic_rounding=rounding and p == "bf16",
+                   **device_kernels(p, hw, cfg))
         for p, c, ce, ob, co, of in itertools.product(precisions, ckpt, losses, in_backward, compile_, offloading)
         # fp16 must be able to skip a step; selective checkpointing needs the aten ops a compiled block hides
         if not (p == "fp16" and ob) and not (co and c == "selective")
     ]
+
+
+def device_kernels(precision: str, hw: HardwareProfile, cfg) -> dict[str, str]:
+    """The attention kernel and the vocabulary projection's dtype a precision runs with on `hw`.
+
+    CPU: SDPA with the document mask, and the projection in fp32 (as every CPU plan before). CUDA: flash
+    varlen over the packed documents (never T x T) where the blocks compute in bf16/fp16, else the
+    memory-efficient kernel (fp32 compute, or attention logit soft-capping, which flash cannot apply); the
+    projection in the compute dtype, its logits upcast to fp32 inside the loss's chunks.
+    """
+    if hw.device != "cuda":
+        return {"attention_kernel": "sdpa", "projection_dtype": "fp32"}
+    half = {"bf16": "bf16", "mixed-bf16": "bf16", "fp16": "fp16"}.get(precision)
+    if cfg.attn_logit_softcap is not None:
+        kernel = "sdpa"  # soft-capped scores: neither CUDA kernel applies them (lowmem.nn.llama.forward)
+    else:
+        kernel = "varlen" if half else "sdpa-efficient"
+    return {"attention_kernel": kernel, "projection_dtype": half or "fp32"}
 
 
 def micro_batch_splits(micro_batch: int) -> list[int]:

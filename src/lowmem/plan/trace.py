@@ -157,16 +157,21 @@ def trace_memory(plan: Plan, *, steps: int = 2) -> MemoryReport:
     if plan.strategies.compile:  # traced eager: see the module docstring
         plan = msgspec.structs.replace(plan, strategies=msgspec.structs.replace(plan.strategies, compile=False))
     plan = _on_device(plan)
+    device = trace_device(plan)
+    if device != plan.hardware.device:  # no fake CUDA in this process: the step traced on host fake tensors
+        plan = msgspec.structs.replace(plan, strategies=msgspec.structs.replace(
+            plan.strategies, attention_kernel="sdpa", projection_dtype="fp32"))
     B, T = spec.train.micro_batch, spec.train.seq_len
     tracker = LiveTensorTracker()
     answers = _FakeDataAnswers(tracker, seq_len=T, n_positions=B * T)
     total_steps = plan.total_steps or steps  # only the learning rate depends on it
     with FakeTensorMode():
-        params = init_params(plan.model, seed=spec.model.init_seed, dtype=param_dtype(plan.strategies))
+        params = init_params(plan.model, seed=spec.model.init_seed, dtype=param_dtype(plan.strategies),
+                             device=device)
         run = build_training(plan, params, tracker)
         del params  # `run.params` holds what is still used (QLoRA replaces the dense weights)
         loss_of = _phase_marked(run, answers)
-        batches = _fake_batches(B, T, steps * spec.train.grad_accum)
+        batches = _fake_batches(B, T, steps * spec.train.grad_accum, device)
         tracker.add_existing(run.params.values(), "parameters")
         trainable = list(run.trainable_params.values())
         for step in range(steps):
@@ -207,10 +212,24 @@ def _phase_marked(run: Training, answers: _FakeDataAnswers):
     return loss_of
 
 
-def _fake_batches(B: int, T: int, n: int) -> deque[dict[str, torch.Tensor]]:
+def trace_device(plan: Plan) -> str:
+    """Where the trace's fake tensors live: the plan's device when this process can fake it, else the host.
+
+    A CUDA plan traces on fake `cuda` tensors with a CUDA torch, or on a CPU-only one whose process loaded the
+    shim (`lowmem.fakecuda`; `lowmem plan --trace` runs the trace in such a child). Elsewhere it traces on host
+    fake tensors with the CPU's kernels (SDPA math, fp32 projection): an upper bound for the CUDA step.
+    """
+    from lowmem import fakecuda
+
+    if plan.hardware.device == "cuda" and (torch.backends.cuda.is_built() or fakecuda.is_active()):
+        return "cuda"
+    return "cpu"
+
+
+def _fake_batches(B: int, T: int, n: int, device: str = "cpu") -> deque[dict[str, torch.Tensor]]:
     """`n` batches as `BatchLoader` yields them: four (B, T) int64 tensors, made before tracking starts."""
     return deque(
-        {k: torch.zeros(B, T, dtype=torch.int64) for k in ("tokens", "labels", "positions", "doc_ids")}
+        {k: torch.zeros(B, T, dtype=torch.int64, device=device) for k in ("tokens", "labels", "positions", "doc_ids")}
         for _ in range(n)
     )
 
