@@ -42,13 +42,17 @@ def _gpu(name, memory_gib, fp32_tflops, bf16_tflops, pcie_gbps, cc, host_gib=256
 # name -> profile. H100 SXM: 80 GB, 67 TF fp32, 989 TF bf16 dense, PCIe 5 (64 GB/s); A100: 19.5 / 312 TF,
 # PCIe 4 (32 GB/s); RTX 4090: 24 GB, 82.6 TF fp32, 165 TF bf16 (fp32 accumulate); RTX A6000: 48 GB,
 # 38.7 TF fp32, 155 TF bf16 (tensor), PCIe 4.
+# Memory is what the card gives torch, not the marketing size: "80 GB" is 80e9 bytes at most, and the driver
+# keeps some. The figures are the "total capacity" torch prints in its OutOfMemoryError (the device's
+# total_memory): H100 80 GB 79.6 GiB (issue #14); the others as that message reads in public bug reports.
+# The CUDA context (about 0.5 GiB) comes off this too; a plan for the local GPU starts from mem_get_info instead.
 PROFILES: dict[str, HardwareProfile] = {
-    "h100-80gb": _gpu("h100-80gb", 80, 67, 989, 64, "9.0"),
-    "h200-141gb": _gpu("h200-141gb", 141, 67, 989, 64, "9.0"),
-    "a100-80gb": _gpu("a100-80gb", 80, 19.5, 312, 32, "8.0"),
-    "a100-40gb": _gpu("a100-40gb", 40, 19.5, 312, 32, "8.0"),
-    "rtx4090-24gb": _gpu("rtx4090-24gb", 24, 82.6, 165, 32, "8.9", host_gib=64),
-    "a6000-48gb": _gpu("a6000-48gb", 48, 38.7, 155, 32, "8.6", host_gib=128),
+    "h100-80gb": _gpu("h100-80gb", 79.6, 67, 989, 64, "9.0"),
+    "h200-141gb": _gpu("h200-141gb", 139.8, 67, 989, 64, "9.0"),
+    "a100-80gb": _gpu("a100-80gb", 79.15, 19.5, 312, 32, "8.0"),
+    "a100-40gb": _gpu("a100-40gb", 39.39, 19.5, 312, 32, "8.0"),
+    "rtx4090-24gb": _gpu("rtx4090-24gb", 23.65, 82.6, 165, 32, "8.9", host_gib=64),
+    "a6000-48gb": _gpu("a6000-48gb", 47.54, 38.7, 155, 32, "8.6", host_gib=128),
     "cpu": HardwareProfile(
         name="cpu", device="cpu", memory_bytes=16 * GiB, host_ram_bytes=16 * GiB, n_cores=8,
         peak_flops_fp32=8 * 48e9, peak_flops_bf16=8 * 0.15e9, bf16_compute=False,
@@ -83,8 +87,10 @@ def detect_local() -> HardwareProfile:
         props = torch.cuda.get_device_properties(0)
         cc = f"{props.major}.{props.minor}"
         known = next((p for p in PROFILES.values() if p.device == "cuda" and p.compute_capability == cc), None)
+        # what is left once this process's CUDA context (and anything else on the card) took its share
+        free, _total = torch.cuda.mem_get_info(0)
         return HardwareProfile(
-            name=props.name, device="cuda", memory_bytes=props.total_memory, host_ram_bytes=host_ram,
+            name=props.name, device="cuda", memory_bytes=free, host_ram_bytes=host_ram,
             n_cores=n_cores, peak_flops_fp32=known.peak_flops_fp32 if known else 20e12,
             peak_flops_bf16=known.peak_flops_bf16 if known else 150e12, bf16_compute=props.major >= 8,
             pcie_bytes_per_s=known.pcie_bytes_per_s if known else 16e9, compute_capability=cc,

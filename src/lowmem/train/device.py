@@ -84,11 +84,11 @@ def restore_cuda_rng_state(states: Iterable[Iterable[int]] | None, device: str) 
     torch.cuda.set_rng_state_all([torch.tensor(list(s), dtype=torch.uint8) for s in states])
 
 
-def check_local_device(hardware) -> str | None:
+def check_local_device(hardware, needed_bytes: int) -> str | None:
     """Refuse a CUDA plan this process cannot run; return a warning line when the local card differs.
 
     A plan made for another card is checked against this one: refused when this card has less memory than the
-    plan counts on, with both cards named; a card with at least as much runs it, with a line saying so.
+    plan's budget (`needed_bytes`), with both cards named; a card with enough runs it, with a line saying so.
     """
     if hardware.device != "cuda":
         return None
@@ -105,10 +105,10 @@ def check_local_device(hardware) -> str | None:
         )
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     local = f"{props.name} ({format_bytes(props.total_memory)})"
-    if props.total_memory < hardware.memory_bytes:
+    if props.total_memory < needed_bytes:
         raise ValueError(
-            f"this plan was made for {hardware.name} ({format_bytes(hardware.memory_bytes)}), but this GPU is "
-            f"{local}: the plan's memory does not fit. Re-plan for this card: lowmem plan SPEC (no --hardware), "
+            f"this plan was made for {hardware.name} with a budget of {format_bytes(needed_bytes)}, but this GPU "
+            f"is {local}: the plan's memory does not fit. Re-plan for this card: lowmem plan SPEC (no --hardware), "
             "or execute the spec itself, which plans for the local GPU"
         )
     if props.name != hardware.name:

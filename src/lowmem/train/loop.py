@@ -797,7 +797,7 @@ def check_executable(p: Plan) -> str | None:
     A CUDA plan needs a CUDA torch and a GPU with at least the memory the plan was made for
     (`lowmem.train.device.check_local_device`, which names both cards when they differ).
     """
-    return check_local_device(p.hardware)
+    return check_local_device(p.hardware, p.budget_bytes)
 
 
 def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenizer, PackedDataset]:
