@@ -28,7 +28,8 @@ def write_memory_chart(p: Plan, path: str | Path) -> None:
     biggest = max([p.memory.peak_bytes] + [a.peak_bytes for a in rivals])
     unit, scale = ("GiB", 1024**3) if biggest >= 1024**3 else ("MiB", 1024**2)
     for y, (tag, strategies, tps) in enumerate(reversed(rows)):
-        report = estimate_memory(cfg, strategies, p.spec.train, p.spec.optimizer, shapes, trains)
+        report = estimate_memory(cfg, strategies, p.spec.train, p.spec.optimizer, shapes, trains,
+                                 device=p.hardware.device)
         left = 0.0
         for c in report.components:
             ax.barh(y, c.bytes / scale, left=left, color=COLORS[c.name], label=c.name if y == len(rows) - 1 else None)

@@ -114,6 +114,24 @@ def cast_copy_bytes(cfg: ModelConfig, precision: str, trainable: "Trainable") ->
     return total * a
 
 
+def update_temporary_bytes(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]], param_bytes: int,
+                           device: str) -> int:
+    """The optimizer update's largest temporary, for the implementation `lowmem.train.optim` runs on `device`.
+
+    On CUDA AdamW and SGD run fused (`fused=True`): one kernel per group, no temporary (measured 0 bytes on
+    fake CUDA, tests/train/test_cuda_optim.py; torch's default foreach path would allocate one the size of all
+    the parameters: +1.32 GiB on llama3.2-1b full bf16). Adafactor has no fused kernel and steps one tensor at a
+    time: about two of the largest tensor. On the CPU torch's single-tensor path makes one parameter-sized
+    temporary (the denominator) at a time.
+    """
+    largest = max((_numel(s) for s in shapes), default=0) * param_bytes
+    if device == "cuda" and isinstance(optimizer, AdamW | SGD) and not getattr(optimizer, "offload", False):
+        return 0
+    if device == "cuda" and isinstance(optimizer, Adafactor):
+        return 2 * largest
+    return largest
+
+
 def optimizer_state_bytes(optimizer: OptimizerSpec, shapes: list[tuple[int, ...]], param_bytes: int) -> int:
     """Bytes of optimizer state for trainable parameters of these shapes, in a dtype of `param_bytes` bytes.
 
@@ -331,7 +349,8 @@ def logits_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, traina
     """Peak bytes the loss holds beyond its inputs (see `lowmem.nn.loss.loss_peak_bytes` for the derivation)."""
     head_trains = trainable is None or trainable.full
     return loss_peak_bytes(strategies.cross_entropy, n_tokens, cfg.vocab_size, cfg.dim,
-                           head_bytes(strategies.precision, head_trains), weight_grad=head_trains)
+                           head_bytes(strategies.precision, head_trains), weight_grad=head_trains,
+                           projection_bytes=4 if strategies.projection_dtype == "fp32" else 2)
 
 
 def head_bytes(precision: str, head_trains: bool) -> int:
@@ -477,6 +496,7 @@ def fsdp_offload_seconds(cfg: ModelConfig, strategies: Strategies, train: TrainS
 def estimate_memory(
     cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optimizer: OptimizerSpec,
     trainable_shapes: list[tuple[int, ...]], trainable: Trainable = FULL, world_size: int = 1,
+    device: str = "cpu",
 ) -> MemoryReport:
     """Predicted peak live bytes of a training step, by component, with the phase where it falls.
 
@@ -528,8 +548,7 @@ def estimate_memory(
     recompute = recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=world_size > 1)
     # gradients of earlier micro-batches (or pieces of one) are alive while later ones run forward
     grads_in_backward = grads if train.grad_accum > 1 or strategies.micro_batch_split > 1 else 0
-    # torch's single-tensor AdamW makes one parameter-sized temporary (the denominator) at a time
-    update_temp = max((_numel(s) for s in device_shapes), default=0) * wb
+    update_temp = update_temporary_bytes(optimizer, device_shapes, wb, device)
     params_note = f"{n_params:,} x {base_b} B"
     if strategies.nf4_block_size:  # the projections (most of the parameters) are NF4, about half a byte each
         params_note = f"{n_params:,}: {nf4_total:,} in NF4 (~0.5 B), the rest x {base_b} B"

@@ -98,7 +98,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
                 continue
             optimizer = run_optimizer(spec.optimizer, strategies)
             memory = estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
-                                     world_size=world_size)
+                                     world_size=world_size, device=hw.device)
             if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
                 continue  # every process of the node pins its shards in the same host RAM
             tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
