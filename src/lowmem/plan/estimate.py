@@ -200,7 +200,7 @@ FULL = Trainable(full=True)
 
 
 def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str, packed: bool,
-                           trainable: Trainable = FULL) -> int:
+                           trainable: Trainable = FULL, kernel: str = "sdpa") -> int:
     """Bytes autograd saves for one transformer block without checkpointing (input included).
 
     Counted from the block's saved tensors (verified with saved_tensors_hooks), per token: the block input and
@@ -212,6 +212,11 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     logsumexp. A frozen projection saves nothing (its weight needs no gradient). Each adapter saves A x
     (rank), its dropout output and mask (if dropout), and for DoRA the base and adapter outputs (2 x out).
     With packed documents SDPA also keeps the mask as an additive (B, 1, T, T) tensor.
+
+    `kernel` is the plan's attention kernel. "sdpa" (the CPU's) as above; a CUDA kernel's saved tensors (q, k, v,
+    its output, which is wo's input, and the logsumexp) are `lowmem.nn.llama.attention_saved_bytes`, measured
+    exactly on fake CUDA: varlen keeps no mask; the memory-efficient kernel's additive bias is one tensor all
+    layers share, except under mixed precision, where each layer keeps its own copy in the compute dtype.
     """
     a = DTYPE_BYTES[precision]
     D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
@@ -222,15 +227,23 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     # norms save their fp32 upcasts instead (counted in `upcast`) and RoPE saves its cos/sin cast to the
     # compute dtype for q and k (4 head_dim vectors)
     residuals = 2 * D * a if a == FP32 else 4 * cfg.head_dim * a
-    per_token = residuals + 3 * Q * a + 3 * F * a + 2 * FP32 + H * FP32
+    cuda_kernel = kernel != "sdpa"
+    attention = 0 if cuda_kernel else 3 * Q * a + H * FP32 + (Q * a if t.trains("wo") else 0)
+    per_token = residuals + attention + 3 * F * a + 2 * FP32
     per_token += upcast + norm_out + (D * a if any(t.trains(n) for n in ("wq", "wk", "wv")) else 0)
     per_token += upcast + norm_out + (D * a if t.trains("w1") or t.trains("w3") else 0)
-    per_token += (Q * a if t.trains("wo") else 0) + (F * a if t.trains("w2") else 0)
+    per_token += F * a if t.trains("w2") else 0
     shapes = param_shapes(cfg)
     for name in t.adapted:
         d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
         per_token += t.rank * a + (d_in * (a + 1) if t.dropout else 0) + (2 * d_out * a if t.dora else 0)
     seq_len = n_tokens // batch
+    if cuda_kernel:
+        from lowmem.nn.llama import attention_mask_bytes, attention_saved_bytes
+
+        saved = attention_saved_bytes(kernel, batch, seq_len, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, a)
+        own_mask = packed and kernel == "sdpa-efficient" and precision == "mixed-bf16"
+        return n_tokens * per_token + saved + (attention_mask_bytes(kernel, batch, seq_len, a) if own_mask else 0)
     mask = batch * seq_len * seq_len * a if packed else 0
     return n_tokens * per_token + mask
 
@@ -269,7 +282,8 @@ def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, ba
     """
     a = DTYPE_BYTES[strategies.precision]
     seq_len = n_tokens // batch
-    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable,
+                                   strategies.attention_kernel)
     block += 0 if sharded else cast_copy_bytes(cfg, strategies.precision, trainable)
     # final RMSNorm (input, normalized if its weight trains, scaled) + the bool document mask + the fp32 RoPE
     # tables
@@ -308,7 +322,8 @@ def movable_activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens:
     on the device: the last block's copies are still running when backward starts, and in backward each saved
     tensor is fetched back one ahead of its use.
     """
-    block = (block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    block = (block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable,
+                                   strategies.attention_kernel)
              + cast_copy_bytes(cfg, strategies.precision, trainable))
     n_ckpt = checkpointed_layers(cfg, strategies)
     per_layer = [n_tokens * cfg.dim * DTYPE_BYTES[strategies.precision]] * n_ckpt + [block] * (cfg.n_layers - n_ckpt)
@@ -335,7 +350,8 @@ def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, bat
     # the recomputed block's activations plus the (N, D) gradients alive around it: the incoming gradient, the
     # residual branches' gradients and their sum; 5 of them fitted against the traced step (lowmem plan
     # --trace) on quickstart-5m, full and LoRA, with and without the fused loss: within 4%
-    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable)
+    block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, packed, trainable,
+                                   strategies.attention_kernel)
     if not sharded:  # the recomputed block's weight copies (FSDP: its gathered weights, see `fsdp_bytes`)
         block += cast_copy_bytes(cfg, strategies.precision, trainable)
     if strategies.activation_checkpointing == "selective":
