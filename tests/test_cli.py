@@ -160,7 +160,7 @@ def test_plan_for_a_named_gpu(runner):
     result = runner.invoke(app, ["plan", str(QUICKSTART), "--hardware", "rtx4090-24gb",
                                  "--set", "memory.budget=4GiB"])
     assert result.exit_code == 0, result.output
-    assert "hardware   rtx4090-24gb (cuda, 24.00 GiB)" in result.stdout
+    assert "hardware   rtx4090-24gb (cuda, 23.65 GiB)" in result.stdout
     assert "budget     4.00 GiB" in result.stdout
 
 

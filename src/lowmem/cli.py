@@ -107,10 +107,11 @@ def plan_cmd(
     else:
         typer.echo(render_plan(p))
     if trace:
-        from lowmem.plan.trace import render_trace_comparison, trace_memory
+        from lowmem.plan.trace import render_trace_comparison, trace_in_fake_cuda, trace_memory
 
         typer.echo("")
-        typer.echo(render_trace_comparison(p, trace_memory(p)), err=json_)
+        traced = trace_in_fake_cuda(p) if p.hardware.device == "cuda" else trace_memory(p)
+        typer.echo(render_trace_comparison(p, traced), err=json_)
 
 
 @app.command()

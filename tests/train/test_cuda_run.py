@@ -66,3 +66,17 @@ def test_a_host_side_batch_or_weight_fails_on_fake_cuda(tmp_path):
     out = fakecuda.run("tests/train/cuda_run_cases.py:host_side_failures", str(tmp_path / "cache"))
     assert out["host_batch"].startswith(("mismatch", "refused")) and "cpu" in out["host_batch"], out
     assert out["host_param"].startswith("mismatch"), out
+
+
+def test_plan_trace_of_a_cuda_plan_runs_on_fake_cuda_and_agrees_with_the_analytic_plan(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lowmem.cli", "plan", "examples/quickstart.toml", "--hardware",
+                           "h100-80gb", "--trace", f"--set=data.cache_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "varlen" in done.stdout  # the kernel the trace routes attention to is the plan's
+    off = re.search(r"analytic is ([+-][0-9.]+)% off traced", done.stdout)
+    assert off and abs(float(off.group(1))) <= 5.0, done.stdout[-1500:]

@@ -741,6 +741,7 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     decisions += _explain_last_resorts(spec, strategies, candidates, usable, world_size)
     decisions.append(_explain_fsdp_offload(spec, hw, strategies, candidates, usable, world_size))
     decisions.append(_explain_stochastic_rounding(spec, hw, strategies, candidates, usable, world_size))
+    decisions.append(_explain_attention(hw, strategies))
     accum = spec.train.grad_accum
     decisions.append(Decision(
         strategy="gradient_accumulation", value=str(accum), source="user",
@@ -748,6 +749,23 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
                "gradients normalized by the total count of target tokens",
     ))
     return tuple(decisions)
+
+
+ATTENTION_REASONS = {
+    "sdpa": "scaled_dot_product_attention with the packed documents' (B, 1, T, T) mask",
+    "varlen": "flash attention over the packed documents (torch.nn.attention.varlen): saves q, k, v, its output "
+              "and the logsumexp, never a T x T tensor",
+    "sdpa-efficient": "the memory-efficient SDPA kernel, pinned (fp32 compute, which flash cannot run): saves "
+                      "its inputs, output and logsumexp, and one shared additive document mask",
+}
+
+
+def _explain_attention(hw: HardwareProfile, strategies: Strategies) -> Decision:
+    """The attention kernel the plan runs and counts, with the projection dtype of the loss."""
+    reason = ATTENTION_REASONS[strategies.attention_kernel]
+    if hw.device == "cuda":
+        reason += f"; the vocabulary projection in {strategies.projection_dtype}, its logits upcast in chunks"
+    return Decision(strategy="attention_kernel", value=strategies.attention_kernel, source="fixed", reason=reason)
 
 
 def _explain_offloading(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, rivals, usable: int,

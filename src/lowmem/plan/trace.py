@@ -212,6 +212,25 @@ def _phase_marked(run: Training, answers: _FakeDataAnswers):
     return loss_of
 
 
+def trace_in_fake_cuda(plan: Plan) -> MemoryReport:
+    """`trace_memory` of a CUDA plan with its tensors on `cuda`: here on a CUDA torch, else in a fake-CUDA child.
+
+    The child (`lowmem.fakecuda.run`) loads the shim before torch, so the step runs the kernels the plan names
+    (flash varlen, the memory-efficient kernel) on fake `cuda` tensors rather than the CPU's math attention.
+    """
+    from lowmem import fakecuda
+
+    if torch.backends.cuda.is_built() or fakecuda.is_active():
+        return trace_memory(plan)
+    encoded = msgspec.json.encode(plan).decode()
+    return msgspec.json.decode(fakecuda.run("lowmem.plan.trace:_trace_encoded", encoded).encode(), type=MemoryReport)
+
+
+def _trace_encoded(plan_json: str) -> str:
+    """The fake-CUDA child's side of `trace_in_fake_cuda`: a plan in, its traced MemoryReport out (JSON)."""
+    return msgspec.json.encode(trace_memory(msgspec.json.decode(plan_json.encode(), type=Plan))).decode()
+
+
 def trace_device(plan: Plan) -> str:
     """Where the trace's fake tensors live: the plan's device when this process can fake it, else the host.
 
