@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowmem.plan.hardware import GiB, PROFILES
+from lowmem.plan.hardware import PROFILES, GiB
 from lowmem.train import device
 from lowmem.train.distributed import backend_for
 
