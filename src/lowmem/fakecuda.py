@@ -16,7 +16,8 @@ library (and the torch libraries it links to, with ctypes) into a process that h
 fake CUDA runs in a child process: `run(target, *args)` starts `python -m lowmem.fakecuda TARGET ARGS_JSON`,
 which enables the shim, imports `module:function` (or `path/file.py:function`) and calls it with the arguments;
 the function's JSON-able return value comes back. The shim is compiled once per torch version with
-`torch.utils.cpp_extension` (a C++ compiler is needed; about 2 s) into `$LOWMEM_CACHE` or `~/.cache/lowmem`.
+`torch.utils.cpp_extension` (a C++ compiler and ninja, a dependency, are needed; about 2 s) into
+`$LOWMEM_CACHE` or `~/.cache/lowmem`.
 
 On a torch built with CUDA none of this is needed: fake CUDA tensors work there already (`is_needed()`).
 """
@@ -103,7 +104,10 @@ def shim_library() -> Path:
     src.write_text(SHIM_SOURCE)
     code = ("from torch.utils.cpp_extension import load; "
             f"load(name={_NAME!r}, sources=[{str(src)!r}], build_directory={str(build)!r}, is_python_module=False)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # cpp_extension builds with ninja, which it looks up on PATH: the `ninja` wheel installs it beside this python
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PATH": path})
     if done.returncode != 0 or not lib.exists():
         raise FakeCudaError(f"building the fake-CUDA shim in {build} failed (it needs a C++ compiler, g++ or "
                             f"clang++, and the torch headers):\n{done.stderr[-2000:]}")
