@@ -171,7 +171,7 @@ def _versions(*names: str) -> dict:
 
 
 def worker_lowmem(job: dict) -> dict:
-    """lowmem's own training step (`lowmem.train.loop.train_step`), strategies as planned (all off here)."""
+    """lowmem's own training step (`lowmem.train.step.train_step`), strategies as planned (all off here)."""
     _set_threads(job["threads"], job["seed"])
     import inspect
 
@@ -181,8 +181,9 @@ def worker_lowmem(job: dict) -> dict:
     from lowmem.nn import load_hf
     from lowmem.plan import plan
     from lowmem.spec import decode_spec
-    from lowmem.train.loop import _state_tensors, build_training, train_step
     from lowmem.train.memory import LiveTensorTracker
+    from lowmem.train.session import build_training, state_tensors
+    from lowmem.train.step import train_step
     from lowmem.train.strategies import param_dtype
 
     spec = decode_spec(job["spec"], "toml", overrides=job["overrides"])
@@ -206,7 +207,7 @@ def worker_lowmem(job: dict) -> dict:
     rss = meter.stop()
     # lowmem's own view: live tensor bytes over one more (steady-state) step, the weights included
     tracker.add_existing(training.params.values(), "parameters")
-    tracker.add_existing(_state_tensors(training.optimizer), "optimizer_state")
+    tracker.add_existing(state_tensors(training.optimizer), "optimizer_state")
     with tracker:
         train_step(job["steps"], job["steps"] + 1, spec, training.loss_of, iter(batches[:1]), trainable,
                    training.optimizer, tracker, training.loss_scaler, **step_kw)
@@ -428,7 +429,7 @@ def prepare(tmp: Path, size: dict, cache: Path) -> dict:
     from lowmem.nn import init_params, save_hf
     from lowmem.plan import plan
     from lowmem.spec import decode_spec
-    from lowmem.train.loop import prepare_data
+    from lowmem.train.inputs import prepare_data
 
     spec = decode_spec(lowmem_spec(size, cache, "off"), "toml")
     p = plan(spec)

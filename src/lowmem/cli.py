@@ -107,7 +107,7 @@ def plan_cmd(
     else:
         typer.echo(render_plan(p))
     if trace:
-        from lowmem.plan.trace import render_trace_comparison, trace_in_fake_cuda, trace_memory
+        from lowmem.train.dryrun import render_trace_comparison, trace_in_fake_cuda, trace_memory
 
         typer.echo("")
         traced = trace_in_fake_cuda(p) if p.hardware.device == "cuda" else trace_memory(p)
@@ -134,12 +134,29 @@ def execute(
 
     Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and stops; `--resume` continues it.
     """
-    import json
-
-    from lowmem.plan import plan, render_plan
-    from lowmem.train import describe_memory
+    from lowmem.plan import render_plan
     from lowmem.train import execute as run
-    from lowmem.train.distributed import launch_rank, launch_world_size
+    from lowmem.train.distributed import launch_rank
+    from lowmem.train.oom import OutOfMemoryStop
+
+    p, out = _plan_to_execute(spec_or_plan, set_ or [], out)
+    secondary = launch_rank() != 0  # under torchrun, rank 0 alone speaks
+    if not quiet and not secondary:
+        typer.echo(render_plan(p))
+        typer.echo("")
+    cap = _size_option("--cap-memory", cap_memory)
+    try:
+        result = run(p, out, progress=not quiet, resume=resume, cap_memory_bytes=cap)
+    except OutOfMemoryStop as err:
+        _fail(str(err))
+    if not secondary:
+        _print_result(result)
+
+
+def _plan_to_execute(spec_or_plan: Path, set_: list[str], out: Path | None):
+    """The plan `lowmem execute` runs (a spec is planned here), checked against this machine, and its --out."""
+    from lowmem.plan import plan
+    from lowmem.train.distributed import launch_world_size
     from lowmem.train.loop import check_executable
 
     if spec_or_plan.is_dir():
@@ -148,29 +165,30 @@ def execute(
         out = out or spec_or_plan
         spec_or_plan = spec_or_plan / "plan.json"
     # a spec is planned for the processes torchrun started (WORLD_SIZE); a plan.json must have been made for them
-    p = (_load_plan(spec_or_plan, set_ or []) if _is_plan(spec_or_plan)
-         else plan(load_spec(spec_or_plan, set_ or []), world_size=launch_world_size()))
+    p = (_load_plan(spec_or_plan, set_) if _is_plan(spec_or_plan)
+         else plan(load_spec(spec_or_plan, set_), world_size=launch_world_size()))
     check_executable(p)
-    secondary = launch_rank() != 0  # under torchrun, rank 0 alone speaks
-    if not quiet and not secondary:
-        typer.echo(render_plan(p))
-        typer.echo("")
-    cap = None
-    if cap_memory is not None:
-        from lowmem.spec.units import parse_bytes
+    return p, out
 
-        try:
-            cap = parse_bytes(cap_memory)
-        except ValueError as err:
-            raise _UserError(f"--cap-memory {cap_memory!r}: {err}") from None
-    from lowmem.train.loop import OutOfMemoryStop
+
+def _size_option(flag: str, value: str | None) -> int | None:
+    """A size option such as `--cap-memory 2GiB` in bytes (None when not given)."""
+    if value is None:
+        return None
+    from lowmem.spec.units import parse_bytes
 
     try:
-        result = run(p, out, progress=not quiet, resume=resume, cap_memory_bytes=cap)
-    except OutOfMemoryStop as err:
-        _fail(str(err))
-    if secondary:
-        return
+        return parse_bytes(value)
+    except ValueError as err:
+        raise _UserError(f"{flag} {value!r}: {err}") from None
+
+
+def _print_result(result) -> None:
+    """What a finished (or interrupted) run says: losses, speed, planned versus measured memory, where it is."""
+    import json
+
+    from lowmem.train import describe_memory
+
     typer.echo("")
     if result.interrupted:
         typer.echo(f"interrupted after step {result.steps}: checkpoint written; continue with "
@@ -254,7 +272,7 @@ app.add_typer(data_app, name="data")
 def data_prepare(spec: SpecArg, set_: SetOpt = None) -> None:
     """Tokenize and pack a spec's data into its cache ahead of training (reused by execute)."""
     from lowmem.spec import format_bytes
-    from lowmem.train.loop import prepare_data
+    from lowmem.train.inputs import prepare_data
 
     def show(records: int, read: int, total: int) -> None:
         share = read / total if total else 1.0
@@ -283,7 +301,7 @@ def data_inspect(
 ) -> None:
     """Decode a few packed rows: one document per line, [[...]] marks tokens the loss does not train on."""
     from lowmem.data import inspect_rows
-    from lowmem.train.loop import prepare_data
+    from lowmem.train.inputs import prepare_data
 
     tokenizer, dataset = prepare_data(load_spec(spec, set_ or []))
     typer.echo(inspect_rows(dataset.path, tokenizer, n=rows))

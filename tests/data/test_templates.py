@@ -166,7 +166,7 @@ def test_checkpoint_without_tokenizer_spec_uses_its_own(base_bpe, tmp_path: Path
     from lowmem.nn.config import preset
     from lowmem.plan.planner import PlanError, resolve_model
     from lowmem.spec import decode_spec
-    from lowmem.train.loop import prepare_data
+    from lowmem.train.inputs import prepare_data
 
     model_dir = tmp_path / "qwen"
     _, tok = family_tokenizers(base_bpe, "chatml", model_dir)

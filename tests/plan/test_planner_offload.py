@@ -183,7 +183,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def test_trace_runs_an_offloading_plan_with_everything_on_the_device(tiny_spec):
     """Fake tensors live on the CPU, so `lowmem plan --trace` traces such a plan without the moves: an upper
     bound of the device bytes (the optimizer state all on the device, for one)."""
-    from lowmem.plan.trace import trace_memory
+    from lowmem.train.dryrun import trace_memory
 
     p = plan(tiny_spec("memory.strategies.activation_offloading=on", "optimizer.offload=true"), "h100-80gb")
     assert p.strategies.activation_offloading and p.memory.host

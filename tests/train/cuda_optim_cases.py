@@ -12,7 +12,7 @@ def _answers():
     """A dispatch mode that answers `.item()` on fake tensors (1, or 1.0) and counts how often it was asked.
 
     torch's Adafactor reads its step count and two norms per parameter as Python floats; a fake tensor has no
-    value to give (the same answer `lowmem.plan.trace` gives).
+    value to give (the same answer `lowmem.train.dryrun` gives).
     """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -62,17 +62,12 @@ def _run_one(cache: str, combo: dict) -> dict:
     from lowmem.data.loader import BatchLoader, split_rows
     from lowmem.nn.generate import decode_step, init_cache, prefill, sample
     from lowmem.plan import plan
-    from lowmem.plan.trace import _FakeDataAnswers
     from lowmem.train.checkpoint import _by_name, _split_state
-    from lowmem.train.loop import (
-        _DeviceBatches,
-        _initial_params,
-        build_training,
-        evaluate,
-        prepare_data,
-        train_step,
-    )
+    from lowmem.train.dryrun import _FakeDataAnswers
+    from lowmem.train.inputs import DeviceBatches, prepare_data
     from lowmem.train.memory import LiveTensorTracker
+    from lowmem.train.session import build_training, initial_params
+    from lowmem.train.step import evaluate, train_step
     from lowmem.train.strategies import param_dtype
 
     if True:
@@ -87,10 +82,10 @@ def _run_one(cache: str, combo: dict) -> dict:
                                    n_positions=spec.train.micro_batch * spec.train.seq_len)
         loader = BatchLoader(dataset, train_rows, spec.train.micro_batch, spec.train.seed, prefetch=0)
         with FakeTensorMode(allow_non_fake_inputs=True), answers:
-            params = _initial_params(p, param_dtype(p.strategies))
+            params = initial_params(p, param_dtype(p.strategies))
             run = build_training(p, params, tracker)
             trainable = list(run.trainable_params.values())
-            batches = _DeviceBatches(loader, p.hardware.device) if not combo.get("host_batch") else loader
+            batches = DeviceBatches(loader, p.hardware.device) if not combo.get("host_batch") else loader
             for step in range(2):
                 stats = train_step(step, 2, spec, run.loss_of, batches, trainable, run.optimizer, None,
                                    run.loss_scaler, split=p.strategies.micro_batch_split)

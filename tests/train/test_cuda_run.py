@@ -1,8 +1,8 @@
 """The executor's code for a CUDA plan, run on fake CUDA: every strategy the CUDA planner can choose.
 
-One child process (lowmem.fakecuda) runs, for each combination, the real weight creation (`_initial_params`:
+One child process (lowmem.fakecuda) runs, for each combination, the real weight creation (`initial_params`:
 straight onto `cuda`, QLoRA quantized tensor by tensor), `build_training`, two `train_step`s fed by the real
-loader through `_DeviceBatches`, `evaluate`, the checkpoint's state collection, and `generate`. A second child
+loader through `DeviceBatches`, `evaluate`, the checkpoint's state collection, and `generate`. A second child
 shows the check can fail: a batch never copied, or one weight left on the host, raises
 FakeTensorDeviceMismatchError where it is used. What fake CUDA cannot show (kernel speed, the allocator's
 rounding, real NCCL) is measured by benchmarks/gpu_check.py on a GPU.

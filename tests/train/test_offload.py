@@ -19,9 +19,9 @@ from lowmem.plan import plan
 from lowmem.plan.estimate import OFFLOAD_MIN_BYTES
 from lowmem.plan.structs import Strategies
 from lowmem.train import strategies as strategies_module
-from lowmem.train.loop import build_training
 from lowmem.train.memory import LiveTensorTracker
 from lowmem.train.offload import ActivationOffload
+from lowmem.train.session import build_training
 from lowmem.train.strategies import block_runner, param_dtype
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offloading moves tensors off a GPU")

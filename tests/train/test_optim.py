@@ -310,7 +310,7 @@ def test_cuda_offload_steps_like_adamw_through_train_step(tiny_spec, offload_gra
     on their scale: host gradients left unscaled (256 times larger) and unclipped would move the weights several
     times further. Four steps with clipping active match torch AdamW on the device within 1e-5 relative (the host
     runs the fused CPU kernel)."""
-    from lowmem.train.loop import train_step
+    from lowmem.train.step import train_step
 
     x, y, init = _problem()
     x, y = x.cuda(), y.cuda()

@@ -16,8 +16,9 @@ from lowmem.plan import plan
 from lowmem.plan.estimate import estimate_memory, selective_block_bytes
 from lowmem.plan.planner import trainable_shapes
 from lowmem.train import execute
-from lowmem.train.loop import build_training, train_step
 from lowmem.train.memory import LiveTensorTracker
+from lowmem.train.session import build_training
+from lowmem.train.step import train_step
 from lowmem.train.strategies import InBackwardOptimizer, LossScaler, block_runner, param_dtype
 
 

@@ -1,5 +1,6 @@
 """Executing a plan: strategies applied, the step and the loop, measured memory."""
 
-from lowmem.train.loop import RunResult, describe_memory, execute
+from lowmem.train.loop import RunResult, execute
+from lowmem.train.progress import describe_memory
 
 __all__ = ["RunResult", "describe_memory", "execute"]

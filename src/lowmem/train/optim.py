@@ -104,7 +104,7 @@ def _register_fake_fused_sgd() -> None:
     """Give `aten::_fused_sgd_` the fake (shape-only) kernel torch 2.13 lacks, so fused SGD steps on fake tensors.
 
     torch registers one for `_fused_adam(w)_` (torch/_meta_registrations.py) but not for `_fused_sgd_`, which
-    then fails under FakeTensorMode (`lowmem.plan.trace`, fake CUDA). The op updates its tensor lists in place
+    then fails under FakeTensorMode (`lowmem.train.dryrun`, fake CUDA). The op updates its tensor lists in place
     and returns nothing, so its fake kernel does nothing. Registered once per process, and only when fused SGD
     is built over fake parameters, so real runs never see it.
     """
@@ -147,7 +147,7 @@ def _cpu_offload(spec: AdamW, params: list[torch.Tensor]) -> torch.optim.Optimiz
         raise NotImplementedError(
             "optimizer.offload = true cannot run on fake CUDA (a torch built without CUDA): torchao's "
             "CPUOffloadOptimizer needs CUDA streams and events when it is built and in every backward and step. "
-            "lowmem.plan.trace traces such a plan with the optimizer on the device (an upper bound); run it on a GPU"
+            "lowmem.train.dryrun traces such a plan with the optimizer on the device (an upper bound); run it on a GPU"
         )
     optim = _import_backend("torchao.optim", "optimizer.offload = true", "torchao")
     return _host_offloaded(optim.CPUOffloadOptimizer)(
@@ -194,7 +194,7 @@ def _bitsandbytes_adamw8bit(spec: AdamW8bit, params: list[torch.Tensor]) -> torc
     """bitsandbytes' 8-bit AdamW (paged when `spec.paged`; on CPU tensors paging is a no-op).
 
     Built with any fake-tensor mode set aside: bitsandbytes makes its two 256-entry quantization maps from Python
-    lists, which a fake tensor cannot give (`lowmem.plan.trace` builds the optimizer on fake parameters). The
+    lists, which a fake tensor cannot give (`lowmem.train.dryrun` builds the optimizer on fake parameters). The
     maps are real constants then, as they are in a real run; over fake parameters they are replaced by fake
     copies on the parameters' device (`_fake_quantization_maps`).
     """
@@ -269,7 +269,7 @@ def _torchao(cls: type[torch.optim.Optimizer], spec: AdamW | AdamW8bit | AdamW4b
 
 
 def _on_fake_tensors(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer holds fake parameters (`lowmem.plan.trace`): its update cannot run on them."""
+    """Whether the optimizer holds fake parameters (`lowmem.train.dryrun`): its update cannot run on them."""
     from torch._subclasses.fake_tensor import FakeTensor
 
     return any(isinstance(p, FakeTensor) for group in optimizer.param_groups for p in group["params"])
@@ -280,7 +280,7 @@ def _prime_torchao_qmaps() -> None:
     """Compute torchao's quantization maps on real tensors, before any fake-tensor trace can.
 
     torchao 0.18 builds each map once per process (`get_qmap_signed` / `get_qmap_unsigned` in subclass_8bit.py
-    and subclass_4bit.py, behind `lru_cache`) from tensor values. Built first under `lowmem.plan.trace`, they
+    and subclass_4bit.py, behind `lru_cache`) from tensor values. Built first under `lowmem.train.dryrun`, they
     would be the trace's placeholder values, cached for every later real run in the process (seen: a torchao
     AdamW8bit diverged after a trace).
     """
@@ -305,7 +305,7 @@ def _measurable(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]
     set aside: the same compiled update as without a tracker, so measured and unmeasured steps (and a resumed
     run's first steps) compute the same bits. The update's transient temporaries go uncounted.
 
-    On fake tensors (`lowmem.plan.trace`) the states are created and the update is skipped: compiled code run on
+    On fake tensors (`lowmem.train.dryrun`) the states are created and the update is skipped: compiled code run on
     fake tensors outside their mode reads data pointers that do not exist (it crashed the process), and a trace
     needs only the states' bytes, which creating them gives.
     """

@@ -1,7 +1,7 @@
 """Traced memory: run the plan's own training step on fake tensors and count what it would hold.
 
-`trace_memory(plan)` builds the run exactly as `execute` does (`lowmem.train.loop.build_training`: the
-same adapters, trainable mask, optimizer and loss) and runs `lowmem.train.loop.train_step` for a few
+`trace_memory(plan)` builds the run exactly as `execute` does (`lowmem.train.session.build_training`: the
+same adapters, trainable mask, optimizer and loss) and runs `lowmem.train.step.train_step` for a few
 optimizer steps under `torch._subclasses.fake_tensor.FakeTensorMode`, with `LiveTensorTracker` counting
 live storage bytes by category as `execute` does on CPU. Fake tensors carry shapes, dtypes and storages
 but no data, so nothing of the model's size is allocated: an 8B plan traces on a laptop in seconds, and
@@ -57,8 +57,9 @@ from lowmem.nn import init_params
 from lowmem.plan.structs import Component, MemoryReport, Plan
 from lowmem.spec.structs import AdamW
 from lowmem.spec.units import format_bytes
-from lowmem.train.loop import Training, build_training, train_step
 from lowmem.train.memory import LiveTensorTracker
+from lowmem.train.session import Training, build_training
+from lowmem.train.step import train_step
 from lowmem.train.strategies import param_dtype
 
 __all__ = ["TraceError", "render_trace_comparison", "trace_memory"]
@@ -223,7 +224,7 @@ def trace_in_fake_cuda(plan: Plan) -> MemoryReport:
     if torch.backends.cuda.is_built() or fakecuda.is_active():
         return trace_memory(plan)
     encoded = msgspec.json.encode(plan).decode()
-    return msgspec.json.decode(fakecuda.run("lowmem.plan.trace:_trace_encoded", encoded).encode(), type=MemoryReport)
+    return msgspec.json.decode(fakecuda.run("lowmem.train.dryrun:_trace_encoded", encoded).encode(), type=MemoryReport)
 
 
 def _trace_encoded(plan_json: str) -> str:

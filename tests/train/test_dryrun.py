@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from lowmem.plan import Component, MemoryReport, plan
-from lowmem.plan.trace import render_trace_comparison, trace_memory
 from lowmem.spec.units import format_bytes
+from lowmem.train.dryrun import render_trace_comparison, trace_memory
 from lowmem.train.loop import execute
 
 # the configurations execute measures; each forces its strategies so the planner cannot pick others
@@ -143,7 +143,7 @@ def test_tracing_a_torchao_plan_leaves_later_real_runs_intact(tiny_spec, tmp_pat
     code = f"""
 import msgspec
 from lowmem.plan import plan
-from lowmem.plan.trace import trace_memory
+from lowmem.train.dryrun import trace_memory
 from lowmem.spec.structs import RunSpec
 from torchao.optim import subclass_4bit, subclass_8bit
 spec = msgspec.json.decode({msgspec.json.encode(tiny_spec("optimizer.kind=adamw4bit")).decode()!r}, type=RunSpec)
