@@ -62,7 +62,8 @@ def test_top_level_help_lists_the_commands(runner):
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
-    assert commands == ["validate", "plan", "execute", "export", "report", "generate", "download", "data"]
+    assert commands == ["validate", "plan", "execute", "export", "report", "runs", "generate", "download",
+                        "data"]
 
 
 def test_no_arguments_shows_help(runner):
@@ -75,10 +76,11 @@ def test_no_arguments_shows_help(runner):
     [
         ("validate", {"--set", "-s", "--help"}),
         ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--nproc", "--help"}),
-        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--cap-memory", "--help"}),
+        ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--overwrite", "--cap-memory", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
         ("export", {"--out", "--merge", "--help"}),
         ("report", {"--png", "--help"}),
+        ("runs", {"--help"}),
     ],
 )
 def test_each_command_has_exactly_its_options(runner, command, options):
@@ -297,7 +299,9 @@ def test_console_script_reports_a_bad_spec_without_traceback():
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: examples/quickstart.toml: invalid value at `$.train.steps`: -1")
+    # the bad value came from --set, so --set is named, not the file; one line
+    assert result.stderr.startswith("error: --set train.steps=-1: invalid value at `$.train.steps`: -1")
+    assert result.stderr.count("\n") == 1
 
 
 def test_export_merge_and_report(tmp_path, data_cache):

@@ -126,6 +126,8 @@ def execute(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's newest checkpoint.")]
     = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run already in the run directory "
+                                            "(once this one's data is ready) and start again.")] = False,
     cap_memory: Annotated[str | None, typer.Option(
         "--cap-memory", help="Enforce a cap on live tensor bytes, e.g. 2GiB: past it a step runs out of memory as "
         "on a full GPU (rehearses memory.on_oom on any machine).", show_default=False)] = None,
@@ -146,11 +148,24 @@ def execute(
         typer.echo("")
     cap = _size_option("--cap-memory", cap_memory)
     try:
-        result = run(p, out, progress=not quiet, resume=resume, cap_memory_bytes=cap)
+        result = run(p, out, progress=not quiet, resume=resume, overwrite=overwrite, cap_memory_bytes=cap)
     except OutOfMemoryStop as err:
         _fail(str(err))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without the checkpoint the first one asks for
+        _stopped_at_once(Path(out or p.spec.out_dir))
     if not secondary:
         _print_result(result)
+
+
+def _stopped_at_once(out: Path) -> None:
+    """What a run stopped by a second Ctrl-C leaves: its newest checkpoint, or none; exits 130."""
+    from lowmem.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(out)
+    kept = (f"the newest checkpoint is {newest}: `lowmem execute {out} --resume` continues from it" if newest
+            else "no checkpoint was written yet, so its progress is lost (output.save_every keeps some)")
+    typer.echo(f"\nstopped at once by a second interrupt, without a checkpoint of this step; {kept}", err=True)
+    raise typer.Exit(code=130)
 
 
 def _plan_to_execute(spec_or_plan: Path, set_: list[str], out: Path | None):
@@ -210,13 +225,14 @@ def export(
     merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA/DoRA adapters into the base weights.")] = False,
 ) -> None:
     """Write a run's model as one Hugging Face checkpoint; with --merge, adapters are merged into the base."""
-    import shutil
-
     from lowmem.data.tokenizer import load_tokenizer
     from lowmem.nn import save_hf
     from lowmem.nn.generate import find_model_files, load_model
     from lowmem.nn.lora import merge_adapters
+    from lowmem.train.saving import copy_tokenizer, staged
 
+    if Path(out).exists():
+        raise _UserError(f"--out {out} exists; give a new directory (nothing was written)")
     files = find_model_files(run_dir)
     cfg, params, settings = load_model(files)
     if settings is not None and not merge:
@@ -224,9 +240,9 @@ def export(
                          "base weights, or use the PEFT adapter directory as it is")
     if settings is not None:
         params = merge_adapters(params, settings)
-    save_hf(params, cfg, out)
-    for f in load_tokenizer(files.tokenizer_path).files:  # the tokenizer file and its HF config files
-        shutil.copyfile(f, Path(out) / f.name)
+    with staged(Path(out)) as staging:  # weights and tokenizer appear together, in one rename
+        save_hf(params, cfg, staging)
+        copy_tokenizer(load_tokenizer(files.tokenizer_path), staging)
     typer.echo(f"wrote {out}" + (" (adapters merged)" if settings is not None else ""))
 
 
@@ -242,11 +258,12 @@ def report(
 
     from lowmem.train import describe_memory
     from lowmem.train.report import write_run_chart
+    from lowmem.train.rundir import read_metrics
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise _UserError(f"{run_dir}: no metrics.jsonl; give the directory `lowmem execute` wrote")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics)
     if not records:
         raise _UserError(f"{metrics} is empty: the run logged no step yet")
     last = records[-1]
@@ -261,6 +278,30 @@ def report(
     target = png or run_dir / "report.png"
     write_run_chart(records, target, title=run_dir.name, memory=memory)
     typer.echo(f"wrote {target}")
+
+
+@app.command()
+@_user_errors
+def runs(
+    root: Annotated[Path, typer.Argument(help="A run directory, or a directory of them (searched below).",
+                                         show_default=False)] = Path("runs"),
+) -> None:
+    """List the runs under a directory: state (running, finished, stopped at step N, failed), newest
+    checkpoint, last logged step and loss."""
+    from lowmem.train.rundir import find_runs, run_status
+
+    if not root.is_dir():
+        raise _UserError(f"{root}: no such directory; give the directory your runs' --out point into")
+    found = find_runs(root)
+    if not found:
+        typer.echo(f"no runs under {root} (a run directory holds plan.json)")
+        return
+    statuses = [run_status(path) for path in found]
+    width = max(len(str(s.path)) for s in statuses)
+    typer.echo(f"{'run':<{width}}  {'state':<34} {'step':>7} {'loss':>8}  newest checkpoint")
+    for s in statuses:
+        loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
+        typer.echo(f"{str(s.path):<{width}}  {s.state:<34} {s.steps_logged:>7} {loss:>8}  {s.newest_checkpoint or '-'}")
 
 
 data_app = typer.Typer(help="Build and look at the tokenized, packed data cache of a spec.", no_args_is_help=True)

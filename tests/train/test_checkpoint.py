@@ -203,7 +203,8 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_checkpoint(tiny_spec, tmp_
 def test_a_checkpoint_of_another_plan_names_what_changed(tiny_spec, tmp_path):
     execute(plan(tiny_spec("train.steps=2", "output.save_every=1"), "cpu"), tmp_path, progress=False)
     other = tiny_spec("train.steps=2", "output.save_every=1", "optimizer.lr=1e-2", "model.init_seed=7")
-    with pytest.raises(CheckpointError, match=r"different plan \(model, optimizer changed\)") as err:
+    changed = r"model, optimizer changed: model.init_seed: \(default\) -> 7; optimizer.lr: 0.003 -> 0.01"
+    with pytest.raises(CheckpointError, match=rf"different plan \({changed}\)") as err:
         execute(plan(other, "cpu"), tmp_path, progress=False, resume=True)
     assert "step-00000001" in str(err.value) and "another output directory" in str(err.value)
 

@@ -130,7 +130,9 @@ def test_final_weights_equal_the_single_process_run(runs):
 
 def test_only_rank_0_writes_the_run_directory(runs):
     sharded = runs[1]
-    assert sorted(p.name for p in sharded.iterdir()) == ["memory.json", "metrics.jsonl", "model", "plan.json"]
+    # beside the run's files only the lock files: rank 0's on the directory, rank 1's of its own
+    assert sorted(p.name for p in sharded.iterdir()) == [".lock", ".lock-rank-1", "memory.json", "metrics.jsonl",
+                                                         "model", "plan.json"]
     assert len(_metrics(sharded)) == 3  # one record per step, not one per rank
 
 

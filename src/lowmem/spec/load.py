@@ -48,7 +48,7 @@ def decode_spec(
     raw = parse_raw(data, fmt, source)
     for override in overrides:
         apply_override(raw, override, source)
-    return convert_spec(raw, source)
+    return convert_spec(raw, source, overrides)
 
 
 def parse_raw(data: bytes | str, fmt: str, source: str) -> dict:
@@ -71,12 +71,27 @@ def parse_raw(data: bytes | str, fmt: str, source: str) -> dict:
     return raw
 
 
-def convert_spec(raw: dict, source: str) -> RunSpec:
-    """Validate plain data into a RunSpec, turning msgspec's errors into SpecErrors."""
+def convert_spec(raw: dict, source: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Validate plain data into a RunSpec, turning msgspec's errors into SpecErrors.
+
+    An error at a value an override set names that `--set`, not the file.
+    """
     try:
         return msgspec.convert(raw, RunSpec)
     except msgspec.ValidationError as err:
-        raise SpecError(_explain(str(err), raw, source)) from None
+        raise SpecError(_explain(str(err), raw, _blamed(source, str(err), overrides))) from None
+
+
+def _blamed(source: str, message: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """Where a validation error comes from: the last `--set` that wrote its path (or a table above it), else
+    the spec file."""
+    at = re.search(r" - at `\$\.?([^`]*)`$", message)
+    path = at.group(1) if at else ""
+    for override in reversed(overrides):
+        key = override.partition("=")[0].strip()
+        if key and (path == key or path.startswith(key + ".") or path.startswith(key + "[")):
+            return f"--set {override}"
+    return source
 
 
 def encode_spec(spec: RunSpec, fmt: str = "toml") -> bytes:
@@ -283,10 +298,10 @@ def _explain(message: str, raw: dict, source: str) -> str:
     if isinstance(type_, mi.StructType) or path == "$":
         return f"{source}: invalid `{path}`: {reason}"  # a cross-field rule: its message says what to do
     found = "missing" if node is _MISSING else repr(node)
-    lines = [f"{source}: invalid value at `{path}`: {found}", f"  {reason}"]
+    lines = [f"{source}: invalid value at `{path}`: {found}: {reason}"]
     union = _walk(raw, root, _split_path(path)[:-1])[1] if path.endswith(".kind") else None
     tags = [t.tag for t in getattr(union, "types", ()) if isinstance(t, mi.StructType) and t.tag]
     allowed = "one of " + ", ".join(repr(t) for t in tags) if tags else _describe_allowed(type_)
     if allowed:
-        lines.append(f"  allowed: {allowed}")
-    return "\n".join(lines)
+        lines.append(f"allowed: {allowed}")
+    return "; ".join(lines)

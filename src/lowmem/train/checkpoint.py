@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ from lowmem.train import distributed
 from lowmem.train.device import cuda_rng_state, restore_cuda_rng_state
 
 CHECKPOINT_FORMAT = 1
+# The digest recorded per checkpoint file (trainer.json "digests") and checked on resume: hashlib's sha256 uses
+# the CPU's SHA extensions where it has them (sha_ni on this machine's EPYC)
+DIGEST = "sha256"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Tensor subclasses whose inner tensors a checkpoint may store, and rebuild through `__tensor_unflatten__`:
 # torchao's quantized optimizer states (codes, scale, qmap). An allowlist: a checkpoint names a class to build.
@@ -67,12 +71,49 @@ def plan_fingerprint(plan, world: int = 1) -> dict[str, str]:
     processes: `train.micro_batch` enters as micro_batch x `world`, the rows one loader batch takes over all
     ranks, so a run can resume on another number of processes when that product is kept.
     """
+    return {name: hashlib.sha256(msgspec.json.encode(v)).hexdigest()[:16]
+            for name, v in plan_identity(plan, world).items()}
+
+
+def plan_identity(plan, world: int = 1) -> dict[str, Any]:
+    """The values `plan_fingerprint` hashes, as plain JSON data (a checkpoint stores them, so that a refused
+    resume can name each setting that changed, with its old and new value)."""
     spec = plan.spec
     train = msgspec.structs.replace(spec.train, log_every=1, eval_every=0, eval_batches=1,
                                     micro_batch=spec.train.micro_batch * world)
     parts = {"model": (plan.model, spec.model), "strategies": _stored_strategies(plan.strategies), "data": spec.data,
              "method": spec.method, "optimizer": spec.optimizer, "train": train}
-    return {name: hashlib.sha256(msgspec.json.encode(_set_fields(v))).hexdigest()[:16] for name, v in parts.items()}
+    return {name: msgspec.json.decode(msgspec.json.encode(_set_fields(v))) for name, v in parts.items()}
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`path: old -> new` for each setting that differs between two `plan_identity`s (a missing one is unset)."""
+    found: list[str] = []
+
+    def walk(a, b, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in dict.fromkeys([*a, *b]):
+                walk(a.get(key, _UNSET), b.get(key, _UNSET), f"{where}.{key}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and where != "model":
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where}[{i}]")
+        elif where == "model" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 2:
+            walk(a[0], b[0], "model config")  # the resolved ModelConfig, then the spec's model section
+            walk(a[1], b[1], "model")
+        elif a != b:
+            found.append(f"{where.lstrip('.')}: {_shown(a)} -> {_shown(b)}")
+
+    for part in dict.fromkeys([*old, *new]):
+        walk(old.get(part, _UNSET), new.get(part, _UNSET), part)
+    return found
+
+
+_UNSET = "(default)"
+
+
+def _shown(value) -> str:
+    text = value if value == _UNSET else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # Strategies that change what a step holds on the device but neither what the checkpoint stores nor what the
@@ -131,7 +172,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    loader_state: dict, fingerprint: dict[str, str], keep: int) -> Path:
+                    loader_state: dict, fingerprint: dict[str, str], keep: int,
+                    identity: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint for `step` atomically, then delete all but the newest `keep` checkpoints.
 
     `params` are the trainable tensors by canonical name, in the order the optimizer was given them (DTensors
@@ -146,7 +188,8 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
     tmp = final.parent / f".tmp-{final.name}-{pid}"
     tensors, skeleton = _split_state(_by_name(optimizer.state_dict(), list(params)))
     trainer = {"format": CHECKPOINT_FORMAT, "step": step, "loader": loader_state,
-               "fingerprint": _combined(fingerprint), "fingerprint_parts": fingerprint, "optimizer": skeleton,
+               "fingerprint": _combined(fingerprint), "fingerprint_parts": fingerprint, "identity": identity,
+               "optimizer": skeleton,
                "sharded": world > 1, "world_size": world, "torch_rng": torch.get_rng_state().tolist(),
                # LoRA dropout and stochastic rounding on a GPU draw from the CUDA generators: a resume needs them
                "cuda_rng": cuda_rng_state("cuda")}
@@ -167,13 +210,11 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
 
     def finish() -> None:
         if first:
+            # every file's digest, computed while the files are flushed to disk (hashing overlaps the fsync)
+            trainer["digests"] = _digest_and_sync(sorted(tmp.iterdir()))
             (tmp / "trainer.json").write_text(json.dumps(trainer))
-            for f in tmp.iterdir():
-                _fsync_file(f)
-            if final.exists():  # the same step saved again (e.g. the final step after an interrupt): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_file(final.parent)
+            _fsync_file(tmp / "trainer.json")
+            _put_in_place(tmp, final, pid)
 
     for phase in (prepare, write, finish):  # every rank learns of a failure on any rank, so all stop together
         failed = _on_every_rank(phase)
@@ -185,6 +226,19 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
         _rotate(run_dir, keep, pid)
     distributed.barrier()  # the checkpoint is in place when any rank goes on
     return final
+
+
+def _put_in_place(tmp: Path, final: Path, pid: int) -> None:
+    """Rename the written checkpoint `tmp` to `final`; one of the same step (saved again, e.g. the final step after
+    an interrupt) is renamed aside first, then deleted."""
+    if final.exists():
+        trash = final.parent / f".trash-{final.name}-{pid}"
+        os.rename(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    _fsync_file(final.parent)
 
 
 def _on_every_rank(phase) -> BaseException | None:
@@ -253,7 +307,8 @@ def _step_dirs(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, str], rows_per_batch: int | None = None) -> dict:
+                    fingerprint: dict[str, str], rows_per_batch: int | None = None,
+                    identity: dict[str, Any] | None = None) -> dict:
     """Restore params (in place) and the optimizer from a checkpoint; return its trainer state.
 
     Any number of processes reads either layout (see the module docstring). `rows_per_batch` is the rows one
@@ -271,14 +326,8 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torc
             f"{saved_rows / world:g} on {world} process(es) so every step sees the same rows"
             + ("" if saved_rows % world == 0 else f" (not possible: use a process count dividing {saved_rows})")
         )
-    if trainer["fingerprint"] != _combined(fingerprint):
-        saved = trainer.get("fingerprint_parts", {})
-        changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]] if saved else []
-        what = ", ".join(changed) if changed else "model, data, method, optimizer, strategies or train settings"
-        raise CheckpointError(
-            f"{path}: this checkpoint was written by a different plan ({what} changed). Resume with the spec "
-            "that made it, or start a new run in another output directory."
-        )
+    _check_fingerprint(path, trainer, fingerprint, identity)
+    verify_digests(path, trainer)
     names = list(params)
     if trainer.get("sharded") or distributed.world_size() > 1:
         weights, state = _load_resharded(path, params, trainer["optimizer"])
@@ -300,6 +349,81 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torc
     torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
     restore_cuda_rng_state(trainer.get("cuda_rng"), "cuda")
     return trainer
+
+
+def _check_fingerprint(path: Path, trainer: dict, fingerprint: dict[str, str], identity: dict | None) -> None:
+    """Refuse a checkpoint another plan wrote, naming each setting that changed (old -> new) where it can."""
+    if trainer["fingerprint"] == _combined(fingerprint):
+        return
+    saved = trainer.get("fingerprint_parts", {})
+    parts = [name for name in fingerprint if saved.get(name) != fingerprint[name]] if saved else []
+    what = ", ".join(parts) if parts else "model, data, method, optimizer, strategies or train settings"
+    settings = changed_settings(trainer["identity"], identity) if "identity" in trainer and identity else []
+    detail = f": {'; '.join(settings[:6])}" if settings else ""
+    raise CheckpointError(
+        f"{path}: this checkpoint was written by a different plan ({what} changed{detail}). Resume with the "
+        "spec that made it, or start a new run in another output directory."
+    )
+
+
+def verify_digests(path: Path, trainer: dict | None = None) -> None:
+    """Check every file of a checkpoint against the digest recorded when it was written (CheckpointError if
+    one differs or is missing). Checkpoints written before digests were recorded pass unchecked."""
+    trainer = read_trainer_state(path) if trainer is None else trainer
+    for name, digest in trainer.get("digests", {}).items():
+        file = path / name
+        try:
+            with open(file, "rb") as f:
+                actual = hashlib.file_digest(f, DIGEST).hexdigest()
+        except OSError as err:
+            raise CheckpointError(f"{file}: cannot be read ({err.strerror}); the checkpoint is damaged. Delete "
+                                  f"{path} to resume from the checkpoint before it") from None
+        if actual != digest:
+            raise CheckpointError(f"{file}: its {DIGEST} differs from the one recorded when it was written; the "
+                                  f"checkpoint is damaged. Delete {path} to resume from the checkpoint before it")
+
+
+def intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match their digests, and a line for each damaged newer one.
+
+    A damaged checkpoint with an intact one before it is renamed `damaged-step-N` (by rank 0, once every rank
+    has looked), so that it is neither resumed from nor kept in place of good ones by the rotation; it stays for
+    inspection. When none is intact, the newest one's CheckpointError is raised and nothing is moved.
+    """
+    damaged, found = [], None
+    for candidate in reversed(_step_dirs(run_dir)):
+        try:
+            verify_digests(candidate)
+        except CheckpointError as err:
+            damaged.append((candidate, err))
+            continue
+        found = candidate
+        break
+    if damaged and found is None:
+        raise damaged[0][1]
+    distributed.barrier()
+    notes = []
+    for candidate, err in damaged:
+        aside = candidate.parent / f"damaged-{candidate.name}"
+        if distributed.rank() == 0:
+            os.rename(candidate, aside)
+        notes.append(f"{str(err).split('; ')[0]}: moved aside to {aside}; resuming from {found.name}")
+    distributed.barrier()
+    return found, notes
+
+
+def _digest_and_sync(files: list[Path]) -> dict[str, str]:
+    """`{name: digest}` of `files`, each hashed in a thread while the main thread fsyncs the files."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = {f.name: pool.submit(_file_digest, f) for f in files}
+        for f in files:
+            _fsync_file(f)
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _file_digest(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, DIGEST).hexdigest()
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -471,9 +595,17 @@ def _subclass(qualname: str) -> type:
 
 
 def _rotate(run_dir: Path, keep: int, pid: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and what killed runs left behind.
+
+    Each is renamed to a hidden trash name before it is deleted: a kill during the deletion leaves a hidden
+    directory (deleted at the next rotation), never a `step-N/` that lacks some of its files.
+    """
     steps = _step_dirs(run_dir)
+    root = run_dir / "checkpoints"
     for d in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(d)
-    for d in (run_dir / "checkpoints").iterdir():  # temporary directories of killed runs
-        if d.name.startswith(".tmp-") and not d.name.endswith(f"-{pid}"):
+        trash = root / f".trash-{d.name}-{pid}"
+        os.rename(d, trash)
+        shutil.rmtree(trash)
+    for d in root.iterdir():  # temporary and trash directories of killed runs
+        if d.name.startswith((".tmp-", ".trash-")) and not d.name.endswith(f"-{pid}"):
             shutil.rmtree(d, ignore_errors=True)

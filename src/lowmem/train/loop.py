@@ -93,12 +93,14 @@ def check_distributable(p: Plan, world: int) -> None:
 
 
 def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, progress: bool = True,
-            resume: bool = False, cap_memory_bytes: int | None = None) -> RunResult:
+            resume: bool = False, overwrite: bool = False, cap_memory_bytes: int | None = None) -> RunResult:
     """Run a plan (a RunSpec is planned for this machine first) and write the run directory.
 
     With `resume`, continue from the newest complete checkpoint in the run directory (same plan required);
     the resumed run's losses equal those of a run never stopped. SIGINT/SIGTERM finish the current step,
-    write a checkpoint and return with `interrupted=True`.
+    write a checkpoint and return with `interrupted=True`. A directory holding another run is refused unless
+    `overwrite` (which deletes that run once this one's data is ready); see `lowmem.train.rundir`. The run
+    holds an exclusive lock on the directory while it runs.
     Under `torchrun --nproc_per_node N` every process calls this and they train data-parallel with FSDP2
     (gloo on CPU, NCCL and gloo on CUDA); `train.micro_batch` is then per process. See `_execute`.
 
@@ -116,15 +118,17 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     note = check_executable(p)
     if note and progress and distributed.launch_rank() == 0:
         sys.stderr.write(f"note: {note}\n")
-    with distributed.process_group(p.hardware.device):
+    out = Path(out_dir if out_dir is not None else p.spec.out_dir)
+    with distributed.process_group(p.hardware.device), RunDir(out, distributed.rank()) as run_dir:
         for replans in range(MAX_REPLANS + 1):
             try:
-                return _execute(p, out_dir, progress=progress, resume=resume, cap_memory_bytes=cap_memory_bytes)
+                return _execute(p, run_dir, progress=progress, resume=resume, overwrite=overwrite,
+                                cap_memory_bytes=cap_memory_bytes)
             except StepOutOfMemory as oom:
                 if p.spec.memory.on_oom == "stop" or distributed.world_size() > 1 or replans == MAX_REPLANS:
                     raise oom.as_error(p, replans) from None
                 p = replan_after_oom(p, oom.available_bytes)
-                resume = True
+                resume, overwrite = True, False
                 if progress and distributed.rank() == 0:
                     sys.stderr.write(f"\nout of memory in step {oom.step + 1} ({oom.message}); re-planned for "
                                      f"{format_bytes(p.budget_bytes)}: {describe_strategies(p)}; resuming from "
@@ -132,7 +136,7 @@ def execute(plan_or_spec: Plan | RunSpec, out_dir: str | Path | None = None, *, 
     raise AssertionError("unreachable")
 
 
-def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: bool,
+def _execute(p: Plan, run_dir: RunDir, *, progress: bool, resume: bool, overwrite: bool,
              cap_memory_bytes: int | None = None) -> RunResult:
     """`execute` once the process group (if any) is up: under torchrun every rank runs this.
 
@@ -142,13 +146,16 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
     """
     world, rank = distributed.world_size(), distributed.rank()
     check_distributable(p, world)
-    run_dir = RunDir(Path(out_dir if out_dir is not None else p.spec.out_dir))
-    checkpoint = run_dir.start(p, resume, writer=rank == 0)
+    start = run_dir.start(p, world, resume, overwrite)
+    distributed.barrier()  # every rank judged the directory before rank 0 changes it
     torch.manual_seed(p.spec.train.seed)
     tokenizer, dataset, train_rows, eval_rows = _prepare_inputs(p, world, rank)
     session = open_session(p, dataset, train_rows, world, rank, cap_memory_bytes)
     fingerprint = plan_fingerprint(p, world)
-    first_step = resume_step(session, checkpoint, fingerprint) if checkpoint is not None else 0
+    first_step = resume_step(session, start.checkpoint, fingerprint) if start.checkpoint is not None else 0
+    run_dir.accept(p, start)  # only now: a refused resume or bad data leaves the directory as it was
+    if start.note and rank == 0:  # said even with --quiet: it is about the user's files
+        sys.stderr.write("".join(f"note: {line}\n" for line in start.note.splitlines()))
     total_steps = p.total_steps or steps_for_epochs(p.spec, len(train_rows), world)
     ran = _train(session, run_dir, fingerprint, first_step, total_steps, (dataset, eval_rows),
                  progress=progress, cap_memory_bytes=cap_memory_bytes)
@@ -157,10 +164,13 @@ def _execute(p: Plan, out_dir: str | Path | None, *, progress: bool, resume: boo
         run_dir.write_json("memory.json", report)
     model_dir = None
     if p.spec.output.save_final and not ran.interrupted:
-        model_dir = save_final_model(session, tokenizer, run_dir.path)
+        model_dir = save_final_model(session, tokenizer, run_dir.path, first_step + len(ran.losses), fingerprint)
+    # the run's first loss, not this resume's (the resumed part's last; the logged last when it ran no step)
+    first_loss, last_logged = run_dir.logged_losses() if first_step else (math.nan, math.nan)
     return RunResult(
         out_dir=str(run_dir.path), steps=first_step + len(ran.losses),
-        first_loss=ran.losses[0] if ran.losses else math.nan, final_loss=ran.losses[-1] if ran.losses else math.nan,
+        first_loss=first_loss if first_step else ran.losses[0] if ran.losses else math.nan,
+        final_loss=ran.losses[-1] if ran.losses else last_logged,
         eval_loss=ran.eval_loss, tokens_per_s=ran.tokens_per_s, planned_peak_bytes=p.memory.peak_bytes,
         measured_peak_bytes=report["measured_peak_bytes"], model_dir=str(model_dir) if model_dir else None,
         interrupted=ran.interrupted, resumed_from_step=first_step,
