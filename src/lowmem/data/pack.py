@@ -37,7 +37,7 @@ import pyarrow as pa
 from lowmem.data.corpus import source_sha256
 from lowmem.data.records import SkipLog, check_columns, encode_segments, iter_segments
 from lowmem.data.templates import TEMPLATE_VERSION
-from lowmem.data.tokenizer import Tokenizer
+from lowmem.data.tokenizer_base import Tokenizer
 from lowmem.spec.structs import DataSpec
 
 # Bump when the packing rule or the file layout changes.

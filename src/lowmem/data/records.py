@@ -34,7 +34,7 @@ from lowmem.data.templates import (
 from lowmem.spec.structs import DataSpec
 
 if TYPE_CHECKING:
-    from lowmem.data.tokenizer import Tokenizer
+    from lowmem.data.tokenizer_base import Tokenizer
 
 # Spec keys each format reads (text reads data.text_field); `columns` may rename only these.
 N_SKIP_EXAMPLES = 5  # skipped-record messages kept in the packed file's metadata
