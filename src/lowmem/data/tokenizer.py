@@ -1,5 +1,8 @@
 """Tokenizers behind one interface: sentencepiece `.model`, tiktoken ranks files and byte-level BPE
-`tokenizer.json` (`load_tokenizer`); and training a small sentencepiece BPE on a corpus, cached by content.
+`tokenizer.json` (`load_tokenizer`); and training a small sentencepiece BPE on an iterable of texts.
+
+Nothing here reads data files or knows record formats: which texts a data source's tokenizer trains on, and
+the cache keyed by the source's content, are `lowmem.data.prepare.load_or_train_tokenizer`.
 
 Which file a model directory's tokenizer is read from, and how bos / eos are found, is `load_tokenizer`'s
 docstring. The byte-level BPE kinds (Llama 3, Qwen2) live in `lowmem.data.hf_tokenizer`; the `Tokenizer`
@@ -18,12 +21,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from lowmem.data.corpus import read_documents, source_sha256
 from lowmem.data.hf_tokenizer import is_tiktoken_file, load_tiktoken_file, load_tokenizer_json
-from lowmem.data.records import read_segment_texts
-from lowmem.data.templates import TEMPLATE_VERSION
 from lowmem.data.tokenizer_base import Tokenizer, files_key, read_token_config
-from lowmem.spec.structs import DataSpec
 
 # Bump when the training recipe below changes what a given (corpus, vocab_size) produces.
 TOKENIZER_FORMAT_VERSION = 1
@@ -195,55 +194,6 @@ def train_tokenizer(
         ) from None
     write_bytes_atomic(Path(out_path), model.getvalue())
     return SentencePieceTokenizer(out_path)
-
-
-def load_or_train_tokenizer(
-    corpus_path: str | Path,
-    vocab_size: int,
-    cache_dir: str | Path,
-    *,
-    text_field: str = "text",
-    data: DataSpec | None = None,
-) -> SentencePieceTokenizer:
-    """The tokenizer for (source content, vocab_size), trained once and then loaded from the cache.
-
-    It trains on each record's `text_field`, or, given `data`, on each record rendered by `data.format`'s
-    template (bad records per `data.bad_rows`; `text_field` is then ignored for `data.text_field`).
-    The cache key covers the source's bytes, `vocab_size`, how records are read, TOKENIZER_FORMAT_VERSION and
-    the sentencepiece version; the model lives at `cache_dir/tokenizers/<key>/tokenizer.model`.
-    """
-    key = tokenizer_cache_key(corpus_path, vocab_size, text_field=text_field, data=data)
-    model_path = Path(cache_dir) / "tokenizers" / key / "tokenizer.model"
-    if model_path.is_file():
-        return SentencePieceTokenizer(model_path)
-    texts = read_documents(corpus_path, text_field) if data is None else read_segment_texts(corpus_path, data)
-    return train_tokenizer(texts, vocab_size, model_path)
-
-
-def tokenizer_cache_key(
-    corpus_path: str | Path, vocab_size: int, *, text_field: str = "text", data: DataSpec | None = None
-) -> str:
-    """Content key of the tokenizer `load_or_train_tokenizer` makes for these inputs."""
-    if data is None:
-        reading = f"text_field={text_field}"  # as before: keeps existing text-only caches valid
-    else:
-        columns = sorted(data.columns.items())
-        reading = (
-            f"text_field={data.text_field}"
-            if data.format == "text" and not columns
-            else (
-                f"format={data.format} text_field={data.text_field} columns={columns} bad_rows={data.bad_rows} "
-                f"template={TEMPLATE_VERSION},{data.chat_template}"
-            )
-        )
-    parts = [
-        f"corpus={source_sha256(corpus_path)}",
-        f"vocab_size={vocab_size}",
-        reading,
-        f"format={TOKENIZER_FORMAT_VERSION}",
-        f"sentencepiece={spm.__version__}",
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
