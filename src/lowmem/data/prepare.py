@@ -12,8 +12,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from lowmem.data.corpus import read_documents, source_sha256
-from lowmem.data.records import read_segment_texts
+from lowmem.data.corpus import source_sha256
+from lowmem.data.records import read_documents, read_segment_texts
 from lowmem.data.templates import TEMPLATE_VERSION
 from lowmem.data.tokenizer import TOKENIZER_FORMAT_VERSION, SentencePieceTokenizer, train_tokenizer
 from lowmem.spec.structs import DataSpec
