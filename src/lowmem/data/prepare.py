@@ -1,5 +1,5 @@
-"""Preparing a tokenizer for a data source: reading (`corpus`) → formatting (`records`, `templates`) → texts
-→ training (`tokenizer.train_tokenizer`), cached by the source's content.
+"""A data source's tokenizer: reading (`corpus`) → formatting (`records`, `templates`) → texts → training
+(`tokenizer.train_tokenizer`), cached by the source's content.
 
 The tokenizer modules only see an iterable of texts; this module is where the source and the DataSpec come in.
 Packing a source into rows is the same wiring for token ids, `lowmem.data.pack.prepare_packed_dataset`.
