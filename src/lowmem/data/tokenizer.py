@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from lowmem.data.hf_tokenizer import is_tiktoken_file, load_tiktoken_file, load_tokenizer_json
 from lowmem.data.tokenizer_base import Tokenizer, files_key, read_token_config
 
 # Bump when the training recipe below changes what a given (corpus, vocab_size) produces.
@@ -112,6 +111,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     Raises:
         ValueError naming the path when there is no tokenizer there or its kind is not supported.
     """
+    # Imported here, as before tokenizer_base existed, so that importing lowmem.data does not load tiktoken;
+    # hf_tokenizer imports only tokenizer_base, so this is no cycle.
+    from lowmem.data.hf_tokenizer import is_tiktoken_file, load_tiktoken_file, load_tokenizer_json
+
     path = Path(path)
     if path.is_dir():
         path = _tokenizer_file_in(path)
@@ -129,6 +132,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _tokenizer_file_in(directory: Path) -> Path:
+    from lowmem.data.hf_tokenizer import is_tiktoken_file
+
     model = directory / "tokenizer.model"
     if model.is_file() and not is_tiktoken_file(model):
         return model
