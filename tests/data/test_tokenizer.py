@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import lowmem.data.prepare as prepare_module
 import lowmem.data.tokenizer as tokenizer_module
 from lowmem.data import (
     Tokenizer,
@@ -95,7 +96,7 @@ def test_load_or_train_reuses_the_cache(kjv_slice: Path, tmp_path: Path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although a cached tokenizer exists")
 
-    monkeypatch.setattr(tokenizer_module, "train_tokenizer", no_training)
+    monkeypatch.setattr(prepare_module, "train_tokenizer", no_training)
     second = load_or_train_tokenizer(kjv_slice, SMALL_VOCAB, tmp_path)
     assert second.path == first.path and second.key == first.key
 

@@ -11,14 +11,15 @@ Example::
     loader = BatchLoader(ds, train_idx, micro_batch=8, seed=0)
 """
 
-from lowmem.data.corpus import iter_rows, read_documents, shipped_corpus, source_files, source_size_bytes
+from lowmem.data.corpus import iter_rows, shipped_corpus, source_files, source_size_bytes
 from lowmem.data.loader import BatchLoader, PackedDataset, inspect_rows, make_batch, split_rows
 from lowmem.data.pack import PackCounts, RowBlock, pack_documents, pack_token_lists, prepare_packed_dataset
+from lowmem.data.prepare import load_or_train_tokenizer
+from lowmem.data.records import read_documents
 from lowmem.data.templates import CHAT_TEMPLATES, TEMPLATE_VERSION, render_chat, render_instruct
 from lowmem.data.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
-    load_or_train_tokenizer,
     load_tokenizer,
     train_tokenizer,
 )

@@ -184,25 +184,6 @@ def iter_rows(
         offset += size
 
 
-def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the `text_field` string of each record of a source, raising on the first malformed one.
-
-    Raises ValueError naming `file:line` (or `file:row N`) for invalid UTF-8 or JSON, a missing or non-string
-    field, or an empty document.
-    """
-    source_files(path)  # a bad path or file type fails here, not at the first next()
-    return _texts(iter_rows(path, txt_field=text_field, string_columns=[text_field]), text_field)
-
-
-def _texts(rows: Iterator[Row], text_field: str) -> Iterator[str]:
-    from lowmem.data.records import record_text  # records imports this module
-
-    for row in rows:
-        if row.problem:
-            raise ValueError(f"{row.where}: {row.problem}")
-        yield record_text(row.record, text_field, row.where)
-
-
 # ------------------------------------------------------------------------------------------- readers
 # Each yields (where, record | None, problem, bytes read of this file).
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from lowmem.data.tokenizer import TokenConfig, Tokenizer, files_key, read_token_config
+from lowmem.data.tokenizer_base import TokenConfig, Tokenizer, files_key, read_token_config
 
 # Llama 3's pre-tokenizer (Meta's `llama3/tokenizer.py`, and the Split regex of its tokenizer.json).
 LLAMA3_PATTERN = (

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lowmem.data.tokenizer import Tokenizer
+from lowmem.data.tokenizer_base import Tokenizer
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 

@@ -22,6 +22,7 @@ labels and positions inside a document, and a 0/1 `loss_mask` for the token as a
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import os
 import tempfile
@@ -37,7 +38,7 @@ import pyarrow as pa
 from lowmem.data.corpus import source_sha256
 from lowmem.data.records import SkipLog, check_columns, encode_segments, iter_segments
 from lowmem.data.templates import TEMPLATE_VERSION
-from lowmem.data.tokenizer import Tokenizer
+from lowmem.data.tokenizer_base import Tokenizer
 from lowmem.spec.structs import DataSpec
 
 # Bump when the packing rule or the file layout changes.
@@ -396,23 +397,14 @@ def prepare_packed_dataset(
     """
     _check_seq_len(seq_len)
     check_columns(data)
-    out_path = Path(cache_dir) / "packed" / f"{packed_cache_key(source_path, tokenizer, seq_len, data)}.arrow"
+    out_path = packed_path(source_path, tokenizer, seq_len, cache_dir, data)
     if out_path.is_file():
         return out_path
     skip_log = SkipLog(data.bad_rows)
     counts = PackCounts()
-
-    def documents() -> Iterator[Document]:
-        segments = iter_segments(source_path, data, skip_log)
-        n_read = 0
-        while batch := list(islice(segments, docs_per_batch)):
-            yield from encode_segments([s for _, s in batch], tokenizer)
-            n_read += len(batch)
-            if progress is not None:
-                progress(n_read + skip_log.n_skipped, batch[-1][0].bytes_done)
-
+    documents = tokenized_documents(source_path, data, tokenizer, skip_log, docs_per_batch, progress)
     rows = pack_documents(
-        documents(),
+        documents,
         seq_len,
         packing=data.packing,
         too_long=data.too_long,
@@ -421,29 +413,68 @@ def prepare_packed_dataset(
         window_tokens=WINDOW_TOKENS,
         counts=counts,
     )
-
-    def metadata() -> dict[str, object]:
-        return {
-            "tokenizer_key": tokenizer.key,
-            "format": data.format,
-            "packing": data.packing,
-            "too_long": data.too_long,
-            "train_on_prompt": data.train_on_prompt,
-            "template_version": TEMPLATE_VERSION,
-            "n_skipped": skip_log.n_skipped,
-            "skipped_examples": skip_log.examples,
-            **msgspec.structs.asdict(counts),
-        }
-
     try:
+        # The metadata is read once the rows are written: the skip log and counts are complete only then.
+        metadata = functools.partial(pack_metadata, tokenizer, data, skip_log, counts)
         write_packed_arrow(out_path, rows, seq_len, metadata)
     except EmptyPackError:
-        raise ValueError(
-            f"{source_path}: no rows to write: no usable records"
-            + (f" ({skip_log.n_skipped} skipped, e.g. {skip_log.examples[0]})" if skip_log.n_skipped else "")
-            + (f" ({counts.n_dropped} dropped as longer than seq_len={seq_len})" if counts.n_dropped else "")
-        ) from None
+        raise ValueError(_no_rows_message(source_path, seq_len, skip_log, counts)) from None
     return out_path
+
+
+def packed_path(
+    source: str | Path, tokenizer: Tokenizer, seq_len: int, cache_dir: str | Path, data: DataSpec
+) -> Path:
+    """Where `prepare_packed_dataset` keeps these inputs' packed rows: `cache_dir/packed/<key>.arrow`."""
+    return Path(cache_dir) / "packed" / f"{packed_cache_key(source, tokenizer, seq_len, data)}.arrow"
+
+
+def tokenized_documents(
+    source: str | Path,
+    data: DataSpec,
+    tokenizer: Tokenizer,
+    skip_log: SkipLog,
+    docs_per_batch: int = DOCS_PER_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[Document]:
+    """(tokens, loss mask) of each usable record of a source, encoded `docs_per_batch` records per batch call.
+
+    Bad records go to `skip_log`; `progress`, if given, is called after each batch with (records read, bytes
+    of the source read).
+    """
+    segments = iter_segments(source, data, skip_log)
+    n_read = 0
+    while batch := list(islice(segments, docs_per_batch)):
+        yield from encode_segments([s for _, s in batch], tokenizer)
+        n_read += len(batch)
+        if progress is not None:
+            progress(n_read + skip_log.n_skipped, batch[-1][0].bytes_done)
+
+
+def pack_metadata(
+    tokenizer: Tokenizer, data: DataSpec, skip_log: SkipLog, counts: PackCounts
+) -> dict[str, object]:
+    """What a packed file records about how it was made (beside the row counts `write_packed_arrow` adds)."""
+    return {
+        "tokenizer_key": tokenizer.key,
+        "format": data.format,
+        "packing": data.packing,
+        "too_long": data.too_long,
+        "train_on_prompt": data.train_on_prompt,
+        "template_version": TEMPLATE_VERSION,
+        "n_skipped": skip_log.n_skipped,
+        "skipped_examples": skip_log.examples,
+        **msgspec.structs.asdict(counts),
+    }
+
+
+def _no_rows_message(source: str | Path, seq_len: int, skip_log: SkipLog, counts: PackCounts) -> str:
+    """Why a source gave no rows: the records skipped and the documents dropped as too long, where any."""
+    return (
+        f"{source}: no rows to write: no usable records"
+        + (f" ({skip_log.n_skipped} skipped, e.g. {skip_log.examples[0]})" if skip_log.n_skipped else "")
+        + (f" ({counts.n_dropped} dropped as longer than seq_len={seq_len})" if counts.n_dropped else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------- arrow file

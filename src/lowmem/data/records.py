@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lowmem.data.corpus import Row, iter_rows, preview
+from lowmem.data.corpus import Row, iter_rows, preview, source_files
 from lowmem.data.templates import (
     CHAT_ROLES,
     CHAT_TEMPLATES,
@@ -34,7 +34,7 @@ from lowmem.data.templates import (
 from lowmem.spec.structs import DataSpec
 
 if TYPE_CHECKING:
-    from lowmem.data.tokenizer import Tokenizer
+    from lowmem.data.tokenizer_base import Tokenizer
 
 # Spec keys each format reads (text reads data.text_field); `columns` may rename only these.
 N_SKIP_EXAMPLES = 5  # skipped-record messages kept in the packed file's metadata
@@ -105,6 +105,23 @@ def record_text(record: dict, text_field: str, where: str, data: DataSpec | None
     if not text.strip():
         raise BadRecord(f"{where}: field {column!r} is empty ({text!r}); remove the record or give it text")
     return text
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the `text_field` string of each record of a source, raising on the first malformed one.
+
+    Raises ValueError naming `file:line` (or `file:row N`) for invalid UTF-8 or JSON, a missing or non-string
+    field, or an empty document.
+    """
+    source_files(path)  # a bad path or file type fails here, not at the first next()
+    return _texts(iter_rows(path, txt_field=text_field, string_columns=[text_field]), text_field)
+
+
+def _texts(rows: Iterator[Row], text_field: str) -> Iterator[str]:
+    for row in rows:
+        if row.problem:
+            raise ValueError(f"{row.where}: {row.problem}")
+        yield record_text(row.record, text_field, row.where)
 
 
 def check_messages(messages: object, data: DataSpec, where: str) -> list[dict[str, str]]:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lowmem.data.tokenizer import Tokenizer
+    from lowmem.data.tokenizer_base import Tokenizer
 
 # Bump when any template's output changes: it is part of the packed-file cache key.
 TEMPLATE_VERSION = 2

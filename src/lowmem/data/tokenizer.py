@@ -1,29 +1,27 @@
 """Tokenizers behind one interface: sentencepiece `.model`, tiktoken ranks files and byte-level BPE
-`tokenizer.json` (`load_tokenizer`); and training a small sentencepiece BPE on a corpus, cached by content.
+`tokenizer.json` (`load_tokenizer`); and training a small sentencepiece BPE on an iterable of texts.
+
+Nothing here reads data files or knows record formats: which texts a data source's tokenizer trains on, and
+the cache keyed by the source's content, are `lowmem.data.prepare.load_or_train_tokenizer`.
 
 Which file a model directory's tokenizer is read from, and how bos / eos are found, is `load_tokenizer`'s
-docstring. The byte-level BPE kinds (Llama 3, Qwen2) live in `lowmem.data.hf_tokenizer`.
+docstring. The byte-level BPE kinds (Llama 3, Qwen2) live in `lowmem.data.hf_tokenizer`; the `Tokenizer`
+interface they all share, in `lowmem.data.tokenizer_base` (also importable from here).
 """
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import io
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from lowmem.data.corpus import read_documents, source_sha256
-from lowmem.data.records import read_segment_texts
-from lowmem.data.templates import TEMPLATE_VERSION
-from lowmem.spec.structs import DataSpec
+from lowmem.data.tokenizer_base import Tokenizer, files_key, read_token_config
 
 # Bump when the training recipe below changes what a given (corpus, vocab_size) produces.
 TOKENIZER_FORMAT_VERSION = 1
@@ -35,116 +33,6 @@ MIN_VOCAB_SIZE = 4 + N_BYTE_PIECES + 64  # specials + bytes + room for some char
 # sentencepiece skips training sentences longer than max_sentence_length bytes, so documents are cut
 # into pieces of at most this many characters (at whitespace, which BPE never merges across anyway).
 TRAIN_PIECE_CHARS = 2048
-
-# Hugging Face files next to a tokenizer that say which tokens are bos / eos / pad (and add_bos_token).
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-
-
-class Tokenizer(abc.ABC):
-    """What lowmem needs of a tokenizer, whatever file it was read from (see `load_tokenizer`).
-
-    Attributes:
-        path: the tokenizer file.
-        files: the files to copy next to a saved model (`path` and its tokenizer_config.json /
-            special_tokens_map.json), so that `load_tokenizer(model_dir)` gives the same tokenizer.
-        key: content hash of `files`: packed-data caches key on it.
-        vocab_size: one more than the largest id.
-        bos_id: the token put before a document, or None when the family has none (Qwen2) or
-            tokenizer_config.json says add_bos_token = false.
-        eos_id: the token after a document (tokenizer_config.json's eos_token where given), or None.
-        pad_id: the id that fills padding (masked anyway): the pad token, or 0 when there is none.
-        dummy_prefix: encoding prepends a word boundary ("▁") to every text, as sentencepiece does with
-            add_dummy_prefix; a text segment that continues a document then drops one leading space.
-    """
-
-    path: Path
-    files: tuple[Path, ...]
-    key: str
-    vocab_size: int
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int
-    dummy_prefix: bool = False
-
-    @abc.abstractmethod
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text (no bos/eos); special tokens are never produced from text."""
-
-    @abc.abstractmethod
-    def decode(self, ids: list[int] | np.ndarray) -> str:
-        """Text of one sequence of ids (special tokens as their text)."""
-
-    @abc.abstractmethod
-    def special_id(self, text: str) -> int | None:
-        """The id of the special token written `text` (e.g. "<|eot_id|>"), or None if there is none."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-@dataclass(frozen=True)
-class TokenConfig:
-    """What tokenizer_config.json / special_tokens_map.json next to a tokenizer file say.
-
-    `tokens` holds bos_token / eos_token / pad_token where a file names them (None: explicitly none);
-    `added` is tokenizer_config.json's added_tokens_decoder (text → id).
-    """
-
-    tokens: dict[str, str | None]
-    add_bos: bool | None
-    added: dict[str, int]
-    files: tuple[Path, ...]
-
-    def resolve(self, tokenizer: Tokenizer, defaults: dict[str, str | None]) -> tuple[int | None, int | None, int]:
-        """(bos_id, eos_id, pad_id): the named tokens' ids, falling back to the family's `defaults`."""
-
-        def token_id(name: str) -> int | None:
-            text = self.tokens[name] if name in self.tokens else defaults.get(name)
-            if text is None:
-                return None
-            i = tokenizer.special_id(text)
-            if i is None:
-                where = self.files[0] if name in self.tokens else tokenizer.path
-                raise ValueError(f"{where}: {name} is {text!r}, which is not a token of {tokenizer.path}")
-            return i
-
-        bos = None if self.add_bos is False else token_id("bos_token")
-        pad = token_id("pad_token")
-        return bos, token_id("eos_token"), 0 if pad is None else pad
-
-
-def read_token_config(directory: Path) -> TokenConfig:
-    """The TokenConfig of the tokenizer files in `directory` (tokenizer_config.json wins over the map)."""
-    tokens: dict[str, str | None] = {}
-    add_bos = None
-    added: dict[str, int] = {}
-    files = []
-    for name in CONFIG_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        files.append(path)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        for key in ("bos_token", "eos_token", "pad_token"):
-            if key in config and key not in tokens:
-                value = config[key]
-                tokens[key] = value.get("content") if isinstance(value, dict) else value
-        if add_bos is None and isinstance(config.get("add_bos_token"), bool):
-            add_bos = config["add_bos_token"]
-        for i, token in (config.get("added_tokens_decoder") or {}).items():
-            added.setdefault(token["content"], int(i))
-    return TokenConfig(tokens=tokens, add_bos=add_bos, added=added, files=tuple(files))
-
-
-def files_key(files: tuple[Path, ...]) -> str:
-    """sha256 over the names and bytes of `files`."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -223,6 +111,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     Raises:
         ValueError naming the path when there is no tokenizer there or its kind is not supported.
     """
+    # Imported here, as before tokenizer_base existed, so that importing lowmem.data does not load tiktoken;
+    # hf_tokenizer imports only tokenizer_base, so this is no cycle.
     from lowmem.data.hf_tokenizer import is_tiktoken_file, load_tiktoken_file, load_tokenizer_json
 
     path = Path(path)
@@ -309,55 +199,6 @@ def train_tokenizer(
         ) from None
     write_bytes_atomic(Path(out_path), model.getvalue())
     return SentencePieceTokenizer(out_path)
-
-
-def load_or_train_tokenizer(
-    corpus_path: str | Path,
-    vocab_size: int,
-    cache_dir: str | Path,
-    *,
-    text_field: str = "text",
-    data: DataSpec | None = None,
-) -> SentencePieceTokenizer:
-    """The tokenizer for (source content, vocab_size), trained once and then loaded from the cache.
-
-    It trains on each record's `text_field`, or, given `data`, on each record rendered by `data.format`'s
-    template (bad records per `data.bad_rows`; `text_field` is then ignored for `data.text_field`).
-    The cache key covers the source's bytes, `vocab_size`, how records are read, TOKENIZER_FORMAT_VERSION and
-    the sentencepiece version; the model lives at `cache_dir/tokenizers/<key>/tokenizer.model`.
-    """
-    key = tokenizer_cache_key(corpus_path, vocab_size, text_field=text_field, data=data)
-    model_path = Path(cache_dir) / "tokenizers" / key / "tokenizer.model"
-    if model_path.is_file():
-        return SentencePieceTokenizer(model_path)
-    texts = read_documents(corpus_path, text_field) if data is None else read_segment_texts(corpus_path, data)
-    return train_tokenizer(texts, vocab_size, model_path)
-
-
-def tokenizer_cache_key(
-    corpus_path: str | Path, vocab_size: int, *, text_field: str = "text", data: DataSpec | None = None
-) -> str:
-    """Content key of the tokenizer `load_or_train_tokenizer` makes for these inputs."""
-    if data is None:
-        reading = f"text_field={text_field}"  # as before: keeps existing text-only caches valid
-    else:
-        columns = sorted(data.columns.items())
-        reading = (
-            f"text_field={data.text_field}"
-            if data.format == "text" and not columns
-            else (
-                f"format={data.format} text_field={data.text_field} columns={columns} bad_rows={data.bad_rows} "
-                f"template={TEMPLATE_VERSION},{data.chat_template}"
-            )
-        )
-    parts = [
-        f"corpus={source_sha256(corpus_path)}",
-        f"vocab_size={vocab_size}",
-        reading,
-        f"format={TOKENIZER_FORMAT_VERSION}",
-        f"sentencepiece={spm.__version__}",
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
