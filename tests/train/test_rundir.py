@@ -287,3 +287,20 @@ def test_runs_lists_each_runs_state(tiny_spec, tmp_path):
     assert "stopped at step 2" in lines[str(tmp_path / "stopped")]
     assert "running" in running.stdout.splitlines()[1]
     assert "no such directory" in _one_clean_line(_cli("runs", tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------------------------- 9. bad rows
+
+
+def test_skipped_rows_are_said_in_the_output_and_the_metrics(tiny_spec, tmp_path):
+    source = tmp_path / "data.jsonl"
+    good = [json.dumps({"text": f"In the beginning line {i} was written, and it was good. " * 8}) for i in range(300)]
+    source.write_text("\n".join(good[:5] + ['{"text": broken', '{"other": 1}'] + good[5:]) + "\n")
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_bytes(encode_spec(tiny_spec("train.steps=1", f"data.source={source}", "data.bad_rows=skip",
+                                                "data.eval_rows=0", "data.tokenizer.vocab_size=340")))
+    done = _cli("execute", spec_file, "--out", tmp_path / "run", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'data.bad_rows = "skip" skipped 2 malformed record(s)' in done.stderr and f"{source}:6" in done.stderr
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["data_skipped"] == 2 and any(f"{source}:7" in e for e in first["data_skipped_examples"])

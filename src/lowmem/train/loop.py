@@ -154,10 +154,12 @@ def _execute(p: Plan, run_dir: RunDir, *, progress: bool, resume: bool, overwrit
     fingerprint = plan_fingerprint(p, world)
     first_step = resume_step(session, start.checkpoint, fingerprint) if start.checkpoint is not None else 0
     run_dir.accept(p, start)  # only now: a refused resume or bad data leaves the directory as it was
-    if start.note and rank == 0:  # said even with --quiet: it is about the user's files
-        sys.stderr.write("".join(f"note: {line}\n" for line in start.note.splitlines()))
+    skipped = _skipped_records(dataset.metadata)
+    for line in ([start.note] if start.note else []) + ([skipped["note"]] if skipped else []):
+        if rank == 0:  # said even with --quiet: it is about the user's files
+            sys.stderr.write("".join(f"note: {part}\n" for part in line.splitlines()))
     total_steps = p.total_steps or steps_for_epochs(p.spec, len(train_rows), world)
-    ran = _train(session, run_dir, fingerprint, first_step, total_steps, (dataset, eval_rows),
+    ran = _train(session, run_dir, fingerprint, first_step, total_steps, (dataset, eval_rows), skipped,
                  progress=progress, cap_memory_bytes=cap_memory_bytes)
     report = memory_report(p, ran.measured, ran.cuda_measured)
     if rank == 0:
@@ -222,7 +224,7 @@ class _Speed:
         return self.tokens / max(end - self.start, 1e-9)
 
 
-def _train(s: Session, run_dir: RunDir, fingerprint: dict, first_step: int, total_steps: int, held_out,
+def _train(s: Session, run_dir: RunDir, fingerprint: dict, first_step: int, total_steps: int, held_out, skipped,
            *, progress: bool, cap_memory_bytes: int | None) -> _Ran:
     """The loop: each step trained, measured (the first MEASURE_STEPS), logged, evaluated and checkpointed."""
     p, spec = s.plan, s.plan.spec
@@ -236,6 +238,7 @@ def _train(s: Session, run_dir: RunDir, fingerprint: dict, first_step: int, tota
     printer = Progress(total_steps, enabled=progress and s.rank == 0)
     losses, measured, cuda_measured, eval_loss, interrupted = [], None, None, None, False
     updating = UpdateWatch(s.training.optimizer)
+    say_skipped = skipped is not None and first_step == 0
     speed = _Speed(p.tokens_per_step, first_step)  # every process's tokens (check_distributable)
     # Under torchrun the launcher passes SIGINT/SIGTERM on to every rank (then waits 30 s before SIGKILL); the
     # ranks agree on stopping after each step (`stop.agreed`), so all of them write the same step's shards.
@@ -256,6 +259,9 @@ def _train(s: Session, run_dir: RunDir, fingerprint: dict, first_step: int, tota
                     eval_loss = record["eval_loss"] = evaluate(s.training.loss_of, *held_out, spec,
                                                                device=p.hardware.device)
                 if (step + 1) % spec.train.log_every == 0 or step + 1 == total_steps or "eval_loss" in record:
+                    if say_skipped:  # the run's first record says what the data left out
+                        record.update(data_skipped=skipped["n"], data_skipped_examples=skipped["examples"])
+                        say_skipped = False
                     _log(record, metrics, sinks, printer, first_step)
                 if stop.agreed():
                     save_step(s, run_dir.path, step + 1, fingerprint)
@@ -312,6 +318,17 @@ def _evaluates(spec, step: int, total_steps: int, n_eval_rows: int, world: int) 
     """Whether held-out loss is measured after `step`: every `train.eval_every` steps and after the last."""
     return bool(spec.train.eval_every) and n_eval_rows >= spec.train.micro_batch * world and (
         (step + 1) % spec.train.eval_every == 0 or step + 1 == total_steps)
+
+
+def _skipped_records(metadata: dict) -> dict | None:
+    """How many malformed records `data.bad_rows = "skip"` left out, and where the first were (file:line)."""
+    n = metadata.get("n_skipped", 0)
+    if not n:
+        return None
+    examples = list(metadata.get("skipped_examples", []))
+    note = f"data.bad_rows = \"skip\" skipped {n:,} malformed record(s)" + (
+        ", e.g. " + "; ".join(examples[:3]) if examples else "")
+    return {"n": n, "examples": examples, "note": note}
 
 
 def _log(record: dict, metrics, sinks, printer: Progress, first_step: int) -> None:
