@@ -95,3 +95,10 @@ def test_gpu_check_without_cuda(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300) for flags in ([], ["--require-gpu"])]
     assert [r.returncode for r in ran] == [0, 1], ran[0].stderr[-2000:]
     assert "needs a CUDA GPU" in ran[0].stdout and not list(tmp_path.iterdir())
+
+
+def test_checkpoint_digest_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/checkpoint_digest.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "save_checkpoint, with digests" in result.stdout
