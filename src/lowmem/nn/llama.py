@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lowmem.nn.config import ModelConfig, param_shapes
 
 if TYPE_CHECKING:
-    from lowmem.nn.lora import LoraSettings
+    from lowmem.nn.lora_settings import LoraSettings
 
 __all__ = [
     "ADAPTER_SUFFIXES",
