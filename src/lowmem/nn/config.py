@@ -6,7 +6,7 @@ Imports no torch: the planner sizes a model from `param_shapes` without allocati
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import msgspec
 
@@ -160,65 +160,26 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         (`rope_parameters`, `layer_types`). `source` names the file in error messages. A key whose value
         lowmem does not implement is a ValueError naming the file, the key, the value and what is supported.
         """
-        model_type = d.get("model_type")
-        if model_type not in FAMILIES:
-            raise ValueError(
-                f"{source}: model_type = {model_type!r} is not supported; supported: "
-                + ", ".join(repr(f) for f in FAMILIES)
-            )
-
-        def need(key: str) -> Any:
-            if d.get(key) is None:
-                raise ValueError(f"{source}: missing key {key!r}, needed to build a {model_type!r} model")
-            return d[key]
-
-        def refuse(key: str, supported: str) -> None:
-            raise ValueError(f"{source}: {key} = {d.get(key)!r} is not supported for model_type "
-                             f"{model_type!r}; supported: {supported}")
-
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key, False):
-                refuse(key, "false")
-        act = d.get("hidden_activation") or d.get("hidden_act", "silu")
-        act_key = "hidden_activation" if d.get("hidden_activation") else "hidden_act"
-        if model_type in ("gemma", "gemma2"):
-            # Gemma's released configs say "gelu" but the models were trained with the tanh approximation,
-            # which transformers substitutes (GemmaConfig warns about it); so does lowmem.
-            if act not in ("gelu_pytorch_tanh", "gelu"):
-                refuse(act_key, "'gelu_pytorch_tanh' (or legacy 'gelu', read as it)")
-            mlp_act = "gelu_tanh"
-        else:
-            if act != "silu":
-                refuse(act_key, "'silu'")
-            mlp_act = "silu"
-        if model_type in ("qwen2",) and d.get("use_sliding_window") and \
-                d.get("max_window_layers", 0) < need("num_hidden_layers"):
-            refuse("use_sliding_window", "false (Qwen2's sliding window on the top layers is not implemented)")
-        window = d.get("sliding_window") if model_type in ("mistral", "gemma2", "phi3") else None
-        sliding_layers = "even" if model_type == "gemma2" else "all"
-        _check_layer_types(d, source, model_type, window, sliding_layers)
-        rope = d.get("rope_parameters") or {}
-        if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor = "
-                             f"{rope.get('partial_rotary_factor', d.get('partial_rotary_factor'))!r} is not "
-                             "supported; supported: 1.0 (RoPE over the whole head)")
-        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        dim, n_heads = need("hidden_size"), need("num_attention_heads")
+        hf = _HFConfig(d, source, _hf_model_type(d, source))
+        model_type = hf.model_type
+        mlp_act = _hf_mlp_act(hf)
+        window, sliding_layers = _hf_sliding_window(hf)
+        rope_theta, scaling = _hf_rope(hf)
+        dim, n_heads = hf.need("hidden_size"), hf.need("num_attention_heads")
         head_dim = d.get("head_dim")
-        gemma2 = model_type == "gemma2"
+        gemma = model_type in ("gemma", "gemma2")
         try:
             return cls(
-                vocab_size=need("vocab_size"),
+                vocab_size=hf.need("vocab_size"),
                 dim=dim,
-                n_layers=need("num_hidden_layers"),
+                n_layers=hf.need("num_hidden_layers"),
                 n_heads=n_heads,
                 n_kv_heads=d.get("num_key_value_heads") or n_heads,
-                ffn_dim=need("intermediate_size"),
+                ffn_dim=hf.need("intermediate_size"),
                 norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(rope_theta),
                 max_seq_len=d.get("max_position_embeddings", 2048),
-                tie_embeddings=bool(d.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
+                tie_embeddings=bool(d.get("tie_word_embeddings", gemma)),
                 rope_scaling=_rope_scaling_from_hf(scaling, source),
                 family=model_type,
                 head_dim_override=head_dim if head_dim is not None and head_dim * n_heads != dim else None,
@@ -226,12 +187,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 sliding_window=window,
                 sliding_layers=sliding_layers,
                 mlp_act=mlp_act,
-                norm_unit_offset=model_type in ("gemma", "gemma2"),
-                embed_scale=model_type in ("gemma", "gemma2"),
-                sandwich_norms=gemma2,
-                query_pre_attn_scalar=float(need("query_pre_attn_scalar")) if gemma2 else None,
-                attn_logit_softcap=_float_or_none(d.get("attn_logit_softcapping")) if gemma2 else None,
-                final_logit_softcap=_float_or_none(d.get("final_logit_softcapping")) if gemma2 else None,
+                norm_unit_offset=gemma,
+                embed_scale=gemma,
+                **_hf_gemma2_options(hf),
             )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -295,6 +253,102 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 "original_max_position_embeddings": s.original_max_position_embeddings,
             }
         return d
+
+
+class _HFConfig(NamedTuple):
+    """A config.json dict being read, with the file it came from and its (supported) model_type."""
+
+    d: dict[str, Any]
+    source: str
+    model_type: str
+
+    def need(self, key: str) -> Any:
+        """d[key]; a ValueError naming the file and the key when it is missing or null."""
+        if self.d.get(key) is None:
+            raise ValueError(f"{self.source}: missing key {key!r}, needed to build a {self.model_type!r} model")
+        return self.d[key]
+
+    def refuse(self, key: str, supported: str) -> NoReturn:
+        """A ValueError naming the file, `key`, its value, the model_type and what is `supported` instead."""
+        raise ValueError(f"{self.source}: {key} = {self.d.get(key)!r} is not supported for model_type "
+                         f"{self.model_type!r}; supported: {supported}")
+
+
+def _hf_model_type(d: dict[str, Any], source: str) -> Family:
+    """config.json's `model_type`, refused unless it is one of `FAMILIES`."""
+    model_type = d.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{source}: model_type = {model_type!r} is not supported; supported: "
+            + ", ".join(repr(f) for f in FAMILIES)
+        )
+    return model_type
+
+
+def _hf_mlp_act(hf: _HFConfig) -> Literal["silu", "gelu_tanh"]:
+    """`ModelConfig.mlp_act` from `hidden_activation` / `hidden_act`, after refusing projection biases.
+
+    Only Qwen2's q, k, v biases exist in lowmem (implied by its model_type): `attention_bias` and `mlp_bias`
+    must be false.
+    """
+    d = hf.d
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            hf.refuse(key, "false")
+    act = d.get("hidden_activation") or d.get("hidden_act", "silu")
+    act_key = "hidden_activation" if d.get("hidden_activation") else "hidden_act"
+    if hf.model_type in ("gemma", "gemma2"):
+        # Gemma's released configs say "gelu" but the models were trained with the tanh approximation,
+        # which transformers substitutes (GemmaConfig warns about it); so does lowmem.
+        if act not in ("gelu_pytorch_tanh", "gelu"):
+            hf.refuse(act_key, "'gelu_pytorch_tanh' (or legacy 'gelu', read as it)")
+        return "gelu_tanh"
+    if act != "silu":
+        hf.refuse(act_key, "'silu'")
+    return "silu"
+
+
+def _hf_sliding_window(hf: _HFConfig) -> tuple[int | None, Literal["all", "even"]]:
+    """`ModelConfig.sliding_window` and `sliding_layers` from `sliding_window` (Mistral, Gemma 2, Phi-3).
+
+    Refuses Qwen2's `use_sliding_window` where it would apply (on the layers from `max_window_layers` up), and
+    a 5.x `layer_types` list other than the pattern lowmem runs.
+    """
+    d, model_type = hf.d, hf.model_type
+    if model_type in ("qwen2",) and d.get("use_sliding_window") and \
+            d.get("max_window_layers", 0) < hf.need("num_hidden_layers"):
+        hf.refuse("use_sliding_window", "false (Qwen2's sliding window on the top layers is not implemented)")
+    window = d.get("sliding_window") if model_type in ("mistral", "gemma2", "phi3") else None
+    sliding_layers = "even" if model_type == "gemma2" else "all"
+    _check_layer_types(d, hf.source, model_type, window, sliding_layers)
+    return window, sliding_layers
+
+
+def _hf_rope(hf: _HFConfig) -> tuple[Any, dict[str, Any] | None]:
+    """RoPE's theta (as written) and scaling dict (for `_rope_scaling_from_hf`), 4.x keys or 5.x
+    `rope_parameters`; refuses a `partial_rotary_factor` other than 1.0."""
+    d = hf.d
+    rope = d.get("rope_parameters") or {}
+    if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{hf.source}: partial_rotary_factor = "
+                         f"{rope.get('partial_rotary_factor', d.get('partial_rotary_factor'))!r} is not "
+                         "supported; supported: 1.0 (RoPE over the whole head)")
+    rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    return rope_theta, scaling
+
+
+def _hf_gemma2_options(hf: _HFConfig) -> dict[str, Any]:
+    """The `ModelConfig` fields only Gemma 2 sets (sandwich norms, query scalar, soft-caps); {} otherwise."""
+    if hf.model_type != "gemma2":
+        return {}
+    d = hf.d
+    return {
+        "sandwich_norms": True,
+        "query_pre_attn_scalar": float(hf.need("query_pre_attn_scalar")),
+        "attn_logit_softcap": _float_or_none(d.get("attn_logit_softcapping")),
+        "final_logit_softcap": _float_or_none(d.get("final_logit_softcapping")),
+    }
 
 
 def _int_if_whole(value: float | None) -> float | int | None:

@@ -38,7 +38,7 @@ from lowmem.nn.llama import (
 )
 
 if TYPE_CHECKING:
-    from lowmem.nn.lora import LoraSettings
+    from lowmem.nn.lora_settings import LoraSettings
 
 __all__ = [
     "KVCache",

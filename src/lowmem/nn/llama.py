@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lowmem.nn.config import ModelConfig, param_shapes
 
 if TYPE_CHECKING:
-    from lowmem.nn.lora import LoraSettings
+    from lowmem.nn.lora_settings import LoraSettings
 
 __all__ = [
     "ADAPTER_SUFFIXES",
@@ -689,14 +689,7 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
         (B, T, D) hidden states in the params' dtype.
     """
     B, T = tokens.shape
-    if T > cfg.max_seq_len:
-        raise ValueError(f"sequence length {T} exceeds cfg.max_seq_len = {cfg.max_seq_len}")
-    _check_attention_kernel(attention_kernel, cfg, tokens.device)
-    for name, t in (("positions", positions), ("doc_ids", doc_ids)):
-        if t is not None and t.device != tokens.device:
-            # varlen's kernel would take its document offsets from the host unchecked on fake CUDA
-            raise ValueError(f"{name} are on {t.device} but tokens on {tokens.device}: move the whole batch to "
-                             "the device the model runs on")
+    _check_forward_inputs(cfg, tokens, positions, doc_ids, attention_kernel)
     if positions is None:
         positions = torch.arange(T, device=tokens.device).expand(B, T)
     run_block = run_block or _call
@@ -709,6 +702,21 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
         layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in names]
         h = run_block(block_fn, h, *layer, cos, sin, masks[i])
     return _norm(h, params["norm"], cfg)
+
+
+def _check_forward_inputs(cfg: ModelConfig, tokens: torch.Tensor, positions: torch.Tensor | None,
+                          doc_ids: torch.Tensor | None, attention_kernel: str) -> None:
+    """Refuse a batch `forward` cannot run: tokens (B, T) longer than the model's context, a kernel that
+    cannot run this model here (`_check_attention_kernel`), positions or doc_ids on another device."""
+    T = tokens.shape[1]
+    if T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds cfg.max_seq_len = {cfg.max_seq_len}")
+    _check_attention_kernel(attention_kernel, cfg, tokens.device)
+    for name, t in (("positions", positions), ("doc_ids", doc_ids)):
+        if t is not None and t.device != tokens.device:
+            # varlen's kernel would take its document offsets from the host unchecked on fake CUDA
+            raise ValueError(f"{name} are on {t.device} but tokens on {tokens.device}: move the whole batch to "
+                             "the device the model runs on")
 
 
 def _check_attention_kernel(kernel: str, cfg: ModelConfig, device: torch.device) -> None:

@@ -8,18 +8,19 @@
 
 Adapter tensors sit next to the weight they adapt: `layers.3.attn.wq.lora_a` (r, in), `.lora_b` (out, r)
 and for DoRA `.dora_m` (out,). The math of the adapted linear is `lowmem.nn.llama.linear`; the settings
-reach it through `forward(..., adapters=settings)`, so nothing here is global.
+reach it through `forward(..., adapters=settings)`, so nothing here is global. `LoraSettings` and `TARGETS`
+are defined in `lowmem.nn.lora_settings` (which the model imports too) and re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 
-import msgspec
 import torch
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import ADAPTER_SUFFIXES, dense_weight, dora_row_norm
+from lowmem.nn.lora_settings import TARGETS, LoraSettings
 
 __all__ = [
     "TARGETS",
@@ -31,54 +32,6 @@ __all__ = [
 ]
 
 Params = dict[str, torch.Tensor]
-
-# Short target name → the per-layer canonical name it adapts.
-TARGETS = {
-    "wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo",
-    "w1": "mlp.w1", "w2": "mlp.w2", "w3": "mlp.w3",
-}
-
-
-class LoraSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What an adapter is: rank r, alpha (the update is scaled by alpha / r), dropout on the adapter's
-    input during training, which projections it adapts (short names, see `TARGETS`), and DoRA or not.
-
-    PEFT's `LoraConfig(r, lora_alpha, lora_dropout, target_modules, use_dora)` in lowmem's names.
-    """
-
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    dropout: float = 0.0
-    dora: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"rank = {self.rank!r}: must be a positive integer")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0:
-            raise ValueError(f"alpha = {self.alpha!r}: must be a positive number")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout = {self.dropout!r}: must be a number in [0, 1)")
-        if not self.targets:
-            raise ValueError(f"targets = (): name at least one of {sorted(TARGETS)}")
-        for t in self.targets:
-            if t == "output":
-                # The output projection is fused into the loss (`cross_entropy_sum(hidden, weight, ...)`
-                # takes a weight matrix), so an adapter there would be skipped by training's loss.
-                raise ValueError(
-                    "targets: 'output' is not supported; the output projection goes into the loss as a "
-                    f"plain weight matrix. Choose from {sorted(TARGETS)}"
-                )
-            if t not in TARGETS:
-                raise ValueError(f"targets: unknown target {t!r}; known: {sorted(TARGETS)}")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets = {list(self.targets)}: each target may appear once")
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor on B @ A (LoRA paper, section 4.1; PEFT's `scaling`)."""
-        return self.alpha / self.rank
 
 
 def adapted_names(cfg: ModelConfig, settings: LoraSettings) -> list[str]:

@@ -315,31 +315,11 @@ def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes:
     and weight requiring grad, including the gradients it returns when they are alive at the peak.
     Leaves out index vectors and row temporaries where they are small beside the rest. Matches
     `LiveTensorTracker` on CPU (torch 2.13, within 2% on the shapes in tests/nn/test_loss.py;
-    the CUDA allocator rounds blocks up, and kernels' scratch space is not counted). Derivation (N tokens,
-    K kept, V vocab, D dim, b dtype bytes, p projection bytes (4 for fp32, the default; 2 for bf16),
-    L = an fp32 (., V) logits tile, "cast" = b != p, when copies of hidden/weight in the projection dtype
-    are made):
-
-    - standard: the peak is in backward at log_softmax, which holds its saved output, the incoming
-      gradient from nll_loss and its result: 3 (N, V) L, and the linear has saved the casts of weight
-      (and of hidden, when the weight trains) when cast. Ignored tokens are projected too: N, not K.
-      When (V, D) outweighs (N, V), the peak is later, at the matmul's backward: the logits' gradient
-      in p, the gradients (N + V) x D in p (and the saved casts when cast); or, with b > p, when the
-      weight's gradient is cast to b beside its p form.
-    - chunked (C = ceil(K / n_chunks)): the same 3 tiles but (C, V); the peak is at the last chunk
-      backward visits, when the weight gradient accumulated so far ((V, D) in b; when cast also a
-      recomputed weight copy and the chunk's rows in p) and the other chunks' hidden gradients
-      ((K - C, D), dtype, held until the split's backward) are alive, plus the gathered kept rows
-      (K, D) when some tokens are ignored. When (V, D) outweighs 3 tiles, the peak is where
-      autograd sums the chunks' weight gradients: 3 (V, D) in b (old sum, new term, new sum: the
-      transposed matmul gradient is added out of place), or when cast, one tile, the weight copy and
-      the chunk's weight gradient in p, and the accumulator in b.
-    - fused (C = chunk_tokens or `default_chunk_tokens(K, V, D)`): the peak is in forward, in a
-      chunk: one (C, V) L tile (logits turned into their gradient in place; below fp32 also the tile
-      in p, the matmul's output and the gradient's cast for the backward matmuls), the grad_weight
-      accumulator (V, D) in p, grad_hidden (N, D) in dtype, the weight copy when cast, the chunk's
-      rows and their gradient (C, D) in p, and the kept-row indices (K,). Or, with b > p, at the end,
-      when the accumulator is cast to the weight's dtype. Backward scales in place, allocates nothing.
+    the CUDA allocator rounds blocks up, and kernels' scratch space is not counted). Each kind's formula
+    is a helper with its derivation (`_standard_peak_bytes`, `_chunked_peak_bytes`, `_fused_peak_bytes`),
+    written with N tokens, K kept, V vocab, D dim, b dtype bytes, p projection bytes (4 for fp32, the
+    default; 2 for bf16), L = an fp32 (., V) logits tile, "cast" = b != p, when copies of hidden/weight in
+    the projection dtype are made.
 
     Args:
         kind: a key of `CE_IMPLEMENTATIONS`.
@@ -364,25 +344,66 @@ def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes:
     K = N if n_kept is None else n_kept
     if not 0 <= K <= N:
         raise ValueError(f"n_kept={n_kept}: must be between 0 and n_tokens={n_tokens}")
-    cast = b != p
-    wg = weight_grad
     if kind == "standard":
-        L = N * V * FP32_BYTES
-        at_log_softmax = 3 * L + cast * (V + wg * N) * D * p
-        if not wg:  # only the (N, D) gradient
-            return at_log_softmax
-        at_matmul = N * V * p + (1 + cast) * (N + V) * D * p  # logits' gradient, gradients (+ saved casts)
-        at_grad_cast = (b > p) * (V * D * (p + b) + N * D * p)
-        return max(at_log_softmax, at_matmul, at_grad_cast)
+        return _standard_peak_bytes(N, V, D, b, p, weight_grad)
     if kind == "chunked":
-        C = -(-K // n_chunks)
-        L = C * V * FP32_BYTES
-        gathered = K * D * b if K < N else 0
-        copies = cast * (V * D * p + C * D * p)  # the recomputed casts of the weight and the chunk's rows
-        if not wg:  # nothing to accumulate
-            return 3 * L + copies + (K - C) * D * b + gathered
-        accumulate = max(L + V * D * (2 * p + b), 3 * V * D * b) if cast else 3 * V * D * b
-        return max(3 * L + V * D * b + copies + (K - C) * D * b + gathered, accumulate)
+        return _chunked_peak_bytes(N, K, V, D, b, p, weight_grad, n_chunks)
+    return _fused_peak_bytes(N, K, V, D, b, p, weight_grad, chunk_tokens)
+
+
+def _standard_peak_bytes(N: int, V: int, D: int, b: int, p: int, wg: bool) -> int:
+    """`loss_peak_bytes` of `cross_entropy_sum` (letters as there; wg: the weight trains).
+
+    The peak is in backward at log_softmax, which holds its saved output, the incoming gradient from nll_loss
+    and its result: 3 (N, V) L, and the linear has saved the casts of weight (and of hidden, when the weight
+    trains) when cast. Ignored tokens are projected too: N, not K. When (V, D) outweighs (N, V), the peak is
+    later, at the matmul's backward: the logits' gradient in p, the gradients (N + V) x D in p (and the saved
+    casts when cast); or, with b > p, when the weight's gradient is cast to b beside its p form.
+    """
+    cast = b != p
+    L = N * V * FP32_BYTES
+    at_log_softmax = 3 * L + cast * (V + wg * N) * D * p
+    if not wg:  # only the (N, D) gradient
+        return at_log_softmax
+    at_matmul = N * V * p + (1 + cast) * (N + V) * D * p  # logits' gradient, gradients (+ saved casts)
+    at_grad_cast = (b > p) * (V * D * (p + b) + N * D * p)
+    return max(at_log_softmax, at_matmul, at_grad_cast)
+
+
+def _chunked_peak_bytes(N: int, K: int, V: int, D: int, b: int, p: int, wg: bool, n_chunks: int) -> int:
+    """`loss_peak_bytes` of `chunked_cross_entropy_sum` (letters as there; wg: the weight trains).
+
+    C = ceil(K / n_chunks). The same 3 tiles as the standard loss but (C, V); the peak is at the last chunk
+    backward visits, when the weight gradient accumulated so far ((V, D) in b; when cast also a recomputed
+    weight copy and the chunk's rows in p) and the other chunks' hidden gradients ((K - C, D), dtype, held
+    until the split's backward) are alive, plus the gathered kept rows (K, D) when some tokens are ignored.
+    When (V, D) outweighs 3 tiles, the peak is where autograd sums the chunks' weight gradients: 3 (V, D) in
+    b (old sum, new term, new sum: the transposed matmul gradient is added out of place), or when cast, one
+    tile, the weight copy and the chunk's weight gradient in p, and the accumulator in b.
+    """
+    cast = b != p
+    C = -(-K // n_chunks)
+    L = C * V * FP32_BYTES
+    gathered = K * D * b if K < N else 0
+    copies = cast * (V * D * p + C * D * p)  # the recomputed casts of the weight and the chunk's rows
+    if not wg:  # nothing to accumulate
+        return 3 * L + copies + (K - C) * D * b + gathered
+    accumulate = max(L + V * D * (2 * p + b), 3 * V * D * b) if cast else 3 * V * D * b
+    return max(3 * L + V * D * b + copies + (K - C) * D * b + gathered, accumulate)
+
+
+def _fused_peak_bytes(N: int, K: int, V: int, D: int, b: int, p: int, wg: bool,
+                      chunk_tokens: int | None) -> int:
+    """`loss_peak_bytes` of `fused_linear_cross_entropy_sum` (letters as there; wg: the weight trains).
+
+    C = chunk_tokens or `default_chunk_tokens(K, V, D)`. The peak is in forward, in a chunk: one (C, V) L tile
+    (logits turned into their gradient in place; below fp32 also the tile in p, the matmul's output and the
+    gradient's cast for the backward matmuls), the grad_weight accumulator (V, D) in p, grad_hidden (N, D) in
+    dtype, the weight copy when cast, the chunk's rows and their gradient (C, D) in p, and the kept-row
+    indices (K,). Or, with b > p, at the end, when the accumulator is cast to the weight's dtype. Backward
+    scales in place, allocates nothing.
+    """
+    cast = b != p
     C = min(K, chunk_tokens or default_chunk_tokens(K, V, D))
     tile = C * V * (FP32_BYTES + (p < FP32_BYTES) * p)
     rows = C * D * (2 * p + cast * b) + K * INDEX_BYTES  # chunk rows in p, their gradient

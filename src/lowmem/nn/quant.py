@@ -27,7 +27,7 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import _NF4_MODULE, dense_weight, is_nf4
-from lowmem.nn.lora import TARGETS
+from lowmem.nn.lora_settings import TARGETS
 
 __all__ = ["NF4_LEVELS", "dequantize_nf4", "nf4_bytes", "nf4_converter", "quantize_nf4", "quantized_names"]
 
