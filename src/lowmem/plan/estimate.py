@@ -516,124 +516,199 @@ def estimate_memory(
 ) -> MemoryReport:
     """Predicted peak live bytes of a training step, by component, with the phase where it falls.
 
-    Two phases can hold the peak: the start of backward (all activations and the loss tensors alive) and
-    the optimizer step (all gradients alive plus the update's temporaries). With `world_size` > 1 the bytes
-    are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch` is per process, so activations are not
-    divided. Offloaded activations and a host optimizer's tensors are counted in `MemoryReport.host`, not on the
-    device.
+    Three phases can hold the peak: the start of backward (all activations and the loss tensors alive), a
+    checkpointed block's recompute inside backward, and the optimizer step (all gradients alive plus the update's
+    temporaries). With `world_size` > 1 the bytes are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch`
+    is per process, so activations are not divided. Offloaded activations and a host optimizer's tensors are
+    counted in `MemoryReport.host`, not on the device.
     """
+    step = step_bytes(cfg, strategies, train, optimizer, trainable_shapes, trainable, world_size, device)
+    phases = [_backward_start(step), _optimizer_step(step, strategies.optimizer_in_backward)]
+    if step.recompute:
+        phases.append(_block_recompute(step))
+    # the largest; on a tie the earlier in `phases` (a recompute peak must exceed both others to be the peak)
+    return max(phases, key=lambda report: report.peak_bytes)
+
+
+class StepBytes(NamedTuple):
+    """One process's bytes per component in a training step, which the phases of `estimate_memory` add up."""
+
+    params: int  # on the device (NF4 storages where quantized; one shard under FSDP)
+    params_note: str
+    gathered: int  # full weights FSDP holds beside the shards at the start of backward
+    gathered_in_recompute: int  # the same while a block is recomputed
+    grads: int  # every gradient the device holds at the optimizer step
+    grads_note: str
+    grads_in_backward: int  # gradients alive during backward: earlier micro-batches' (or pieces') accumulated
+    head_grad: int  # the output head's gradient, made before any block is recomputed
+    largest_grad: int  # the largest trainable tensor's gradient (optimizer in backward keeps about one)
+    opt: int
+    opt_note: str
+    acts: int  # saved activations on the device at the start of backward
+    acts_note: str
+    recompute: int  # extra bytes while one checkpointed block is recomputed (0 without checkpointing)
+    loss: int
+    loss_note: str
+    batch: int
+    update_temp: int
+    dequant_scratch: int  # NF4: one weight's dequantization for the length of one op
+    host: tuple[Component, ...]  # pinned host memory beside the device's
+
+
+def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optimizer: OptimizerSpec,
+               trainable_shapes: list[tuple[int, ...]], trainable: Trainable = FULL, world_size: int = 1,
+               device: str = "cpu") -> StepBytes:
+    """The per-component bytes of one training step (`StepBytes`), before the phases pick the peak."""
     wb = weight_bytes(strategies.precision)
-    n_params = count_params(cfg)
     n_trainable = sum(_numel(s) for s in trainable_shapes)
     # a split micro-batch runs `rows` rows at a time: activations and loss tensors are those of one piece
     rows = train.micro_batch // strategies.micro_batch_split
     n_tokens = rows * train.seq_len
-
-    # adapters come on top of the base; a frozen base is held in the compute dtype (it needs no fp32 master)
-    base_b = wb if trainable.full else DTYPE_BYTES[strategies.precision]
-    params = n_params * base_b + (0 if trainable.full else n_trainable * wb)
-    dequant_scratch = 0
-    if strategies.nf4_block_size:
-        from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
-
-        shapes = param_shapes(cfg)
-        quantized = [_numel(shapes[name]) for name in quantized_names(cfg, TARGETS)]
-        params -= sum(quantized) * base_b
-        params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=base_b)
-                      for n in quantized)
-        # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
-        # length of one op (measured in tests/nn/test_quant.py)
-        dequant_scratch = int(max(quantized) * 4 * 4.8)
-        nf4_total = sum(quantized)
+    sharded = world_size > 1
+    params, params_note, dequant_scratch = _parameter_bytes(cfg, strategies, trainable, n_trainable)
     host_shapes, device_shapes = host_optimizer_split(optimizer, trainable_shapes)
-    assert not (host_shapes and world_size > 1), "the planner refuses optimizer.offload under FSDP"
+    assert not (host_shapes and sharded), "the planner refuses optimizer.offload under FSDP"
     # offload_gradients: a gradient the host steps is freed on the device once it has been copied
     grads_on_host = bool(host_shapes) and optimizer.offload_gradients
     grads = sum(_numel(s) for s in (device_shapes if grads_on_host else trainable_shapes)) * wb
-    opt = optimizer_state_bytes(optimizer, device_shapes, wb)
+    grads_note = (f"of the {len(device_shapes)} tensors the device steps x {wb} B (the others' freed once copied to "
+                  "the host)" if grads_on_host else f"{n_trainable:,} trainable x {wb} B"
+                  + (f", 1/{world_size} shard" if sharded else ""))
     opt_note = type(optimizer).__name__ + (f" of the {len(device_shapes)} tensors under {CPU_OFFLOAD_MIN_NUMEL:,} "
                                            "elements; the others' on the host" if host_shapes else "")
     acts_host = offloaded_activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable)
-    acts = activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=world_size > 1) - acts_host
+    acts = activation_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=sharded) - acts_host
     host = host_optimizer_components(optimizer, trainable_shapes, wb) + ((Component(
         name="activations", bytes=acts_host, note=f"saved tensors of {format_bytes(strategies.offload_min_bytes)} or "
         f"more, at most {format_bytes(strategies.offload_max_host_bytes)} per forward (activation_offloading)"),)
         if acts_host else ())
-    loss = logits_bytes(cfg, strategies, n_tokens, trainable)
-    batch = batch_bytes(train.micro_batch * train.seq_len)  # the loaded micro-batch; its pieces are views
-    recompute = recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=world_size > 1)
     # gradients of earlier micro-batches (or pieces of one) are alive while later ones run forward
-    grads_in_backward = grads if train.grad_accum > 1 or strategies.micro_batch_split > 1 else 0
-    update_temp = update_temporary_bytes(optimizer, device_shapes, wb, device)
-    params_note = f"{n_params:,} x {base_b} B"
-    if strategies.nf4_block_size:  # the projections (most of the parameters) are NF4, about half a byte each
-        params_note = f"{n_params:,}: {nf4_total:,} in NF4 (~0.5 B), the rest x {base_b} B"
-    gathered = gathered_in_recompute = 0
-    if world_size > 1:
-        sharded = fsdp_bytes(cfg, strategies, optimizer, trainable_shapes, trainable, world_size)
-        params, grads, opt, update_temp = sharded[:4]
-        gathered, gathered_in_recompute = sharded.gathered, sharded.gathered_in_recompute
-        grads_in_backward = grads if grads_in_backward else 0
-        params_note = f"1/{world_size} shard of " + params_note
-        if strategies.fsdp_cpu_offload:  # the shards, their gradients and the optimizer step move to the host
-            host += (Component(name="parameters", bytes=params, note=params_note + " (fsdp_cpu_offload)"),
-                     Component(name="gradients", bytes=grads, note="reduce-scattered shards, copied to the host"),
-                     Component(name="optimizer_state", bytes=opt, note=type(optimizer).__name__ + " on the host"))
-            # on the device: the units being gathered, each unit's shards in transit to its all-gather
-            params, grads, opt, update_temp, grads_in_backward = sharded.largest_unit_shard, 0, 0, 0, 0
-            params_note = "shards in host memory; one unit's in transit"
-            opt_note = "on the host (fsdp_cpu_offload)"
-
-    # a dequantization in backward runs only after the loss tensors are freed: the two never coexist
-    backward_start = params + gathered + opt + grads_in_backward + acts + max(loss, dequant_scratch) + batch
-    # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
-    # output head's gradient exists (full size under FSDP too: the root reduces its gradients last)
-    head_grad = cfg.vocab_size * cfg.dim * wb if trainable.full else 0
-    in_recompute = (params + gathered_in_recompute + opt + max(grads_in_backward, head_grad) + acts + recompute
-                    + batch)
-    largest_grad = max((_numel(s) for s in trainable_shapes), default=0) * wb
-    if strategies.optimizer_in_backward:
-        # each gradient is freed right after its update: at most one full gradient (plus the one being made)
-        optimizer_step = params + 2 * largest_grad + opt + update_temp
-        grads = largest_grad
-    else:
-        optimizer_step = params + grads + opt + update_temp
-    if recompute and in_recompute > max(backward_start, optimizer_step):
-        components = (
-            Component(name="parameters", bytes=params + gathered_in_recompute,
-                      note=params_note + _gathered_note(gathered_in_recompute, "root and two blocks")),
-            Component(name="gradients", bytes=max(grads_in_backward, head_grad), note="output head and accumulated"),
-            Component(name="optimizer_state", bytes=opt, note=opt_note),
-            Component(name="activations", bytes=acts + recompute, note=_acts_note(cfg, strategies)),
-            Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
-        )
-        return MemoryReport(components=components, peak_bytes=in_recompute, peak_phase="block recompute in backward",
-                            host=host)
-    if backward_start >= optimizer_step:
-        components = (
-            Component(name="parameters", bytes=params + gathered,
-                      note=params_note + _gathered_note(gathered, "root and one block")),
-            Component(name="gradients", bytes=grads_in_backward,
-                      note="accumulated over micro-batches" if grads_in_backward else "none yet at backward start"),
-            Component(name="optimizer_state", bytes=opt, note=opt_note),
-            Component(name="activations", bytes=acts, note=_acts_note(cfg, strategies)),
-            Component(name="logits", bytes=loss, note=_loss_note(cfg, strategies, n_tokens)),
-            Component(name="batch", bytes=batch, note="token ids, labels, positions, document ids"),
-        ) + ((Component(name="temporaries", bytes=max(dequant_scratch - loss, 0),
-                        note="NF4 dequantization of one weight, beyond the loss tensors it replaces"),)
-             if dequant_scratch else ())
-        return MemoryReport(components=components, peak_bytes=backward_start, peak_phase="start of backward",
-                            host=host)
-    components = (
-        Component(name="parameters", bytes=params, note=params_note),
-        Component(name="gradients", bytes=grads, note=(
-            f"of the {len(device_shapes)} tensors the device steps x {wb} B (the others' freed once copied to the "
-            "host)" if grads_on_host else f"{n_trainable:,} trainable x {wb} B"
-            + (f", 1/{world_size} shard" if world_size > 1 else ""))),
-        Component(name="optimizer_state", bytes=opt, note=opt_note),
-        Component(name="temporaries", bytes=update_temp, note="update of the largest parameter"),
+    accumulating = train.grad_accum > 1 or strategies.micro_batch_split > 1
+    step = StepBytes(
+        params=params, params_note=params_note, gathered=0, gathered_in_recompute=0, grads=grads,
+        grads_note=grads_note, grads_in_backward=grads if accumulating else 0,
+        # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
+        # output head's gradient exists (full size under FSDP too: the root reduces its gradients last)
+        head_grad=cfg.vocab_size * cfg.dim * wb if trainable.full else 0,
+        largest_grad=max((_numel(s) for s in trainable_shapes), default=0) * wb,
+        opt=optimizer_state_bytes(optimizer, device_shapes, wb), opt_note=opt_note,
+        acts=acts, acts_note=_acts_note(cfg, strategies),
+        recompute=recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=sharded),
+        loss=logits_bytes(cfg, strategies, n_tokens, trainable), loss_note=_loss_note(cfg, strategies, n_tokens),
+        batch=batch_bytes(train.micro_batch * train.seq_len),  # the loaded micro-batch; its pieces are views
+        update_temp=update_temporary_bytes(optimizer, device_shapes, wb, device),
+        dequant_scratch=dequant_scratch, host=host,
     )
-    return MemoryReport(components=components, peak_bytes=optimizer_step, peak_phase="optimizer step", host=host)
+    if not sharded:
+        return step
+    return _sharded_step(step, fsdp_bytes(cfg, strategies, optimizer, trainable_shapes, trainable, world_size),
+                         world_size, strategies.fsdp_cpu_offload, type(optimizer).__name__)
+
+
+def _parameter_bytes(cfg: ModelConfig, strategies: Strategies, trainable: Trainable, n_trainable: int
+                     ) -> tuple[int, str, int]:
+    """The parameters' bytes on one device, their note, and NF4's dequantization scratch (0 without NF4)."""
+    n_params = count_params(cfg)
+    wb = weight_bytes(strategies.precision)
+    # adapters come on top of the base; a frozen base is held in the compute dtype (it needs no fp32 master)
+    base_b = wb if trainable.full else DTYPE_BYTES[strategies.precision]
+    params = n_params * base_b + (0 if trainable.full else n_trainable * wb)
+    note = f"{n_params:,} x {base_b} B"
+    if not strategies.nf4_block_size:
+        return params, note, 0
+    from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
+
+    shapes = param_shapes(cfg)
+    quantized = [_numel(shapes[name]) for name in quantized_names(cfg, TARGETS)]
+    params -= sum(quantized) * base_b
+    params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=base_b)
+                  for n in quantized)
+    # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
+    # length of one op (measured in tests/nn/test_quant.py)
+    dequant_scratch = int(max(quantized) * 4 * 4.8)
+    # the projections (most of the parameters) are NF4, about half a byte each
+    note = f"{n_params:,}: {sum(quantized):,} in NF4 (~0.5 B), the rest x {base_b} B"
+    return params, note, dequant_scratch
+
+
+def _sharded_step(step: StepBytes, sharded: ShardedBytes, world_size: int, cpu_offload: bool,
+                  optimizer_name: str) -> StepBytes:
+    """`step` as one of `world_size` FSDP2 processes holds it: shards, and the units gathered in full."""
+    params_note = f"1/{world_size} shard of " + step.params_note
+    step = step._replace(
+        params=sharded.params, grads=sharded.gradients, opt=sharded.optimizer_state, update_temp=sharded.update_temp,
+        gathered=sharded.gathered, gathered_in_recompute=sharded.gathered_in_recompute, params_note=params_note,
+        grads_in_backward=sharded.gradients if step.grads_in_backward else 0)
+    if not cpu_offload:
+        return step
+    # the shards, their gradients and the optimizer step move to the host
+    host = step.host + (
+        Component(name="parameters", bytes=step.params, note=params_note + " (fsdp_cpu_offload)"),
+        Component(name="gradients", bytes=step.grads, note="reduce-scattered shards, copied to the host"),
+        Component(name="optimizer_state", bytes=step.opt, note=optimizer_name + " on the host"))
+    # on the device: the units being gathered, each unit's shards in transit to its all-gather
+    return step._replace(params=sharded.largest_unit_shard, grads=0, opt=0, update_temp=0, grads_in_backward=0,
+                         params_note="shards in host memory; one unit's in transit",
+                         opt_note="on the host (fsdp_cpu_offload)", host=host)
+
+
+_BATCH_NOTE = "token ids, labels, positions, document ids"
+
+
+def _backward_start(step: StepBytes) -> MemoryReport:
+    """The start of backward: every saved activation and the loss's tensors alive (or an NF4 dequantization)."""
+    s = step
+    # a dequantization in backward runs only after the loss tensors are freed: the two never coexist
+    peak = s.params + s.gathered + s.opt + s.grads_in_backward + s.acts + max(s.loss, s.dequant_scratch) + s.batch
+    components = (
+        Component(name="parameters", bytes=s.params + s.gathered,
+                  note=s.params_note + _gathered_note(s.gathered, "root and one block")),
+        Component(name="gradients", bytes=s.grads_in_backward,
+                  note="accumulated over micro-batches" if s.grads_in_backward else "none yet at backward start"),
+        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
+        Component(name="activations", bytes=s.acts, note=s.acts_note),
+        Component(name="logits", bytes=s.loss, note=s.loss_note),
+        Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
+    ) + ((Component(name="temporaries", bytes=max(s.dequant_scratch - s.loss, 0),
+                    note="NF4 dequantization of one weight, beyond the loss tensors it replaces"),)
+         if s.dequant_scratch else ())
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase="start of backward", host=s.host)
+
+
+def _block_recompute(step: StepBytes) -> MemoryReport:
+    """A checkpointed block recomputed inside backward: its activations and gradients beside the kept inputs."""
+    s = step
+    grads = max(s.grads_in_backward, s.head_grad)
+    peak = s.params + s.gathered_in_recompute + s.opt + grads + s.acts + s.recompute + s.batch
+    components = (
+        Component(name="parameters", bytes=s.params + s.gathered_in_recompute,
+                  note=s.params_note + _gathered_note(s.gathered_in_recompute, "root and two blocks")),
+        Component(name="gradients", bytes=grads, note="output head and accumulated"),
+        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
+        Component(name="activations", bytes=s.acts + s.recompute, note=s.acts_note),
+        Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
+    )
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase="block recompute in backward",
+                        host=s.host)
+
+
+def _optimizer_step(step: StepBytes, in_backward: bool) -> MemoryReport:
+    """The optimizer step: every gradient alive with the update's temporary (in backward: about one gradient)."""
+    s = step
+    grads = s.grads
+    if in_backward:
+        # each gradient is freed right after its update: at most one full gradient (plus the one being made)
+        peak = s.params + 2 * s.largest_grad + s.opt + s.update_temp
+        grads = s.largest_grad
+    else:
+        peak = s.params + s.grads + s.opt + s.update_temp
+    components = (
+        Component(name="parameters", bytes=s.params, note=s.params_note),
+        Component(name="gradients", bytes=grads, note=s.grads_note),
+        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
+        Component(name="temporaries", bytes=s.update_temp, note="update of the largest parameter"),
+    )
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase="optimizer step", host=s.host)
 
 
 def _gathered_note(n_bytes: int, what: str) -> str:

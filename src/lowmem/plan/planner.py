@@ -72,12 +72,7 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     machine's memory, so each may use 1/world_size of the usable budget; tokens per step count every process.
     """
     hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
-    _check_supported(spec)
-    _check_distributable(spec, world_size)
-    _check_compile(spec, hw)
-    _check_offload(spec, hw, world_size)
-    _check_fsdp_offload(spec, hw, world_size)
-    _check_stochastic_rounding(spec, hw, world_size)
+    _check_spec(spec, hw, world_size)
     cfg = resolve_model(spec)
     if spec.train.seq_len > cfg.max_seq_len:
         raise PlanError(
@@ -87,65 +82,9 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     trainable, what_trains = trainable_shapes(spec, cfg)
     budget = spec.memory.budget_bytes or hw.memory_bytes
     usable = int(budget * (1 - spec.memory.safety_margin)) // (world_size if hw.device == "cpu" else 1)
-
-    # Exact strategies first; splitting micro-batches (slower), then 8-bit optimizer states (not exact) only
-    # when nothing before them fits (or when the spec forces them on)
-    candidates = []
-    fsdp_offload = hw.device == "cuda" and world_size > 1  # _check_distributable refused a forced "on" elsewhere
-    for tier in _tiers(spec, _candidates(spec, cfg, hw, world_size, trainable), fsdp_offload):
-        for strategies in tier:
-            if world_size > 1 and not _shardable(strategies):
-                continue
-            optimizer = run_optimizer(spec.optimizer, strategies)
-            memory = estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
-                                     world_size=world_size, device=hw.device)
-            if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
-                continue  # every process of the node pins its shards in the same host RAM
-            tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
-            # a host optimizer's step comes once per step of micro_batch x grad_accum rows
-            # and so does FSDP's host step with its shards' copies
-            step_tokens = spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len
-            tps = 1 / (1 / tps + (host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
-                                  + fsdp_offload_seconds(cfg, strategies, spec.train, optimizer, trainable,
-                                                         what_trains, world_size, hw)) / step_tokens)
-            # one GPU per process; on a CPU the processes share its cores
-            tps *= world_size if hw.device == "cuda" else 1
-            candidates.append((strategies, memory, tps))
-        if any(c[1].peak_bytes <= usable for c in candidates):
-            break
-    fitting = [c for c in candidates if c[1].peak_bytes <= usable]
-    if not fitting:
-        raise PlanError(_nothing_fits(spec, budget, usable, candidates,
-                                      sharing=world_size if hw.device == "cpu" else 1))
-    # where pure bf16 would round away the updates (a small learning rate) or the weight decay, auto prefers any
-    # other precision that fits, then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
-    kept = fitting
-    if spec.memory.precision == "auto" and _bf16_lossy(spec):
-        kept = ([c for c in fitting if c[0].precision != "bf16"]
-                or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
-    # fastest over the whole run (compile time counted) first; among equals the smaller peak
-    chosen = max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
+    candidates = _search(spec, cfg, hw, world_size, trainable, what_trains, usable)
+    chosen = _choose(spec, candidates, budget, usable, world_size if hw.device == "cpu" else 1)
     strategies, memory, tps = chosen
-
-    warnings = []
-    if strategies.precision == "fp16" and hw.device == "cpu":
-        warnings.append(f"memory.precision = 'fp16' on {hw.name}: {FP16_CPU_REASON}")
-    if strategies.precision in ("bf16", "mixed-bf16") and not hw.bf16_compute:
-        warnings.append(f"memory.precision = {strategies.precision!r}: {hw.name} has no native bf16 arithmetic, so "
-                        "bf16 compute is emulated and very slow there; fp32 would be faster")
-    if strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding:
-        # auto chose plain bf16 only because nothing else fitted (see `kept` above)
-        only_fit = "; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""
-        if _bf16_drops_updates(spec):
-            warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
-                            f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}{only_fit}")
-        if _bf16_drops_decay(spec):
-            warnings.append(f"{_decay_lost(spec)}. Use mixed-bf16, or memory.strategies.bf16_stochastic_rounding = "
-                            f"'on' (optimizer.kind = 'adamw'){only_fit}")
-    if budget > hw.memory_bytes:
-        warnings.append(
-            f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
-        )
     return Plan(
         spec=spec,
         hardware=hw,
@@ -166,8 +105,98 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
                         chosen=s == strategies)
             for s, m, t in candidates
         ),
-        warnings=tuple(warnings),
+        warnings=_warnings(spec, hw, strategies, budget),
     )
+
+
+def _check_spec(spec: RunSpec, hw: HardwareProfile, world_size: int) -> None:
+    """Refuse, before any estimate, a spec this version or `hw` cannot run (each check names the fields)."""
+    _check_supported(spec)
+    _check_distributable(spec, world_size)
+    _check_compile(spec, hw)
+    _check_offload(spec, hw, world_size)
+    _check_fsdp_offload(spec, hw, world_size)
+    _check_stochastic_rounding(spec, hw, world_size)
+
+
+def _search(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: int,
+            trainable: list[tuple[int, ...]], what_trains: Trainable, usable: int) -> list:
+    """Every candidate estimated, as (strategies, memory, tokens/s), tier by tier up to the first that fits.
+
+    Exact strategies first; splitting micro-batches (slower), then 8-bit optimizer states (not exact) only when
+    nothing before them fits (or when the spec forces them on); FSDP's CPU offload last (`_tiers`).
+    """
+    candidates = []
+    fsdp_offload = hw.device == "cuda" and world_size > 1  # _check_distributable refused a forced "on" elsewhere
+    for tier in _tiers(spec, _candidates(spec, cfg, hw, world_size, trainable), fsdp_offload):
+        for strategies in tier:
+            candidate = _evaluate(spec, cfg, hw, world_size, strategies, trainable, what_trains)
+            if candidate is not None:
+                candidates.append(candidate)
+        if any(c[1].peak_bytes <= usable for c in candidates):
+            break
+    return candidates
+
+
+def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: int, strategies: Strategies,
+              trainable: list[tuple[int, ...]], what_trains: Trainable):
+    """(strategies, memory, tokens/s) of one candidate, or None where it cannot run on `world_size` processes."""
+    if world_size > 1 and not _shardable(strategies):
+        return None
+    optimizer = run_optimizer(spec.optimizer, strategies)
+    memory = estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
+                             world_size=world_size, device=hw.device)
+    if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
+        return None  # every process of the node pins its shards in the same host RAM
+    tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
+    # a host optimizer's step comes once per step of micro_batch x grad_accum rows
+    # and so does FSDP's host step with its shards' copies
+    step_tokens = spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len
+    tps = 1 / (1 / tps + (host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
+                          + fsdp_offload_seconds(cfg, strategies, spec.train, optimizer, trainable,
+                                                 what_trains, world_size, hw)) / step_tokens)
+    # one GPU per process; on a CPU the processes share its cores
+    tps *= world_size if hw.device == "cuda" else 1
+    return strategies, memory, tps
+
+
+def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
+    """The fastest candidate that fits (see `_run_rate`), or PlanError naming the smallest when none does."""
+    fitting = [c for c in candidates if c[1].peak_bytes <= usable]
+    if not fitting:
+        raise PlanError(_nothing_fits(spec, budget, usable, candidates, sharing=sharing))
+    # where pure bf16 would round away the updates (a small learning rate) or the weight decay, auto prefers any
+    # other precision that fits, then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
+    kept = fitting
+    if spec.memory.precision == "auto" and _bf16_lossy(spec):
+        kept = ([c for c in fitting if c[0].precision != "bf16"]
+                or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
+    # fastest over the whole run (compile time counted) first; among equals the smaller peak
+    return max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
+
+
+def _warnings(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, budget: int) -> tuple[str, ...]:
+    """What the chosen plan runs that the user should know about: slow or lossy precisions, an oversized budget."""
+    warnings = []
+    if strategies.precision == "fp16" and hw.device == "cpu":
+        warnings.append(f"memory.precision = 'fp16' on {hw.name}: {FP16_CPU_REASON}")
+    if strategies.precision in ("bf16", "mixed-bf16") and not hw.bf16_compute:
+        warnings.append(f"memory.precision = {strategies.precision!r}: {hw.name} has no native bf16 arithmetic, so "
+                        "bf16 compute is emulated and very slow there; fp32 would be faster")
+    if strategies.precision == "bf16" and not strategies.bf16_stochastic_rounding:
+        # auto chose plain bf16 only because nothing else fitted (see `_choose`)
+        only_fit = "; no mixed-bf16 or fp32 plan fits this budget" if spec.memory.precision == "auto" else ""
+        if _bf16_drops_updates(spec):
+            warnings.append(f"memory.precision = 'bf16' with optimizer.lr = {spec.optimizer.lr:g} (below "
+                            f"{BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}{only_fit}")
+        if _bf16_drops_decay(spec):
+            warnings.append(f"{_decay_lost(spec)}. Use mixed-bf16, or memory.strategies.bf16_stochastic_rounding = "
+                            f"'on' (optimizer.kind = 'adamw'){only_fit}")
+    if budget > hw.memory_bytes:
+        warnings.append(
+            f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"
+        )
+    return tuple(warnings)
 
 
 def trainable_shapes(spec: RunSpec, cfg: ModelConfig) -> tuple[list[tuple[int, ...]], Trainable]:
@@ -265,6 +294,21 @@ def _tokenizer_vocab(path: str) -> int:
 
 
 def _check_supported(spec: RunSpec) -> None:
+    """Refuse what this version cannot run: a method, optimizer or precision not in it, strategies forced on
+    that it lacks, and strategies forced on together that cannot work together (checked in this order)."""
+    _check_method(spec)
+    _check_in_backward(spec)
+    _check_available(spec)
+    _check_combinations(spec)
+    if spec.memory.precision not in ("auto", *AVAILABLE_PRECISIONS):
+        raise PlanError(
+            f"memory.precision = {spec.memory.precision!r} is not available in this version yet; "
+            f"use one of auto, {', '.join(AVAILABLE_PRECISIONS)}"
+        )
+
+
+def _check_method(spec: RunSpec) -> None:
+    """The method and its targets must be ones this version has."""
     if not isinstance(spec.method, SUPPORTED_METHODS):
         raise PlanError(
             f"method.kind = {spec.method.__struct_config__.tag!r} is not available in this version yet; "
@@ -275,20 +319,29 @@ def _check_supported(spec: RunSpec) -> None:
             "method.targets: 'output' is not available yet (the output projection feeds the loss as a plain "
             f"matrix); choose from {', '.join(TARGETS)}"
         )
+
+
+def _check_in_backward(spec: RunSpec) -> None:
+    """A forced optimizer_in_backward needs every gradient of the step at once: no accumulation, no clipping."""
+    if spec.memory.strategies.optimizer_in_backward != "on":
+        return
+    if spec.train.grad_accum > 1:
+        raise PlanError(
+            f"memory.strategies.optimizer_in_backward = 'on' cannot work with train.grad_accum = "
+            f"{spec.train.grad_accum}: the step inside backward would run before the other micro-batches' "
+            "gradients arrive. Set train.grad_accum = 1 (raise train.micro_batch instead) or turn it 'off'"
+        )
+    if spec.train.clip_grad_norm > 0:
+        raise PlanError(
+            f"memory.strategies.optimizer_in_backward = 'on' cannot work with train.clip_grad_norm = "
+            f"{spec.train.clip_grad_norm}: global-norm clipping needs every gradient before any step. Set "
+            "train.clip_grad_norm = 0 or turn optimizer_in_backward 'off'"
+        )
+
+
+def _check_available(spec: RunSpec) -> None:
+    """One loss, an optimizer this version has, and no strategy forced on that this version lacks."""
     strategies = spec.memory.strategies
-    if strategies.optimizer_in_backward == "on":
-        if spec.train.grad_accum > 1:
-            raise PlanError(
-                f"memory.strategies.optimizer_in_backward = 'on' cannot work with train.grad_accum = "
-                f"{spec.train.grad_accum}: the step inside backward would run before the other micro-batches' "
-                "gradients arrive. Set train.grad_accum = 1 (raise train.micro_batch instead) or turn it 'off'"
-            )
-        if spec.train.clip_grad_norm > 0:
-            raise PlanError(
-                f"memory.strategies.optimizer_in_backward = 'on' cannot work with train.clip_grad_norm = "
-                f"{spec.train.clip_grad_norm}: global-norm clipping needs every gradient before any step. Set "
-                "train.clip_grad_norm = 0 or turn optimizer_in_backward 'off'"
-            )
     if strategies.chunked_cross_entropy == "on" and strategies.fused_cross_entropy == "on":
         raise PlanError(
             "memory.strategies.chunked_cross_entropy and memory.strategies.fused_cross_entropy are both 'on'; "
@@ -300,12 +353,15 @@ def _check_supported(spec: RunSpec) -> None:
             "optimizer.kind = 'adamw', 'sgd', 'adafactor', 'adamw8bit' or 'adamw4bit'"
         )
     for name, info in CATALOGUE.items():
-        if name == "precision":
-            continue
-        if getattr(spec.memory.strategies, name) == "on" and not info.available:
+        if name != "precision" and getattr(strategies, name) == "on" and not info.available:
             raise PlanError(
                 f"memory.strategies.{name} = 'on': {info.unavailable_reason}; set it to 'auto' or 'off'"
             )
+
+
+def _check_combinations(spec: RunSpec) -> None:
+    """Strategies forced on must apply to the spec and not exclude one another."""
+    strategies = spec.memory.strategies
     if strategies.low_bit_optimizer == "on" and not isinstance(spec.optimizer, AdamW):
         raise PlanError(
             f"memory.strategies.low_bit_optimizer = 'on' applies to optimizer.kind = 'adamw' (its states kept in "
@@ -327,11 +383,6 @@ def _check_supported(spec: RunSpec) -> None:
             "memory.precision = 'fp16' cannot work with memory.strategies.optimizer_in_backward = 'on': fp16's loss "
             "scaling must skip a step whose gradients overflow, but the in-backward optimizer has already stepped. "
             "Use memory.precision = 'mixed-bf16' (no loss scaling) or turn optimizer_in_backward 'off'"
-        )
-    if spec.memory.precision not in ("auto", *AVAILABLE_PRECISIONS):
-        raise PlanError(
-            f"memory.precision = {spec.memory.precision!r} is not available in this version yet; "
-            f"use one of auto, {', '.join(AVAILABLE_PRECISIONS)}"
         )
 
 
@@ -669,48 +720,76 @@ def _size_rounded_up(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
+# strategies `_explain` gives a decision of their own; the catalogue's others are unavailable in this version
+EXPLAINED = ("precision", "activation_checkpointing", "activation_offloading", "chunked_cross_entropy",
+             "fused_cross_entropy", "optimizer_in_backward", "compile", "micro_batch_split", "low_bit_optimizer",
+             "fsdp_cpu_offload", "bf16_stochastic_rounding")
+
+
 def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int,
              world_size: int = 1) -> tuple[Decision, ...]:
-    strategies, memory, tps = chosen
-    overrides = spec.memory.strategies
+    """Every strategy's decision for the chosen candidate: its value, who set it, and why, against its rivals."""
+    strategies = chosen[0]
 
     def others(field: str):
         return [c for c in candidates if getattr(c[0], field) != getattr(strategies, field)]
 
-    decisions = []
-    # precision
+    ckpt_forced = spec.memory.strategies.activation_checkpointing != "auto"
+    decisions = [
+        _explain_precision(spec, hw, strategies, others("precision"), usable),
+        Decision(strategy="activation_checkpointing", value=strategies.activation_checkpointing,
+                 source="user" if ckpt_forced else "auto",
+                 reason="forced by memory.strategies.activation_checkpointing" if ckpt_forced else _why(
+                     strategies, "activation_checkpointing", others("activation_checkpointing"), usable, hw, spec)),
+        _explain_cross_entropy(spec, hw, strategies, others("cross_entropy"), usable),
+        _explain_in_backward(spec, hw, strategies, others("optimizer_in_backward"), usable, world_size),
+        _explain_compile(spec, hw, strategies, others("compile"), usable),
+        _explain_offloading(spec, hw, strategies, others("activation_offloading"), usable, world_size),
+        *(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason)
+          for name, info in CATALOGUE.items() if name not in EXPLAINED),
+        *_explain_last_resorts(spec, strategies, candidates, usable, world_size),
+        _explain_fsdp_offload(spec, hw, strategies, candidates, usable, world_size),
+        _explain_stochastic_rounding(spec, hw, strategies, candidates, usable, world_size),
+        _explain_attention(hw, strategies),
+        Decision(strategy="gradient_accumulation", value=str(spec.train.grad_accum), source="user",
+                 reason=f"{spec.train.grad_accum} micro-batch(es) of {spec.train.micro_batch} x {spec.train.seq_len} "
+                        "tokens per step; gradients normalized by the total count of target tokens"),
+    ]
+    return tuple(decisions)
+
+
+def _explain_precision(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, rivals, usable: int) -> Decision:
+    """The precision decision: forced, or chosen by fit and speed (bf16 left out where it would lose updates)."""
     if spec.memory.precision != "auto":
-        decisions.append(Decision(strategy="precision", value=strategies.precision, source="user",
-                                  reason="forced by memory.precision"))
-    else:
-        rivals = others("precision")
-        dropped = strategies.precision != "bf16" and _bf16_lossy(spec) and any(c[0].precision == "bf16" for c in rivals)
-        if dropped:
-            rivals = [c for c in rivals if c[0].precision != "bf16"]
-        reason = _why(strategies, "precision", rivals, usable, hw, spec)
-        if dropped:
-            why = (f"at optimizer.lr = {spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
-                   if _bf16_drops_updates(spec) else f"because {_decay_lost(spec)}")
-            reason = "; ".join(r for r in (reason if rivals else "", f"bf16 is left out {why}") if r)
-        decisions.append(Decision(strategy="precision", value=strategies.precision, source="auto", reason=reason))
-    # activation checkpointing
-    value = strategies.activation_checkpointing
-    if overrides.activation_checkpointing != "auto":
-        decisions.append(Decision(strategy="activation_checkpointing", value=value, source="user",
-                                  reason="forced by memory.strategies.activation_checkpointing"))
-    else:
-        decisions.append(Decision(strategy="activation_checkpointing", value=value, source="auto",
-                                  reason=_why(strategies, "activation_checkpointing",
-                                              others("activation_checkpointing"), usable, hw, spec)))
-    # the loss: one decision over two toggles
-    ce_forced = overrides.chunked_cross_entropy == "on" or overrides.fused_cross_entropy == "on"
-    decisions.append(Decision(
-        strategy="cross_entropy", value=strategies.cross_entropy, source="user" if ce_forced else "auto",
-        reason="forced by memory.strategies" if ce_forced else _why(strategies, "cross_entropy",
-                                                                    others("cross_entropy"), usable, hw, spec),
-    ))
-    value = "on" if strategies.optimizer_in_backward else "off"
-    if overrides.optimizer_in_backward != "auto":
+        return Decision(strategy="precision", value=strategies.precision, source="user",
+                        reason="forced by memory.precision")
+    dropped = strategies.precision != "bf16" and _bf16_lossy(spec) and any(c[0].precision == "bf16" for c in rivals)
+    if dropped:
+        rivals = [c for c in rivals if c[0].precision != "bf16"]
+    reason = _why(strategies, "precision", rivals, usable, hw, spec)
+    if dropped:
+        why = (f"at optimizer.lr = {spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
+               if _bf16_drops_updates(spec) else f"because {_decay_lost(spec)}")
+        reason = "; ".join(r for r in (reason if rivals else "", f"bf16 is left out {why}") if r)
+    return Decision(strategy="precision", value=strategies.precision, source="auto", reason=reason)
+
+
+def _explain_cross_entropy(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, rivals,
+                           usable: int) -> Decision:
+    """The loss: one decision over the chunked and fused toggles."""
+    toggles = spec.memory.strategies
+    forced = toggles.chunked_cross_entropy == "on" or toggles.fused_cross_entropy == "on"
+    return Decision(
+        strategy="cross_entropy", value=strategies.cross_entropy, source="user" if forced else "auto",
+        reason="forced by memory.strategies" if forced else _why(strategies, "cross_entropy", rivals, usable, hw,
+                                                                 spec),
+    )
+
+
+def _explain_in_backward(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, rivals, usable: int,
+                         world_size: int) -> Decision:
+    """The optimizer_in_backward decision: forced, impossible here (why), or chosen by fit and speed."""
+    if spec.memory.strategies.optimizer_in_backward != "auto":
         reason, source = "forced by memory.strategies.optimizer_in_backward", "user"
     elif world_size > 1:
         reason, source = f"not under FSDP ({world_size} processes): {FSDP_IN_BACKWARD_REASON}", "fixed"
@@ -720,35 +799,19 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         reason, source = ("needs train.grad_accum = 1 and train.clip_grad_norm = 0 (both need every gradient "
                           "before any step)"), "fixed"
     else:
-        reason, source = _why(strategies, "optimizer_in_backward", others("optimizer_in_backward"), usable, hw, spec), "auto"
-    decisions.append(Decision(strategy="optimizer_in_backward", value=value, source=source, reason=reason))
+        reason, source = _why(strategies, "optimizer_in_backward", rivals, usable, hw, spec), "auto"
+    return Decision(strategy="optimizer_in_backward", value="on" if strategies.optimizer_in_backward else "off",
+                    source=source, reason=reason)
+
+
+def _explain_compile(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, rivals, usable: int) -> Decision:
+    """The compile decision: forced, or chosen by its rate over the whole run (compile time counted)."""
     value = "on" if strategies.compile else "off"
-    if overrides.compile != "auto":
-        decisions.append(Decision(strategy="compile", value=value, source="user",
-                                  reason="forced by memory.strategies.compile"))
-    else:
-        decisions.append(Decision(
-            strategy="compile", value=value, source="auto",
-            reason=_why(strategies, "compile", others("compile"), usable, hw, spec)
-            + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)"))
-    decisions.append(_explain_offloading(spec, hw, strategies, others("activation_offloading"), usable, world_size))
-    for name, info in CATALOGUE.items():
-        if name in ("precision", "activation_checkpointing", "activation_offloading", "chunked_cross_entropy",
-                    "fused_cross_entropy", "optimizer_in_backward", "compile", "micro_batch_split",
-                    "low_bit_optimizer", "fsdp_cpu_offload", "bf16_stochastic_rounding"):
-            continue
-        decisions.append(Decision(strategy=name, value="off", source="fixed", reason=info.unavailable_reason))
-    decisions += _explain_last_resorts(spec, strategies, candidates, usable, world_size)
-    decisions.append(_explain_fsdp_offload(spec, hw, strategies, candidates, usable, world_size))
-    decisions.append(_explain_stochastic_rounding(spec, hw, strategies, candidates, usable, world_size))
-    decisions.append(_explain_attention(hw, strategies))
-    accum = spec.train.grad_accum
-    decisions.append(Decision(
-        strategy="gradient_accumulation", value=str(accum), source="user",
-        reason=f"{accum} micro-batch(es) of {spec.train.micro_batch} x {spec.train.seq_len} tokens per step; "
-               "gradients normalized by the total count of target tokens",
-    ))
-    return tuple(decisions)
+    if spec.memory.strategies.compile != "auto":
+        return Decision(strategy="compile", value=value, source="user", reason="forced by memory.strategies.compile")
+    return Decision(strategy="compile", value=value, source="auto",
+                    reason=_why(strategies, "compile", rivals, usable, hw, spec)
+                    + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)")
 
 
 ATTENTION_REASONS = {
