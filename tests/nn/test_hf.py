@@ -245,3 +245,38 @@ def test_cast_while_reading_in_small_pieces(tmp_path, monkeypatch):
     out16 = save_hf(as_bf16, cfg, tmp_path / "ckpt16")
     _, back = load_hf(out16, dtype=torch.float32)
     assert all(torch.equal(back[n], as_bf16[n].float()) for n in params)
+
+
+# ------------------------------------------------------------------------------------- damaged weight files
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header bytes", "empty"])
+def test_a_damaged_weight_file_is_named_by_load_and_by_plan(tmp_path, damage):
+    """A truncated model.safetensors or flipped header bytes: one message naming the file and what is wrong,
+    from load_hf and from `lowmem plan` (which reads the headers before a run), never a SafetensorError."""
+    import subprocess
+    import sys
+
+    from lowmem.spec import decode_spec, encode_spec
+
+    cfg = preset("tiny")
+    model_dir = save_hf(init_params(cfg, seed=0), cfg, tmp_path / "model")
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) * 2 // 3])
+    elif damage == "header bytes":
+        weights.write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+    else:
+        weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{weights}: damaged safetensors file: .*Download or copy it again"):
+        load_hf(model_dir)
+    spec = decode_spec('[model]\npath = "PATH"\n[data]\nsource = "builtin:kjv"\n[train]\nsteps = 1\nseq_len = 64\n'
+                       .replace("PATH", str(model_dir)), "toml")
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_bytes(encode_spec(spec))
+    done = subprocess.run([sys.executable, "-m", "lowmem.cli", "plan", str(spec_file)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert f"{weights}: damaged safetensors file" in done.stderr

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowmem.nn.config import ModelConfig, param_shapes
@@ -376,13 +375,55 @@ class _Entry(NamedTuple):
 def _safetensors_entries(file: Path) -> dict[str, _Entry]:
     """Tensor name -> `_Entry`, from the file's header: an 8-byte little-endian length, then that much JSON
     whose `data_offsets` count from the end of the header. (safetensors' Python API gives shapes, not offsets.)
+
+    The header is checked against the file's size, so a truncated or overwritten file is a ValueError naming
+    it (`_damaged`), before any tensor is read.
     """
+    size = file.stat().st_size
     with open(file, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _damaged(file, f"it is {size} bytes long, shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise _damaged(file, f"its header claims {header_len:,} bytes but the file has {size - 8:,} after the "
+                                 "length field (cut short, or not a safetensors file)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _damaged(file, f"its header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _damaged(file, "its header is not a JSON object")
     data_start = 8 + header_len
-    return {name: _Entry(e["dtype"], tuple(e["shape"]), data_start + e["data_offsets"][0])
-            for name, e in header.items() if name != "__metadata__"}
+    entries = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            (lo, hi), shape, dtype = e["data_offsets"], tuple(e["shape"]), e["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise _damaged(file, f"its header entry for {name!r} lacks dtype, shape or data_offsets") from None
+        if not 0 <= lo <= hi <= size - data_start:
+            raise _damaged(file, f"tensor {name!r} lies at bytes {lo:,}..{hi:,} of the data, which has "
+                                 f"{size - data_start:,} (the file is cut short)")
+        stored = _SAFETENSORS_DTYPES.get(dtype)
+        if stored is not None and hi - lo != math.prod(shape) * stored.itemsize:
+            raise _damaged(file, f"tensor {name!r} takes {hi - lo:,} bytes, but shape {list(shape)} in {dtype} "
+                                 f"needs {math.prod(shape) * stored.itemsize:,}")
+        entries[name] = _Entry(dtype, shape, data_start + lo)
+    return entries
+
+
+def _damaged(file: Path, what: str) -> ValueError:
+    return ValueError(f"{file}: damaged safetensors file: {what}. Download or copy it again (for a hub model: "
+                      "`lowmem download ORG/NAME`)")
+
+
+def check_weight_files(model_dir: str | os.PathLike[str]) -> None:
+    """Read every weight file's header under `model_dir` and check it against the file's size (cheap: no tensor
+    is read); a damaged or missing file is a ValueError naming it. `lowmem plan` runs this before a run."""
+    for file in _weight_files(Path(model_dir)):
+        _safetensors_entries(file)
 
 
 def _read_rows(fh: BinaryIO, file: Path, hf_name: str, entry: _Entry, first_row: int, out: torch.Tensor,
@@ -439,15 +480,13 @@ def _weight_files(root: Path) -> dict[Path, list[str]]:
         for file, names in files.items():
             if not file.exists():
                 raise FileNotFoundError(f"{index_path}: shard {file.name} (holding {names[0]!r}) is missing")
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                stored = set(f.keys())
+            stored = set(_safetensors_entries(file))
             absent = [n for n in names if n not in stored]
             if absent:
                 raise ValueError(f"{file}: missing tensor {absent[0]!r} that {index_path.name} places there")
         return files
     if single.exists():
-        with safe_open(str(single), framework="pt", device="cpu") as f:
-            return {single: list(f.keys())}
+        return {single: list(_safetensors_entries(single))}
     raise FileNotFoundError(
         f"{root}: no {WEIGHTS_FILE} or {INDEX_FILE}; lowmem reads safetensors only (convert .bin/.pth "
         "checkpoints with transformers' save_pretrained(safe_serialization=True))"

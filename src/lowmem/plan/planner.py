@@ -242,6 +242,16 @@ def nf4_scaler_block_size(cfg: ModelConfig, block_size: int, world_size: int = 1
     )
 
 
+def _check_weights(model_dir) -> None:
+    """The checkpoint's safetensors headers, read and checked against the files' sizes before a run is planned."""
+    from lowmem.nn.hf import check_weight_files  # imports torch; only for a model on disk
+
+    try:
+        check_weight_files(model_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise PlanError(str(err)) from None
+
+
 def resolve_model(spec: RunSpec) -> ModelConfig:
     """The model's config: a preset (vocab following a tokenizer lowmem trains) or a local config.json."""
     if spec.model.preset is not None:
@@ -270,6 +280,7 @@ def resolve_model(spec: RunSpec) -> ModelConfig:
         cfg = ModelConfig.from_hf_config(raw, source=str(config_path))
     except (ValueError, msgspec.ValidationError) as err:
         raise PlanError(str(err)) from None
+    _check_weights(config_path.parent)
     try:
         tok = spec.data.resolved_tokenizer(str(config_path.parent))
     except ValueError as err:
