@@ -421,8 +421,12 @@ def _damaged(file: Path, what: str) -> ValueError:
 
 def check_weight_files(model_dir: str | os.PathLike[str]) -> None:
     """Read every weight file's header under `model_dir` and check it against the file's size (cheap: no tensor
-    is read); a damaged or missing file is a ValueError naming it. `lowmem plan` runs this before a run."""
-    for file in _weight_files(Path(model_dir)):
+    is read); a damaged file or a shard missing from the index is an error naming it. `lowmem plan` runs this
+    before a run. A directory with a config but no weights yet passes: a plan needs only the config."""
+    root = Path(model_dir)
+    if not (root / WEIGHTS_FILE).exists() and not (root / INDEX_FILE).exists():
+        return
+    for file in _weight_files(root):
         _safetensors_entries(file)
 
 
