@@ -12,7 +12,6 @@ from pathlib import Path
 import lowmem.nn
 
 NN_DIR = Path(lowmem.nn.__file__).parent
-MAX_FUNCTION_LINES = 60
 
 
 def _imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
@@ -81,29 +80,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def long_functions(package_dir: Path, max_lines: int) -> list[str]:
-    """`file:function (n lines)` for each function or method, nested ones too, longer than `max_lines`.
-
-    A function's length runs from its `def` line to its last line, docstring included.
-    """
-    found = []
-    for path in sorted(package_dir.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                n = node.end_lineno - node.lineno + 1
-                if n > max_lines:
-                    found.append(f"{path.name}:{node.name} ({n} lines)")
-    return found
-
-
 def test_nn_has_no_import_cycle():
     graph = import_graph(NN_DIR)
     assert {"llama", "lora", "lora_settings", "config"} <= graph.keys()
     assert find_cycle(graph) is None, f"import cycle in lowmem.nn: {' -> '.join(find_cycle(graph))}"
-
-
-def test_nn_functions_are_short():
-    assert long_functions(NN_DIR, MAX_FUNCTION_LINES) == []
 
 
 def test_find_cycle_sees_function_level_and_type_checking_imports(tmp_path):
@@ -122,9 +102,3 @@ def test_find_cycle_sees_function_level_and_type_checking_imports(tmp_path):
     # named otherwise, only its relative import still points inside the package
     assert import_graph(pkg, package="other") == {"__init__": set(), "a": set(), "b": {"__init__", "c"},
                                                   "c": set(), "d": set()}
-
-
-def test_long_functions_counts_from_def_to_last_line(tmp_path):
-    body = "".join(f"    x{i} = {i}\n" for i in range(59))
-    (tmp_path / "m.py").write_text(f"def ok():\n{body}\n\ndef too_long():\n{body}    return 0\n")
-    assert long_functions(tmp_path, 60) == ["m.py:too_long (61 lines)"]

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from lowmem.data.tokenizer import write_bytes_atomic
 from lowmem.plan import Plan
 from lowmem.train.checkpoint import intact_checkpoint, latest_checkpoint, plan_fingerprint
 
@@ -132,7 +133,7 @@ class RunDir:
 
     def write_json(self, name: str, value) -> None:
         """`value` (a Struct or plain data) as indented JSON in this directory, atomically (temp file, rename)."""
-        write_atomic(self.path / name, msgspec.json.format(msgspec.json.encode(value), indent=2))
+        write_bytes_atomic(self.path / name, msgspec.json.format(msgspec.json.encode(value), indent=2))
 
     def open_metrics(self, first_step: int):
         """metrics.jsonl for appending: on resume, records after the checkpoint's step are dropped (they re-run)."""
@@ -140,7 +141,7 @@ class RunDir:
         if first_step == 0 or not path.exists():
             return open(path, "w")
         kept = [r for r in read_metrics(path) if r["step"] <= first_step]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return open(path, "a")
 
 
@@ -149,20 +150,6 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         records = [r for r in read_metrics(path) if "loss" in r] if path.exists() else []
         return (records[0]["loss"], records[-1]["loss"]) if records else (math.nan, math.nan)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` into `path` through a temporary sibling and a rename: the file is the old one or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(path: Path) -> list[dict]:
