@@ -239,3 +239,19 @@ def host_tensors_fail() -> dict:
                 except Exception as e:  # noqa: BLE001  (the test asserts on the type)
                     results[f"{kernel}/{name}"] = [type(e).__name__, str(e)[:300]]
     return results
+
+
+def backward_then_exit_hook(marker: str) -> str:
+    """A fake-CUDA backward (it starts the autograd engine's device threads), then an atexit hook that would
+    write `marker`: the child must end without the interpreter teardown that races with those threads."""
+    import atexit
+    from pathlib import Path
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.randn(8, 8, device="cuda", requires_grad=True)
+        (w @ w).sum().backward()
+    atexit.register(Path(marker).write_text, "teardown ran")
+    return "ok"

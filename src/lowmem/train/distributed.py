@@ -244,8 +244,30 @@ def gather_full(params: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.
     """
     full = {}
     for name, t in params.items():
-        gathered = t.detach().full_tensor()
+        gathered = _waited(t.detach().full_tensor())
         if keep:
             full[name] = gathered
         del gathered
     return full
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """`t` with every all-gather behind it waited on (and so unregistered from c10d's work registry).
+
+    `DTensor.full_tensor()` waits on its result only when the result itself is an `AsyncCollectiveTensor`. For a
+    torchao NF4Tensor (a QLoRA base weight) it is an NF4Tensor whose three inner tensors (codes, scales, scale
+    factor) are each an unwaited AsyncCollectiveTensor: the values are right (any op on one waits first), but
+    each gloo work stays in c10d's process-wide work registry until the registry's static destructor runs at
+    process exit, after the interpreter is gone ("At the time of process termination, there are still 42
+    unwaited collective calls": 14 NF4 weights x 3 of the tiny model). `wait_tensor` on the NF4Tensor (torchao
+    implements it) waits on each inner one and returns plain inner tensors.
+    """
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if isinstance(t, AsyncCollectiveTensor):
+        return t.wait()
+    if is_traceable_wrapper_subclass(t) and any(
+            isinstance(getattr(t, inner), AsyncCollectiveTensor) for inner in t.__tensor_flatten__()[0]):
+        return torch.ops._c10d_functional.wait_tensor(t)
+    return t
