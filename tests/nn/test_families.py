@@ -1,5 +1,7 @@
-"""Model families (Qwen2, Mistral, Gemma, Gemma 2, Phi-3) against transformers on tiny random checkpoints."""
+"""Model families (Qwen2, Mistral, Gemma, Gemma 2, Phi-3, Qwen3, OLMo 2) against transformers on tiny random
+checkpoints."""
 
+import copy
 import json
 import math
 
@@ -21,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, attn_implementation="eager")
 # Windows shorter than the test sequences (T = 12) so that the sliding mask changes the numbers; Gemma's
-# head_dim 16 is decoupled from hidden_size / heads = 8; Gemma 2's caps are small enough to bite.
+# head_dim 16 is decoupled from hidden_size / heads = 8 (Qwen3's too, and untied: tied is tested below);
+# Gemma 2's caps are small enough to bite.
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
@@ -30,14 +33,16 @@ FAMILIES = {
         "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 12, "attn_logit_softcapping": 2.0,
         "final_logit_softcapping": 3.0}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 5}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": False}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
 }
 T = 12
 
 
-def make_model(family: str, seed: int = 0):
+def make_model(family: str, seed: int = 0, **overrides):
     """Tiny random HF model in eval mode; weights ~ 1/sqrt(fan_in) and norms/biases away from 0 and 1."""
     config_cls, model_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    config = getattr(transformers, config_cls)(**COMMON, **extra | overrides)
     torch.manual_seed(seed)
     return randomize_(getattr(transformers, model_cls)(config).eval(), vector_center=0.5, vector_spread=0.3)
 
@@ -61,9 +66,12 @@ def test_config_flags_per_family(checkpoint):
     assert cfg.family == family
     assert cfg.qkv_bias is (family == "qwen2")
     assert cfg.sliding_window == {"mistral": 4, "gemma2": 4, "phi3": 5}.get(family)
-    assert cfg.head_dim == (16 if family.startswith("gemma") else 8)
+    assert cfg.head_dim == (16 if family.startswith("gemma") or family == "qwen3" else 8)
     assert (cfg.mlp_act == "gelu_tanh") is cfg.norm_unit_offset is cfg.embed_scale is family.startswith("gemma")
-    assert cfg.sandwich_norms is (family == "gemma2")
+    assert cfg.sandwich_norms is (family in ("gemma2", "olmo2"))
+    assert cfg.pre_norms is (family != "olmo2")
+    assert cfg.qk_norm == {"qwen3": "head", "olmo2": "projection"}.get(family)
+    assert cfg.norm_scale_fp32 is cfg.rope_fp32 is (family == "olmo2")
     if family == "gemma2":
         assert cfg.sliding_layers == "even" and [cfg.layer_window(i) for i in range(2)] == [4, None]
         assert (cfg.query_pre_attn_scalar, cfg.attn_logit_softcap, cfg.final_logit_softcap) == (12.0, 2.0, 3.0)
@@ -105,7 +113,9 @@ def test_checkpoint_names_and_save_round_trip(checkpoint, tmp_path):
     assert stored == set(hf_layout(cfg))
     assert ("model.layers.0.self_attn.q_proj.bias" in stored) is (family == "qwen2")
     assert ("model.layers.0.self_attn.qkv_proj.weight" in stored) is (family == "phi3")
-    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (family == "gemma2")
+    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (family in ("gemma2", "olmo2"))
+    assert ("model.layers.1.input_layernorm.weight" in stored) is (family != "olmo2")
+    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (family in ("qwen3", "olmo2"))
 
     out = save_hf(params, cfg, tmp_path / "ckpt")
     saved = json.loads((out / "config.json").read_text())
@@ -137,7 +147,31 @@ def test_packed_documents_equal_separate_runs(checkpoint):
     assert (mixed[:, lengths[0]:] - alone[:, lengths[0]:]).abs().max() > 1e-3  # the mask matters
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2"])
+# bf16 logits agree to a few bf16 steps (2^-7 of the value at the top of a binade): SDPA here and transformers'
+# eager kernels round differently. Measured max |diff| / max |logit|: 0.008-0.012 for Llama-style families,
+# Qwen3 and OLMo 2; 0.014 Gemma, 0.027 Gemma 2 (its eager soft-capped scores). Allowed: 4 steps, 1/32.
+BF16_ATOL_FRACTION = 1 / 32
+
+
+def test_bf16_and_sharded_checkpoints_match_transformers(checkpoint, tmp_path):
+    family, model, path = checkpoint
+    tok = tokens(seed=2)
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        ref, ref16 = model(tok).logits, half(tok).logits
+        for directory in (path, tmp_path / "sharded"):
+            cfg, params = load_hf(directory)
+            torch.testing.assert_close(logits(params, forward(params, tok, cfg), cfg), ref, atol=1e-5, rtol=0)
+            _, params16 = load_hf(directory, dtype=torch.bfloat16)
+            got16 = logits(params16, forward(params16, tok, cfg), cfg)
+            assert got16.dtype == torch.bfloat16
+            atol = BF16_ATOL_FRACTION * ref16.float().abs().max().item()
+            torch.testing.assert_close(got16.float(), ref16.float(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "qwen3", "olmo2"])
 def test_greedy_generation_matches_transformers(family):
     model = make_model(family)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -254,6 +288,13 @@ PUBLISHED_PARAM_COUNTS = {
     "gemma-2b": 2_506_172_416,
     "gemma2-2b": 2_614_341_888,
     "phi3-mini": 3_821_079_552,
+    # Qwen3 model cards give non-embedding counts (0.44B, 1.4B, 3.6B, 6.95B), checked below; these totals are
+    # transformers' own count of the preset's config (test_qk_norm_presets_count_as_transformers).
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-1.7b": 1_720_574_976,
+    "qwen3-4b": 4_022_468_096,
+    "qwen3-8b": 8_190_735_360,
+    "olmo2-1b": 1_484_916_736,  # "OLMo 2 1B": 1.48B
 }
 
 
@@ -265,11 +306,35 @@ def test_family_presets_have_published_param_counts(name):
     assert ModelConfig.from_hf_config(cfg.to_hf_config(), source="x/config.json") == cfg
 
 
+@pytest.mark.parametrize(("name", "non_embedding_billions"),
+                         [("qwen3-0.6b", 0.44), ("qwen3-1.7b", 1.4), ("qwen3-4b", 3.6), ("qwen3-8b", 6.95)])
+def test_qwen3_presets_have_the_model_cards_non_embedding_counts(name, non_embedding_billions):
+    cfg = preset(name)
+    embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    assert round((count_params(cfg) - embedding) / 1e9, 2 if non_embedding_billions < 1 or name == "qwen3-8b"
+                 else 1) == non_embedding_billions
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b", "olmo2-1b"])
+def test_qk_norm_presets_count_as_transformers(name):
+    cfg = preset(name)
+    config = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    hf_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert {hf: (sum(param_shapes(cfg)[n][0] for n in parts), *param_shapes(cfg)[parts[0]][1:])
+            for hf, parts in hf_layout(cfg).items()} == hf_shapes
+
+
 def test_family_preset_flags():
     assert preset("qwen2.5-0.5b").qkv_bias and preset("qwen2.5-0.5b").tie_embeddings
     g2 = preset("gemma2-2b")
     assert (g2.head_dim, g2.sliding_window, g2.attn_logit_softcap, g2.final_logit_softcap) == (256, 4096, 50.0, 30.0)
     assert preset("gemma-2b").head_dim == 256 and preset("phi3-mini").sliding_window == 2047
+    assert [preset(f"qwen3-{s}").head_dim for s in ("0.6b", "1.7b", "4b", "8b")] == [128] * 4
+    assert [preset(f"qwen3-{s}").tie_embeddings for s in ("0.6b", "1.7b", "4b", "8b")] == [True] * 3 + [False]
+    assert preset("olmo2-1b").qk_norm == "projection" and not preset("olmo2-1b").pre_norms
 
 
 @pytest.mark.parametrize(
@@ -287,6 +352,16 @@ def test_family_preset_flags():
         ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0, "sliding_window": 8},
          ["use_sliding_window", "True"]),
         ({"model_type": "mistral", "hidden_act": "gelu"}, ["hidden_act", "'gelu'", "'silu'"]),
+        ({"model_type": "qwen3", "head_dim": 16, "attention_bias": True}, ["attention_bias", "True", "false"]),
+        ({"model_type": "qwen3", "head_dim": 16, "use_sliding_window": True, "max_window_layers": 1,
+          "sliding_window": 8}, ["use_sliding_window", "True"]),
+        ({"model_type": "qwen3", "head_dim": 16, "max_window_layers": 1, "sliding_window": 8},
+         ["sliding_window", "8", "max_window_layers"]),
+        ({"model_type": "qwen3", "head_dim": 16, "layer_types": ["full_attention", "sliding_attention"],
+          "sliding_window": 8}, ["layer_types", "sliding_attention"]),
+        ({"model_type": "qwen3", "head_dim": None}, ["head_dim", "'qwen3'"]),
+        ({"model_type": "olmo2", "attention_bias": True}, ["attention_bias", "True", "false"]),
+        ({"model_type": "olmo2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_type", "'yarn'"]),
     ],
 )
 def test_unsupported_family_options_name_file_key_and_value(change, words):
@@ -296,3 +371,90 @@ def test_unsupported_family_options_name_file_key_and_value(change, words):
     assert "ckpt/config.json" in str(e.value)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+# ------------------------------------------------------------------------------ Qwen3 and OLMo 2 q/k norms
+
+
+@pytest.mark.parametrize(("family", "tied"), [("qwen3", False), ("qwen3", True), ("olmo2", False)])
+def test_param_count_equals_transformers_and_includes_qk_norms(family, tied):
+    model = make_model(family, tie_word_embeddings=tied)
+    cfg = ModelConfig.from_hf_config(model.config.to_dict(), source=f"{family}/config.json")
+    assert cfg.tie_embeddings is tied
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    shapes = param_shapes(cfg)
+    assert count_params(cfg) == sum(math.prod(s) for s in shapes.values())
+    q_dim, kv_dim = (16, 16) if family == "qwen3" else (4 * 8, 2 * 8)  # per head (16) / whole projection
+    assert (shapes["layers.1.attn.q_norm"], shapes["layers.1.attn.k_norm"]) == ((q_dim,), (kv_dim,))
+
+
+def test_tied_qwen3_matches_transformers(tmp_path):
+    model = make_model("qwen3", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.tie_embeddings and "output" not in params
+    tok = tokens(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(params, forward(params, tok, cfg), cfg), model(tok).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_olmo2_norm_and_rope_round_as_transformers_in_bf16():
+    """OLMo 2 scales its norms and rotates q, k in fp32 before rounding: bit-equal to its HF modules in bf16, and
+    not to Llama's rounding (cast first), which the whole-model tolerance could not tell apart."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm, apply_rotary_pos_emb
+
+    from lowmem.nn.llama import apply_rope, rms_norm, rope_cache
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 16, generator=g).bfloat16()
+    norm = Olmo2RMSNorm(16, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + 0.3 * torch.randn(16, generator=g))
+        ref = norm(x)
+    assert torch.equal(rms_norm(x, norm.weight, 1e-6, scale_fp32=True), ref)
+    assert not torch.equal(rms_norm(x, norm.weight, 1e-6), ref)
+
+    cfg = msgspec.structs.replace(preset("tiny"), dim=64, n_heads=4)  # head_dim 16
+    cos, sin = rope_cache(cfg, (torch.arange(12) * 37).expand(2, 12))  # fp32, as Olmo2RotaryEmbedding's
+    ref_q, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    assert torch.equal(apply_rope(x, cos, sin, fp32=True), ref_q)
+    assert not torch.equal(apply_rope(x, cos, sin), ref_q)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
+    from lowmem.nn.peft_io import load_peft, save_peft
+
+    model = make_model(family)
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    cfg, params = load_hf(tmp_path / "base")
+    settings = LoraSettings(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    adapted = add_adapters(params, cfg, settings, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for n in trainable_names(adapted):
+        if n.endswith(".lora_b"):
+            adapted[n] = 0.3 * torch.randn(adapted[n].shape, generator=g)
+    tok = tokens(seed=7)
+    with torch.no_grad():
+        got = logits(adapted, forward(adapted, tok, cfg, adapters=settings), cfg)
+        assert (got - logits(params, forward(params, tok, cfg), cfg)).abs().max() > 0.1  # the adapters act
+        out = save_peft(adapted, cfg, settings, tmp_path / "adapter")
+        ref = peft.PeftModel.from_pretrained(copy.deepcopy(model), out).eval()(tok).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    loaded_settings, loaded = load_peft(out, params, cfg)
+    assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+
+
+def test_qk_norms_are_not_lora_targets_and_are_ones_at_init():
+    cfg = preset("qwen3-0.6b")
+    small = msgspec.structs.replace(cfg, vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                                    head_dim_override=16)
+    params = init_params(small, seed=0)
+    assert torch.equal(params["layers.0.attn.q_norm"], torch.ones(16))
+    from lowmem.nn.lora import LoraSettings, add_adapters
+
+    adapted = add_adapters(params, small, LoraSettings(rank=2, alpha=4, targets=("wq", "wk")), seed=0)
+    assert not any(n.startswith("layers.0.attn.q_norm.") for n in adapted)

@@ -56,8 +56,10 @@ FAMILIES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
-Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"]
+Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "qwen3", "olmo2"]
 
 
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -81,6 +83,15 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     - `query_pre_attn_scalar`: scores are scaled by its -1/2 power instead of head_dim's (Gemma 2).
     - `attn_logit_softcap`, `final_logit_softcap`: scores (resp. logits) become cap * tanh(x / cap)
       (Gemma 2). The final cap is applied by `llama.logits` and by the losses' `softcap` argument.
+    - `qk_norm`: q and k are RMS-normed after their projection, before RoPE, by `attn.q_norm` and
+      `attn.k_norm`: "head" normalises each head over head_dim with (head_dim,) weights shared by the heads
+      (Qwen3); "projection" normalises the whole projection, weights (n_heads * head_dim,) and
+      (n_kv_heads * head_dim,) (OLMo 2).
+    - `pre_norms`: the sublayers' inputs are normed (`attn_norm`, `mlp_norm`). False (OLMo 2) leaves the
+      block's only norms on the sublayer outputs, which then needs `sandwich_norms`.
+    - `norm_scale_fp32`: RMSNorm multiplies by its weight in fp32 and casts afterwards, not before (OLMo 2;
+      Gemma's unit-offset norm does so too). `rope_fp32`: RoPE rotates q and k in fp32 and casts back
+      (OLMo 2's cos/sin stay fp32). Both change only rounding in bf16/fp16.
     """
 
     vocab_size: int
@@ -106,6 +117,10 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    qk_norm: Literal["head", "projection"] | None = None
+    pre_norms: bool = True
+    norm_scale_fp32: bool = False
+    rope_fp32: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -136,6 +151,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 f"n_kv_heads = {self.n_kv_heads}: must divide n_heads = {self.n_heads} "
                 "(each kv head serves a whole group of query heads)"
             )
+        if not self.pre_norms and not self.sandwich_norms:
+            raise ValueError("pre_norms = False with sandwich_norms = False leaves a block without any norm; "
+                             "set sandwich_norms = True (OLMo 2: norms on the sublayer outputs only)")
         if self.head_dim % 2:
             raise ValueError(
                 f"dim = {self.dim}: head_dim = {self.head_dim} (dim / n_heads, or head_dim_override) must be "
@@ -154,7 +172,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], source: str) -> ModelConfig:
-        """Read a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2, Gemma, Gemma 2 or Phi-3 model.
+        """Read a Hugging Face `config.json` dict of a Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3, Qwen3 or
+        OLMo 2 model.
 
         Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x one
         (`rope_parameters`, `layer_types`). `source` names the file in error messages. A key whose value
@@ -166,7 +185,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         window, sliding_layers = _hf_sliding_window(hf)
         rope_theta, scaling = _hf_rope(hf)
         dim, n_heads = hf.need("hidden_size"), hf.need("num_attention_heads")
-        head_dim = d.get("head_dim")
+        # Qwen3Config defaults head_dim to 128, not hidden_size / heads: a Qwen3 config must say it.
+        head_dim = hf.need("head_dim") if model_type == "qwen3" else d.get("head_dim")
         gemma = model_type in ("gemma", "gemma2")
         try:
             return cls(
@@ -190,6 +210,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 norm_unit_offset=gemma,
                 embed_scale=gemma,
                 **_hf_gemma2_options(hf),
+                **_hf_qk_norm_options(hf),
             )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -224,7 +245,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             d |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
         if self.family in ("mistral", "phi3", "gemma2"):
             d["sliding_window"] = self.sliding_window
-        if self.family == "qwen2":
+        if self.family in ("qwen2", "qwen3"):
             d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.n_layers}
         if self.family in ("gemma", "gemma2"):
             d["hidden_activation"] = "gelu_pytorch_tanh"
@@ -315,9 +336,15 @@ def _hf_sliding_window(hf: _HFConfig) -> tuple[int | None, Literal["all", "even"
     a 5.x `layer_types` list other than the pattern lowmem runs.
     """
     d, model_type = hf.d, hf.model_type
-    if model_type in ("qwen2",) and d.get("use_sliding_window") and \
+    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and \
             d.get("max_window_layers", 0) < hf.need("num_hidden_layers"):
-        hf.refuse("use_sliding_window", "false (Qwen2's sliding window on the top layers is not implemented)")
+        hf.refuse("use_sliding_window", f"false ({model_type}'s sliding window on the top layers is not implemented)")
+    # transformers 5's Qwen3Config (unlike Qwen2Config) derives sliding layers from `sliding_window` alone,
+    # whatever `use_sliding_window` says; where it has no `layer_types` to say so, refuse what it would slide.
+    if model_type == "qwen3" and d.get("layer_types") is None and d.get("sliding_window") is not None and \
+            d.get("max_window_layers", 28) < hf.need("num_hidden_layers"):
+        hf.refuse("sliding_window", "null, or max_window_layers >= num_hidden_layers (transformers 5 slides "
+                                    "Qwen3's layers from max_window_layers up; not implemented)")
     window = d.get("sliding_window") if model_type in ("mistral", "gemma2", "phi3") else None
     sliding_layers = "even" if model_type == "gemma2" else "all"
     _check_layer_types(d, hf.source, model_type, window, sliding_layers)
@@ -349,6 +376,17 @@ def _hf_gemma2_options(hf: _HFConfig) -> dict[str, Any]:
         "attn_logit_softcap": _float_or_none(d.get("attn_logit_softcapping")),
         "final_logit_softcap": _float_or_none(d.get("final_logit_softcapping")),
     }
+
+
+def _hf_qk_norm_options(hf: _HFConfig) -> dict[str, Any]:
+    """The `ModelConfig` fields of the q/k-norm families: Qwen3 (per head) and OLMo 2 (whole projection, norms
+    on the sublayer outputs only, fp32 norm scaling and RoPE); {} otherwise."""
+    if hf.model_type == "qwen3":
+        return {"qk_norm": "head"}
+    if hf.model_type == "olmo2":
+        return {"qk_norm": "projection", "pre_norms": False, "sandwich_norms": True, "norm_scale_fp32": True,
+                "rope_fp32": True}
+    return {}
 
 
 def _int_if_whole(value: float | None) -> float | int | None:
@@ -415,7 +453,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings": (V, D)}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        shapes[p + "attn_norm"] = (D,)
+        if cfg.pre_norms:
+            shapes[p + "attn_norm"] = (D,)
         shapes[p + "attn.wq"] = (q_dim, D)
         shapes[p + "attn.wk"] = (kv_dim, D)
         shapes[p + "attn.wv"] = (kv_dim, D)
@@ -424,9 +463,13 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "attn.bq"] = (q_dim,)
             shapes[p + "attn.bk"] = (kv_dim,)
             shapes[p + "attn.bv"] = (kv_dim,)
+        if cfg.qk_norm is not None:
+            shapes[p + "attn.q_norm"] = (cfg.head_dim,) if cfg.qk_norm == "head" else (q_dim,)
+            shapes[p + "attn.k_norm"] = (cfg.head_dim,) if cfg.qk_norm == "head" else (kv_dim,)
         if cfg.sandwich_norms:
             shapes[p + "attn_post_norm"] = (D,)
-        shapes[p + "mlp_norm"] = (D,)
+        if cfg.pre_norms:
+            shapes[p + "mlp_norm"] = (D,)
         shapes[p + "mlp.w1"] = (F, D)
         shapes[p + "mlp.w2"] = (D, F)
         shapes[p + "mlp.w3"] = (F, D)
@@ -445,7 +488,11 @@ def count_params(cfg: ModelConfig) -> int:
     attn = 2 * D * q_dim + 2 * D * kv_dim  # wq, wo; wk, wv
     attn += (q_dim + 2 * kv_dim) if cfg.qkv_bias else 0  # bq, bk, bv
     mlp = 3 * D * F  # w1, w2, w3
-    norms = (4 if cfg.sandwich_norms else 2) * D  # attn_norm, mlp_norm (+ attn_post_norm, mlp_post_norm)
+    norms = (2 * cfg.pre_norms + 2 * cfg.sandwich_norms) * D  # attn_norm, mlp_norm; attn_post_norm, mlp_post_norm
+    if cfg.qk_norm == "head":
+        norms += 2 * cfg.head_dim  # q_norm, k_norm
+    elif cfg.qk_norm == "projection":
+        norms += q_dim + kv_dim
     block = attn + mlp + norms
     embed = V * D * (1 if cfg.tie_embeddings else 2)
     return embed + L * block + D
@@ -533,6 +580,25 @@ def _phi3_mini() -> ModelConfig:  # microsoft/Phi-3-mini-4k-instruct
                        max_seq_len=4096, family="phi3", sliding_window=2047)
 
 
+def _qwen3(dim: int, ffn_dim: int, n_layers: int, n_heads: int, tie: bool) -> ModelConfig:
+    # Qwen/Qwen3-{0.6B,1.7B,4B,8B} config.json: vocab_size 151936, num_key_value_heads 8, head_dim 128 (so
+    # heads * head_dim is not hidden_size for 0.6B and 4B), rms_norm_eps 1e-6, rope_theta 1000000,
+    # max_position_embeddings 40960, tie_word_embeddings true up to 4B, no attention bias, no sliding window.
+    return ModelConfig(vocab_size=151936, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8,
+                       ffn_dim=ffn_dim, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960,
+                       tie_embeddings=tie, family="qwen3", qk_norm="head",
+                       head_dim_override=None if 128 * n_heads == dim else 128)
+
+
+def _olmo2_1b() -> ModelConfig:
+    # allenai/OLMo-2-0425-1B config.json: hidden_size 2048, intermediate_size 8192, 16 layers, 16 heads (no
+    # GQA), vocab_size 100352, rms_norm_eps 1e-6, rope_theta 500000, max_position_embeddings 4096, untied.
+    return ModelConfig(vocab_size=100352, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=8192,
+                       norm_eps=1e-6, rope_theta=500000.0, max_seq_len=4096, family="olmo2",
+                       qk_norm="projection", pre_norms=False, sandwich_norms=True, norm_scale_fp32=True,
+                       rope_fp32=True)
+
+
 def _tinyllama_1b() -> ModelConfig:  # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
     return ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
                        max_seq_len=2048)
@@ -552,6 +618,11 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "gemma-2b": _gemma_2b,
     "gemma2-2b": _gemma2_2b,
     "phi3-mini": _phi3_mini,
+    "qwen3-0.6b": lambda: _qwen3(dim=1024, ffn_dim=3072, n_layers=28, n_heads=16, tie=True),
+    "qwen3-1.7b": lambda: _qwen3(dim=2048, ffn_dim=6144, n_layers=28, n_heads=16, tie=True),
+    "qwen3-4b": lambda: _qwen3(dim=2560, ffn_dim=9728, n_layers=36, n_heads=32, tie=True),
+    "qwen3-8b": lambda: _qwen3(dim=4096, ffn_dim=12288, n_layers=36, n_heads=32, tie=False),
+    "olmo2-1b": _olmo2_1b,
     "tinyllama-1.1b": _tinyllama_1b,
 }
 

@@ -22,6 +22,7 @@ import torch
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import (
+    QKNorm,
     Weight,
     _norm,
     _weight,
@@ -32,6 +33,7 @@ from lowmem.nn.llama import (
     embed,
     linear,
     logits,
+    qk_norm_of,
     qkv,
     residual_block,
     rope_cache,
@@ -105,7 +107,8 @@ def attention_with_cache(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo
                          start: int, n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
                          bk: torch.Tensor | None = None, bv: torch.Tensor | None = None,
                          window: int | None = None, scale: float | None = None,
-                         logit_softcap: float | None = None) -> torch.Tensor:
+                         logit_softcap: float | None = None, qk_norm: QKNorm | None = None,
+                         rope_fp32: bool = False) -> torch.Tensor:
     """`llama.attention` for T new tokens at positions start..start+T-1 that also attend to the cache.
 
     x (B, T, D) → (B, T, D). A query at position p attends to keys 0..p, or with a sliding `window` to
@@ -116,7 +119,7 @@ def attention_with_cache(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo
     """
     B, T, _ = x.shape
     end = start + T
-    q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv)
+    q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv, qk_norm=qk_norm, rope_fp32=rope_fp32)
     if window is None:
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
@@ -147,7 +150,8 @@ def block_with_cache(h: torch.Tensor, weights: dict[str, Weight], cos: torch.Ten
         return attention_with_cache(x, w["attn.wq"], w["attn.wk"], w["attn.wv"], w["attn.wo"], cos, sin,
                                     cache_k, cache_v, start, cfg.n_heads, cfg.n_kv_heads, bq=w.get("attn.bq"),
                                     bk=w.get("attn.bk"), bv=w.get("attn.bv"), window=window,
-                                    scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap)
+                                    scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap,
+                                    qk_norm=qk_norm_of(w, cfg), rope_fp32=cfg.rope_fp32)
 
     return residual_block(h, w, attn_fn, cfg)
 

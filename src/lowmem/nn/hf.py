@@ -2,7 +2,8 @@
 
 Every family uses HF's Llama names, with these differences: Qwen2 adds `self_attn.{q,k,v}_proj.bias`;
 Gemma 2 has four norms per layer (`post_attention_layernorm` is the norm *after* attention there, and the
-pre-MLP norm is `pre_feedforward_layernorm`); Phi-3 stores q, k, v fused as `self_attn.qkv_proj` and the
+pre-MLP norm is `pre_feedforward_layernorm`); Qwen3 and OLMo 2 add `self_attn.{q,k}_norm`, and OLMo 2 keeps
+only Gemma 2's two norms after the sublayers (no `input_layernorm`); Phi-3 stores q, k, v fused as `self_attn.qkv_proj` and the
 gate and up projections as `mlp.gate_up_proj`, which are split on load and fused again on save.
 """
 
@@ -57,6 +58,10 @@ _SANDWICH_TO_HF = {
     "mlp_norm": "pre_feedforward_layernorm.weight",
     "mlp_post_norm": "post_feedforward_layernorm.weight",
 }
+_QK_NORM_TO_HF = {
+    "attn.q_norm": "self_attn.q_norm.weight",
+    "attn.k_norm": "self_attn.k_norm.weight",
+}
 # Phi-3's fused tensors: HF layer name → the canonical layer names stacked along dim 0, in order.
 _PHI3_FUSED = {
     "self_attn.qkv_proj.weight": ("attn.wq", "attn.wk", "attn.wv"),
@@ -80,6 +85,10 @@ def _layer_to_hf(cfg: ModelConfig | None) -> dict[str, str]:
         names |= _BIAS_TO_HF
     if cfg is not None and cfg.sandwich_norms:
         names |= _SANDWICH_TO_HF
+    if cfg is not None and not cfg.pre_norms:
+        del names["attn_norm"], names["mlp_norm"]
+    if cfg is not None and cfg.qk_norm is not None:
+        names |= _QK_NORM_TO_HF
     return names
 
 
@@ -247,7 +256,8 @@ def read_hf_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
 def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu", *,
             convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[ModelConfig, Params]:
-    """Read an HF checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3) into (config, params).
+    """Read an HF checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3, Qwen3, OLMo 2) into
+    (config, params).
 
     Reads `config.json` and either `model.safetensors` or the shards listed in
     `model.safetensors.index.json`, tensor by tensor, each straight from the file into a tensor of `dtype`

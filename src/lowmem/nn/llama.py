@@ -1,7 +1,8 @@
 """Llama-lineage decoder as pure functions over a flat dict of tensors.
 
-One set of layers serves every family (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3); what differs is a
-flag of `ModelConfig` (biases, sliding window, GeGLU, (1 + w) norms, sandwich norms, soft-capping).
+One set of layers serves every family (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3, Qwen3, OLMo 2); what
+differs is a flag of `ModelConfig` (biases, sliding window, GeGLU, (1 + w) norms, sandwich or post-only norms,
+q/k norms, soft-capping).
 Read bottom-up: init → norm → rope → attention → mlp → block → forward → logits.
 Canonical parameter names and shapes come from `lowmem.nn.config.param_shapes`. Weights follow the torch
 Linear convention (out, in), so `F.linear(x, w)` applies them and HF checkpoints load by renaming only.
@@ -57,6 +58,8 @@ __all__ = [
     "logits",
     "mlp",
     "output_weight",
+    "QKNorm",
+    "qk_norm_of",
     "qkv",
     "residual_block",
     "rms_norm",
@@ -104,21 +107,25 @@ def init_params(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
     return params
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
+             scale_fp32: bool = False) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, normalised in fp32. (..., D) → (..., D) in x's dtype.
 
     Llama casts back to x's dtype before scaling; with `unit_offset` (Gemma) the scale is 1 + weight and
-    is applied in fp32 before the cast, as HF's GemmaRMSNorm does.
+    is applied in fp32 before the cast, as HF's GemmaRMSNorm does; `scale_fp32` (OLMo 2) applies the plain
+    weight in fp32 before the cast, as HF's Olmo2RMSNorm does.
     """
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if unit_offset:
         return (xf * (1.0 + weight.float())).to(x.dtype)
+    if scale_fp32:
+        return (weight.float() * xf).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    return rms_norm(x, weight, cfg.norm_eps, cfg.norm_unit_offset)
+    return rms_norm(x, weight, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_scale_fp32)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -159,13 +166,18 @@ def rope_cache(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor,
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by cos/sin (B, T, hd), in x's dtype."""
-    cos = cos[:, None].to(x.dtype)  # (B, 1, T, hd)
-    sin = sin[:, None].to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by cos/sin (B, T, hd) → x's shape and dtype.
+
+    Computed in x's dtype (cos/sin rounded to it, as HF Llama does), or with `fp32` in fp32 and rounded once at
+    the end (OLMo 2, whose rotary embedding keeps cos/sin fp32).
+    """
+    dtype = torch.float32 if fp32 else x.dtype
+    cos = cos[:, None].to(dtype)  # (B, 1, T, hd)
+    sin = sin[:, None].to(dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # rotate_half
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def causal_mask(T: int, device: torch.device, window: int | None = None, start: int = 0) -> torch.Tensor:
@@ -335,16 +347,54 @@ def _adapted_linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return y + (g - 1) * yd + g * lora
 
 
+class QKNorm(NamedTuple):
+    """RMSNorm of queries and keys between their projection and RoPE (`ModelConfig.qk_norm`).
+
+    over "head": each head over head_dim, weights (hd,) (Qwen3); "projection": the whole projection before it is
+    split into heads, weights (H*hd,) and (KV*hd,) (OLMo 2). eps, unit_offset, scale_fp32: see `rms_norm`.
+    """
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    over: str
+    eps: float
+    unit_offset: bool = False
+    scale_fp32: bool = False
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.eps, self.unit_offset, self.scale_fp32)
+
+
+def qk_norm_of(w: dict[str, Weight], cfg: ModelConfig) -> QKNorm | None:
+    """The layer's `QKNorm` from its weights by `block_param_names`, or None where cfg has no q/k norm."""
+    if cfg.qk_norm is None:
+        return None
+    return QKNorm(w["attn.q_norm"], w["attn.k_norm"], cfg.qk_norm, cfg.norm_eps, cfg.norm_unit_offset,
+                  cfg.norm_scale_fp32)
+
+
 def qkv(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, cos: torch.Tensor, sin: torch.Tensor,
         n_heads: int, n_kv_heads: int, bq: torch.Tensor | None = None, bk: torch.Tensor | None = None,
-        bv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries (B, H, T, hd) and keys, values (B, KV, T, hd) of x (B, T, D), RoPE applied to q and k."""
+        bv: torch.Tensor | None = None, *, qk_norm: QKNorm | None = None,
+        rope_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries (B, H, T, hd) and keys, values (B, KV, T, hd) of x (B, T, D), RoPE applied to q and k.
+
+    qk_norm: q and k are normed after the projection (and its bias), before RoPE. rope_fp32: see `apply_rope`.
+    """
     B, T, _ = x.shape
     hd = wq.shape[0] // n_heads
-    q = linear(x, wq, bq).view(B, T, n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
-    k = linear(x, wk, bk).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+    q = linear(x, wq, bq)  # (B, T, H*hd)
+    k = linear(x, wk, bk)  # (B, T, KV*hd)
+    if qk_norm is not None and qk_norm.over == "projection":
+        q, k = qk_norm(q, qk_norm.q_weight), qk_norm(k, qk_norm.k_weight)
+    q = q.view(B, T, n_heads, hd)
+    k = k.view(B, T, n_kv_heads, hd)
+    if qk_norm is not None and qk_norm.over == "head":
+        q, k = qk_norm(q, qk_norm.q_weight), qk_norm(k, qk_norm.k_weight)
+    q = q.transpose(1, 2)  # (B, H, T, hd)
+    k = k.transpose(1, 2)  # (B, KV, T, hd)
     v = linear(x, wv, bv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return apply_rope(q, cos, sin, rope_fp32), apply_rope(k, cos, sin, rope_fp32), v
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -556,16 +606,18 @@ def attention(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
               n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
               bk: torch.Tensor | None = None, bv: torch.Tensor | None = None, scale: float | None = None,
-              logit_softcap: float | None = None, kernel: str = "sdpa") -> torch.Tensor:
+              logit_softcap: float | None = None, kernel: str = "sdpa", qk_norm: QKNorm | None = None,
+              rope_fp32: bool = False) -> torch.Tensor:
     """Causal grouped-query self-attention with RoPE. x (B, T, D) → (B, T, D).
 
     mask: what `layer_attention_inputs` gives the layer for `kernel`: for "sdpa" None (plain causal) or a
     boolean (B|1, 1, T, T) mask (True = attend) that already includes causality (see `doc_mask`); for
     "sdpa-efficient" None or the additive mask of `efficient_bias`; for "varlen" the layer's `DocSpans`.
     bq/bk/bv: optional biases (Qwen2). scale, logit_softcap: see `attend` (only "sdpa" soft-caps).
+    qk_norm, rope_fp32: see `qkv` (Qwen3, OLMo 2).
     """
     B, T, _ = x.shape
-    q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv)
+    q, k, v = qkv(x, wq, wk, wv, cos, sin, n_heads, n_kv_heads, bq, bk, bv, qk_norm=qk_norm, rope_fp32=rope_fp32)
     if kernel == "varlen":
         assert isinstance(mask, DocSpans) and logit_softcap is None, "forward checks the kernel's inputs"
         y = attend_varlen(q, k, v, mask, scale=scale)  # (B, H, T, hd)
@@ -589,26 +641,36 @@ def mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, act: str = "silu") 
 
 
 def block_param_names(cfg: ModelConfig) -> tuple[str, ...]:
-    """Per-layer parameter names in the order `block` takes them (after `h`), without `layers.{i}.`."""
+    """Per-layer parameter names in the order `block` takes them (after `h`), without `layers.{i}.`.
+
+    The first is always a norm, never adapted or quantized: the activation-checkpointing and FSDP seams
+    recognise a block by that tensor. Without pre-norms (OLMo 2) it is `attn_post_norm`.
+    """
     names = BLOCK_PARAM_NAMES
+    if not cfg.pre_norms:
+        names = ("attn_post_norm", *(n for n in names if n not in ("attn_norm", "mlp_norm")), "mlp_post_norm")
     if cfg.qkv_bias:
         names += ("attn.bq", "attn.bk", "attn.bv")
-    if cfg.sandwich_norms:
+    if cfg.sandwich_norms and cfg.pre_norms:
         names += ("attn_post_norm", "mlp_post_norm")
+    if cfg.qk_norm is not None:
+        names += ("attn.q_norm", "attn.k_norm")
     return names
 
 
 def residual_block(h: torch.Tensor, w: dict[str, Weight], attn_fn: Callable[[torch.Tensor], torch.Tensor],
                    cfg: ModelConfig) -> torch.Tensor:
-    """Pre-norm residual block around `attn_fn` (B, T, D) → (B, T, D); w maps `block_param_names` to weights.
+    """Residual block around `attn_fn` (B, T, D) → (B, T, D); w maps `block_param_names` to weights.
 
-    With sandwich norms (Gemma 2) each sublayer's output is normed again before it joins the residual.
+    Pre-norm; with sandwich norms (Gemma 2) each sublayer's output is normed again before it joins the
+    residual; without pre-norms (OLMo 2) that output norm is the only one.
     """
-    a = attn_fn(_norm(h, w["attn_norm"], cfg))
+    a = attn_fn(_norm(h, w["attn_norm"], cfg) if cfg.pre_norms else h)
     if cfg.sandwich_norms:
         a = _norm(a, w["attn_post_norm"], cfg)
     h = h + a
-    m = mlp(_norm(h, w["mlp_norm"], cfg), w["mlp.w1"], w["mlp.w2"], w["mlp.w3"], cfg.mlp_act)
+    m = mlp(_norm(h, w["mlp_norm"], cfg) if cfg.pre_norms else h, w["mlp.w1"], w["mlp.w2"], w["mlp.w3"],
+            cfg.mlp_act)
     if cfg.sandwich_norms:
         m = _norm(m, w["mlp_post_norm"], cfg)
     return h + m
@@ -629,7 +691,7 @@ def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig,
         return attention(x, w["attn.wq"], w["attn.wk"], w["attn.wv"], w["attn.wo"], cos, sin, mask,
                          cfg.n_heads, cfg.n_kv_heads, bq=w.get("attn.bq"), bk=w.get("attn.bk"),
                          bv=w.get("attn.bv"), scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap,
-                         kernel=attention_kernel)
+                         kernel=attention_kernel, qk_norm=qk_norm_of(w, cfg), rope_fp32=cfg.rope_fp32)
 
     return residual_block(h, w, attn_fn, cfg)
 

@@ -100,8 +100,9 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
     eager instead: dynamo would fall back to eager there anyway and then never compile that code again.
     activation_checkpointing: "full" checkpoints every block, "selective" every block with the matmul and
     attention outputs saved (`SAVED_OPS`), "every-k" blocks 0, k, 2k, ... For "every-k" the seam recognizes
-    block i by its `layers.{i}.attn_norm` tensor (the first weight `forward` passes; a norm is never adapted or
-    quantized, so it is the very tensor in `params`), or by `layer=i` from a caller that knows it (FSDP's seam,
+    block i by its `layers.{i}.attn_norm` tensor, or `attn_post_norm` without pre-norms (OLMo 2): the first
+    weight `forward` passes (`block_param_names`); a norm is never adapted or quantized, so it is the very
+    tensor in `params`; or by `layer=i` from a caller that knows it (FSDP's seam,
     whose gathered weights are other tensors). A block it cannot place is checkpointed: the safe side.
     """
     value = strategies.activation_checkpointing
@@ -112,7 +113,7 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
     checkpoint = {"full": _checkpointed, "selective": _selective}.get(value)
     k = int(value.removeprefix("every-")) if value.startswith("every-") else 0
     layer_of = {id(t): int(name.split(".")[1]) for name, t in (params or {}).items()
-                if name.startswith("layers.") and name.endswith(".attn_norm")}
+                if name.startswith("layers.") and name.endswith((".attn_norm", ".attn_post_norm"))}
     compiled = torch.compile(_call, dynamic=False) if strategies.compile else _call
 
     def run(block_fn: Callable[..., torch.Tensor], h: torch.Tensor, *tensors: torch.Tensor | None,
