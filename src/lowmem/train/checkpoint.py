@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowmem.nn.hf import _fsync as _fsync_file
+from lowmem.nn.hf import _replace_dir
 from lowmem.train import distributed
 from lowmem.train.device import cuda_rng_state, restore_cuda_rng_state
 
@@ -214,7 +215,9 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
             trainer["digests"] = _digest_and_sync(sorted(tmp.iterdir()))
             (tmp / "trainer.json").write_text(json.dumps(trainer))
             _fsync_file(tmp / "trainer.json")
-            _put_in_place(tmp, final, pid)
+            # the same step saved again (e.g. the final step after an interrupt) is moved aside, then deleted
+            _replace_dir(tmp, final)
+            _fsync_file(final.parent)
 
     for phase in (prepare, write, finish):  # every rank learns of a failure on any rank, so all stop together
         failed = _on_every_rank(phase)
@@ -226,19 +229,6 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
         _rotate(run_dir, keep, pid)
     distributed.barrier()  # the checkpoint is in place when any rank goes on
     return final
-
-
-def _put_in_place(tmp: Path, final: Path, pid: int) -> None:
-    """Rename the written checkpoint `tmp` to `final`; one of the same step (saved again, e.g. the final step after
-    an interrupt) is renamed aside first, then deleted."""
-    if final.exists():
-        trash = final.parent / f".trash-{final.name}-{pid}"
-        os.rename(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-    _fsync_file(final.parent)
 
 
 def _on_every_rank(phase) -> BaseException | None:
@@ -313,7 +303,8 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torc
 
     Any number of processes reads either layout (see the module docstring). `rows_per_batch` is the rows one
     loader batch takes over all ranks (train.micro_batch x processes): the loader position counts such
-    batches, so it must be the one the checkpoint was written with.
+    batches, so it must be the one the checkpoint was written with. File digests are not checked here: a resume
+    picks its checkpoint with `intact_checkpoint`, which has checked them (once: they cost a read of every file).
     """
     trainer = read_trainer_state(path)
     saved_rows = trainer["loader"].get("rows_per_batch")
@@ -327,7 +318,6 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torc
             + ("" if saved_rows % world == 0 else f" (not possible: use a process count dividing {saved_rows})")
         )
     _check_fingerprint(path, trainer, fingerprint, identity)
-    verify_digests(path, trainer)
     names = list(params)
     if trainer.get("sharded") or distributed.world_size() > 1:
         weights, state = _load_resharded(path, params, trainer["optimizer"])
@@ -373,8 +363,7 @@ def verify_digests(path: Path, trainer: dict | None = None) -> None:
     for name, digest in trainer.get("digests", {}).items():
         file = path / name
         try:
-            with open(file, "rb") as f:
-                actual = hashlib.file_digest(f, DIGEST).hexdigest()
+            actual = _file_digest(file)
         except OSError as err:
             raise CheckpointError(f"{file}: cannot be read ({err.strerror}); the checkpoint is damaged. Delete "
                                   f"{path} to resume from the checkpoint before it") from None
@@ -606,6 +595,6 @@ def _rotate(run_dir: Path, keep: int, pid: int) -> None:
         trash = root / f".trash-{d.name}-{pid}"
         os.rename(d, trash)
         shutil.rmtree(trash)
-    for d in root.iterdir():  # temporary and trash directories of killed runs
-        if d.name.startswith((".tmp-", ".trash-")) and not d.name.endswith(f"-{pid}"):
+    for d in root.iterdir():  # temporary, trash and moved-aside (`_replace_dir`) directories of killed runs
+        if (d.name.startswith((".tmp-", ".trash-")) and not d.name.endswith(f"-{pid}")) or ".old-" in d.name:
             shutil.rmtree(d, ignore_errors=True)

@@ -76,7 +76,8 @@ class RunDir:
 
     def start(self, p: Plan, world: int, resume: bool, overwrite: bool = False) -> "Start":
         """Whether this run may start here (raises RunDirError if not): the checkpoint to resume from, and what
-        of an earlier run it replaces. Changes nothing on disk: `accept` does, once the run's inputs are ready.
+        of an earlier run it replaces. Leaves the run's files as they are (`accept` changes them, once the run's
+        inputs are ready); a resume only moves a damaged checkpoint aside (`intact_checkpoint`).
         """
         newest = latest_checkpoint(self.path)
         present = self.run_entries()
