@@ -70,6 +70,7 @@ def measure(name: str, text: str, overrides: list[str], out: Path) -> dict:
     row = {"row": name, "planned_bytes": report["planned_peak_bytes"],
            "allocated_bytes": report["measured_peak_bytes"],
            "reserved_bytes": cuda.get("max_memory_reserved", 0),
+           "planned_reserved_bytes": cuda.get("planned_reserved_bytes", 0),
            "reserved_over_allocated": cuda.get("reserved_over_allocated", 0.0),
            "alloc_retries": cuda.get("num_alloc_retries", 0),
            "tokens_per_s": result.tokens_per_s, "planned_tokens_per_s": p.tokens_per_s,
@@ -136,19 +137,22 @@ def to_markdown(header: str, tests: dict | None, rows: list[dict], resume: dict 
     if tests is not None:
         lines += [f"`pytest -m gpu`: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped",
                   ""]
-    lines += ["| row | planned | max allocated | error | max reserved | reserved/alloc | retries | tokens/s | "
-              "est. tokens/s | MFU | attention |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| row | planned | max allocated | error | planned reserved | max reserved | reserved/alloc | "
+              "retries | tokens/s | est. tokens/s | MFU | attention |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['row']} | — | — | — | — | — | — | — | — | — | failed: {r['failed']} |")
+            lines.append(f"| {r['row']} | — | — | — | — | — | — | — | — | — | — | failed: {r['failed']} |")
             continue
         err = (r["planned_bytes"] - r["allocated_bytes"]) / r["allocated_bytes"]
         lines.append(f"| {r['row']} | {format_bytes(r['planned_bytes'])} | {format_bytes(r['allocated_bytes'])} | "
-                     f"{err:+.1%} | {format_bytes(r['reserved_bytes'])} | {r['reserved_over_allocated']:.2f} | "
+                     f"{err:+.1%} | {format_bytes(r.get('planned_reserved_bytes', 0))} | "
+                     f"{format_bytes(r['reserved_bytes'])} | {r['reserved_over_allocated']:.2f} | "
                      f"{r['alloc_retries']} | {r['tokens_per_s']:,.0f} | {r['planned_tokens_per_s']:,.0f} | "
                      f"{r['mfu']:.1%} | {r['attention_kernel']} |")
-    lines += ["", "MFU = (4·N + 2·N_trainable) · tokens/s / peak bf16 FLOP/s (6·N·tokens/s for full fine-tuning; "
+    lines += ["", "planned = the plan's max_memory_allocated (live tensors + cuBLAS workspaces); planned reserved adds "
+              "the allocator slack it assumes (MemoryReport.overheads).",
+              "", "MFU = (4·N + 2·N_trainable) · tokens/s / peak bf16 FLOP/s (6·N·tokens/s for full fine-tuning; "
               "recomputation and attention's T² FLOPs not counted)."]
     if resume is not None:
         verdict = "exact" if resume["exact"] else f"NOT exact (max |Δloss| {resume['max_abs_diff']:.3g})"

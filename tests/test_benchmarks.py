@@ -70,6 +70,7 @@ def test_gpu_check_table_and_targets():
     g = _gpu_check()
     gib = 2**30
     row = dict(planned_bytes=int(10.2 * gib), allocated_bytes=10 * gib, reserved_bytes=11 * gib,
+               planned_reserved_bytes=int(11.22 * gib),
                reserved_over_allocated=1.10, alloc_retries=0, tokens_per_s=50_000.0, planned_tokens_per_s=60_000.0,
                attention_kernel="varlen", final_loss=7.0)
     full = {**row, "row": "full bf16", "mfu": g.mfu(50_000.0, 10**9, 10**9, 989e12)}
@@ -78,7 +79,7 @@ def test_gpu_check_table_and_targets():
     resume = {"steps": 8, "resumed_from": 4, "compared_steps": 4, "exact": True, "max_abs_diff": 0.0}
     md = g.to_markdown("## t", {"passed": 5, "failed": 0, "skipped": 1}, rows, resume)
     assert full["mfu"] == pytest.approx(6 * 10**9 * 50_000 / 989e12)  # 6·N·tokens/s for full fine-tuning
-    assert "| full bf16 | 10.20 GiB | 10.00 GiB | +2.0% | 11.00 GiB | 1.10 | 0 | 50,000 | 60,000 | 30.3% | varlen |" in md
+    assert "| full bf16 | 10.20 GiB | 10.00 GiB | +2.0% | 11.22 GiB | 11.00 GiB | 1.10 | 0 | 50,000 | 60,000 | 30.3% | varlen |" in md
     assert "| + 8-bit AdamW | — |" in md and "failed: ImportError" in md
     assert "| MFU >= 40%, full bf16 | 30.3% | FAIL |" in md
     assert "| reserved/allocated <= 1.10 | 1.10 | pass |" in md

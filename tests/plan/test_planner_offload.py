@@ -24,11 +24,12 @@ def _decision(p, name):
 
 
 def _smallest(p):
-    return min(a.peak_bytes for a in p.alternatives)
+    """The least memory any alternative needs: as nvidia-smi would show it on CUDA (what the budget bounds)."""
+    return min(a.device_bytes for a in p.alternatives)
 
 
 def _budget_between(low: int, high: int) -> int:
-    """A memory.budget whose usable part (90%) lies halfway between two peaks."""
+    """A memory.budget whose usable part (90%) lies halfway between two needs."""
     return int((low + high) / 2 / 0.9)
 
 
@@ -135,7 +136,8 @@ def test_host_optimizer_counts_its_state_and_copies_in_host_memory(tiny_spec):
     # optimizer_in_backward and 8-bit states are never considered with it, and the plan says why
     assert not any(a.strategies.optimizer_in_backward or a.strategies.optimizer_state != "full"
                    for a in plan(tiny_spec(*BIG, "optimizer.offload=true", "train.clip_grad_norm=0",
-                                           "memory.budget=64MiB"), "h100-80gb").alternatives)
+                                           # the tensors' 64 MiB of old, with the ~0.6 GiB the CUDA runtime adds
+                                           "memory.budget=718MiB"), "h100-80gb").alternatives)
     assert "optimizer.offload" in _decision(p, "optimizer_in_backward").reason
     assert "optimizer.offload" in _decision(p, "low_bit_optimizer").reason
 

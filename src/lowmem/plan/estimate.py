@@ -11,6 +11,9 @@ block's input and recomputes one block at a time in backward. The loss computes 
 of backward three (N, V) fp32 tensors are alive (log-probabilities, their gradient, the logits' gradient).
 Checked against `LiveTensorTracker` on the tiny preset: within 2.5% for fp32/bf16 x checkpointing x
 accumulation (tests/plan/test_estimate.py).
+
+On CUDA the planner adds what the process holds beyond its live tensors (`cuda_overheads`: cuBLAS workspaces, the
+caching allocator's slack, the CUDA context, NCCL's buffers) and fits that total, nvidia-smi's view, to the budget.
 """
 
 import math
@@ -86,6 +89,38 @@ CPU_OFFLOAD_MIN_NUMEL = 4096
 # weight and both moments (7 values), so it is memory-bound: assumed 20 GB/s for one process's threads (not
 # measured: no GPU host was available).
 HOST_ADAMW_BYTES_PER_S = 20e9
+
+# What a CUDA process holds beyond its live tensors: the lines of `MemoryReport.overheads`, so that a plan is
+# planned the way nvidia-smi shows it (issue #14). No GPU was at hand to measure them: each figure cites its source.
+MiB = 1 << 20
+# cuBLAS workspace. torch gives every (cuBLAS handle, stream) pair that runs a GEMM a workspace from the caching
+# allocator and keeps it (so max_memory_allocated counts it): aten/src/ATen/cuda/CublasHandlePool.cpp,
+# `parseChosenWorkspaceSize`, ":4096:2:16:8 default, 32MiB for Hopper" (4096 KiB x 2 + 16 KiB x 8 = 8.125 MiB before
+# sm90, 4096 KiB x 8 = 32 MiB on sm90; later releases also on sm100/sm120, so 32 MiB from sm90 up here). The
+# 8,519,680-byte block of pytorch#95668 and discuss.pytorch.org/t/178671 is the pre-Hopper one. cuBLASLt shares it
+# (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on by default). Handles are per thread: the step's thread (forward, optimizer)
+# and autograd's device thread (backward) each hold one on the compute stream; the copy streams run no GEMM.
+CUBLAS_WORKSPACE_BYTES_SM90 = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_BYTES_OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8
+CUBLAS_HANDLES = 2
+# Allocator slack: max_memory_reserved over max_memory_allocated, the caching allocator's rounding (blocks of 1 MiB
+# or more round up to 2 MiB; requests up to 10 MiB take 20 MiB segments) and split blocks it cannot hand back.
+# lowmem sets no PYTORCH_CUDA_ALLOC_CONF, so no expandable segments: planned at issue #14's bound for a run,
+# reserved <= 1.10 x allocated, which benchmarks/gpu_check.py checks on a GPU.
+ALLOCATOR_SLACK = 0.10
+# CUDA context and the kernels loaded into it, outside the allocator (nvidia-smi counts them, max_memory_reserved
+# does not): a bare context took 287 MB with lazy module loading (pytorch#86509, torch's default since 1.13), about
+# 400 MB (pytorch#109888), 426 MiB on an RTX 6000 Ada under torch 2.10 / CUDA 13 (unsloth-zoo#1053); a training
+# step then loads its own kernels (cuBLAS's, attention's, the fused optimizer's) lazily. Planned at 512 MiB.
+CUDA_CONTEXT_BYTES = 512 * MiB
+# NCCL under torchrun (FSDP2's all-gathers and reduce-scatters run as rings, one communicator). Per channel the
+# receive FIFOs of the three protocols (NVIDIA/nccl src/init.cc defaults: Simple NCCL_BUFFSIZE = 4 MiB, LL128
+# 120 x 640 x 8 x 8 B = 4.69 MiB, LL 8 x 512 x 8 x 16 B = 512 KiB; 9.19 MiB, allocated in 2 MiB granules: the
+# 10 MiB buffers NVIDIA/nccl#1685 logged, with a 2 MiB one per send side). A ring has two peers at any scale, so the
+# bytes follow the channel count, not the GPU count (NVIDIA/nccl#986); NCCL opened 32 channels between two H100s
+# (NVIDIA/nccl#1685), fewer over PCIe: 32 planned. NCCL allocates them itself, outside the caching allocator.
+NCCL_CHANNELS = 32
+NCCL_BYTES_PER_CHANNEL = 10 * MiB + 2 * MiB
 
 
 def weight_bytes(precision: str) -> int:
@@ -528,6 +563,40 @@ def estimate_memory(
         phases.append(_block_recompute(step))
     # the largest; on a tie the earlier in `phases` (a recompute peak must exceed both others to be the peak)
     return max(phases, key=lambda report: report.peak_bytes)
+
+
+def cuda_overheads(peak_bytes: int, hw: HardwareProfile, world_size: int = 1) -> tuple[Component, ...]:
+    """What a CUDA process holds beside `peak_bytes` of live tensors (`MemoryReport.overheads`); none on a CPU.
+
+    cuBLAS's workspaces and the allocator's slack are inside torch's views (max_memory_allocated, _reserved); the
+    context and, with `world_size` > 1, NCCL's buffers are outside them. The constants above give the sources.
+    """
+    if hw.device != "cuda":
+        return ()
+    major = int(hw.compute_capability.split(".")[0]) if hw.compute_capability else 9  # unknown: the larger
+    per_handle = CUBLAS_WORKSPACE_BYTES_SM90 if major >= 9 else CUBLAS_WORKSPACE_BYTES_OLDER
+    cublas = CUBLAS_HANDLES * per_handle
+    lines = (
+        Component(name="cublas_workspace", bytes=cublas,
+                  note=f"{CUBLAS_HANDLES} handles x {format_bytes(per_handle)} (torch's "
+                       f"{'sm90+' if major >= 9 else 'pre-sm90'} default)"),
+        Component(name="allocator_slack", bytes=int(ALLOCATOR_SLACK * (peak_bytes + cublas)),
+                  note=f"{ALLOCATOR_SLACK:.0%} of allocated: allocator rounding, fragmentation"),
+        Component(name="cuda_context", bytes=CUDA_CONTEXT_BYTES,
+                  note="context and kernels, outside torch's allocator (0.3-0.45 GiB bare)"),
+    )
+    if world_size == 1:
+        return lines
+    return lines + (Component(name="nccl_buffers", bytes=NCCL_CHANNELS * NCCL_BYTES_PER_CHANNEL,
+                              note=f"{NCCL_CHANNELS} channels x {format_bytes(NCCL_BYTES_PER_CHANNEL)} of FIFOs, "
+                                   "outside torch's allocator"),)
+
+
+def with_cuda_overheads(report: MemoryReport, hw: HardwareProfile, world_size: int = 1) -> MemoryReport:
+    """`report` with its CUDA overhead lines (`cuda_overheads`); unchanged on a CPU."""
+    if hw.device != "cuda":
+        return report
+    return msgspec.structs.replace(report, overheads=cuda_overheads(report.peak_bytes, hw, world_size))
 
 
 class StepBytes(NamedTuple):

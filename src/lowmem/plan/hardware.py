@@ -45,7 +45,8 @@ def _gpu(name, memory_gib, fp32_tflops, bf16_tflops, pcie_gbps, cc, host_gib=256
 # Memory is what the card gives torch, not the marketing size: "80 GB" is 80e9 bytes at most, and the driver
 # keeps some. The figures are the "total capacity" torch prints in its OutOfMemoryError (the device's
 # total_memory): H100 80 GB 79.6 GiB (issue #14); the others as that message reads in public bug reports.
-# The CUDA context (about 0.5 GiB) comes off this too; a plan for the local GPU starts from mem_get_info instead.
+# A plan counts the CUDA context (about 0.5 GiB), cuBLAS's workspaces, the allocator's slack and NCCL's buffers
+# against this (estimate.cuda_overheads); a plan for the local GPU starts from mem_get_info instead.
 PROFILES: dict[str, HardwareProfile] = {
     "h100-80gb": _gpu("h100-80gb", 79.6, 67, 989, 64, "9.0"),
     "h200-141gb": _gpu("h200-141gb", 139.8, 67, 989, 64, "9.0"),
@@ -87,10 +88,13 @@ def detect_local() -> HardwareProfile:
         props = torch.cuda.get_device_properties(0)
         cc = f"{props.major}.{props.minor}"
         known = next((p for p in PROFILES.values() if p.device == "cuda" and p.compute_capability == cc), None)
-        # what is left once this process's CUDA context (and anything else on the card) took its share
+        # what is left once this process's CUDA context (and anything else on the card) took its share; a plan
+        # counts that context as its cuda_context line (estimate.cuda_overheads), so it is added back here
+        from lowmem.plan.estimate import CUDA_CONTEXT_BYTES  # estimate imports this module
+
         free, _total = torch.cuda.mem_get_info(0)
         return HardwareProfile(
-            name=props.name, device="cuda", memory_bytes=free, host_ram_bytes=host_ram,
+            name=props.name, device="cuda", memory_bytes=free + CUDA_CONTEXT_BYTES, host_ram_bytes=host_ram,
             n_cores=n_cores, peak_flops_fp32=known.peak_flops_fp32 if known else 20e12,
             peak_flops_bf16=known.peak_flops_bf16 if known else 150e12, bf16_compute=props.major >= 8,
             pcie_bytes_per_s=known.pcie_bytes_per_s if known else 16e9, compute_capability=cc,

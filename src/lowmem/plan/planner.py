@@ -38,6 +38,7 @@ from lowmem.plan.estimate import (
     host_optimizer_components,
     host_optimizer_seconds,
     weight_bytes,
+    with_cuda_overheads,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies, run_optimizer
@@ -101,8 +102,8 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
         memory=memory,
         tokens_per_s=tps,
         alternatives=tuple(
-            Alternative(strategies=s, peak_bytes=m.peak_bytes, tokens_per_s=t, fits=m.peak_bytes <= usable,
-                        chosen=s == strategies)
+            Alternative(strategies=s, peak_bytes=m.peak_bytes, tokens_per_s=t, fits=m.device_bytes <= usable,
+                        chosen=s == strategies, device_bytes=m.device_bytes)
             for s, m, t in candidates
         ),
         warnings=_warnings(spec, hw, strategies, budget),
@@ -133,7 +134,7 @@ def _search(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: in
             candidate = _evaluate(spec, cfg, hw, world_size, strategies, trainable, what_trains)
             if candidate is not None:
                 candidates.append(candidate)
-        if any(c[1].peak_bytes <= usable for c in candidates):
+        if any(c[1].device_bytes <= usable for c in candidates):
             break
     return candidates
 
@@ -144,8 +145,9 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
     if world_size > 1 and not _shardable(strategies):
         return None
     optimizer = run_optimizer(spec.optimizer, strategies)
-    memory = estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
-                             world_size=world_size, device=hw.device)
+    # on CUDA with what the runtime adds beside the tensors: the fit is the nvidia-smi view (`device_bytes`)
+    memory = with_cuda_overheads(estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
+                                                 world_size=world_size, device=hw.device), hw, world_size)
     if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
         return None  # every process of the node pins its shards in the same host RAM
     tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
@@ -162,7 +164,7 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
 
 def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
     """The fastest candidate that fits (see `_run_rate`), or PlanError naming the smallest when none does."""
-    fitting = [c for c in candidates if c[1].peak_bytes <= usable]
+    fitting = [c for c in candidates if c[1].device_bytes <= usable]
     if not fitting:
         raise PlanError(_nothing_fits(spec, budget, usable, candidates, sharing=sharing))
     # where pure bf16 would round away the updates (a small learning rate) or the weight decay, auto prefers any
@@ -172,7 +174,7 @@ def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
         kept = ([c for c in fitting if c[0].precision != "bf16"]
                 or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
-    return max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].peak_bytes))
+    return max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].device_bytes))
 
 
 def _warnings(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, budget: int) -> tuple[str, ...]:
@@ -710,16 +712,19 @@ def _offloads_gradients(spec: RunSpec) -> bool:
 
 def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates, sharing: int = 1) -> str:
     """The error when no candidate fits; `sharing` processes split the budget (torchrun on one CPU)."""
-    smallest = min(candidates, key=lambda c: c[1].peak_bytes)
-    need = int(smallest[1].peak_bytes * sharing / (1 - spec.memory.safety_margin)) + 1
-    s = smallest[0]
+    smallest = min(candidates, key=lambda c: c[1].device_bytes)
+    memory, s = smallest[1], smallest[0]
+    need = int(memory.device_bytes * sharing / (1 - spec.memory.safety_margin)) + 1
+    # on CUDA the need is nvidia-smi's view: say how much of it is the tensors
+    beside = (f"; {format_bytes(memory.peak_bytes)} of tensors, the rest what the CUDA runtime adds"
+              if memory.overheads else "")
     return (
         f"nothing fits memory.budget = {format_bytes(budget)} ({format_bytes(usable)} usable after the "
         f"{spec.memory.safety_margin:.0%} safety margin" + (f", per process of {sharing}" if sharing > 1 else "")
         + f"). The smallest plan (precision {s.precision}, "
-        f"activation checkpointing {s.activation_checkpointing}) needs {format_bytes(smallest[1].peak_bytes)} "
-        f"at its peak ({smallest[1].peak_phase}). Set memory.budget to at least {_size_rounded_up(need)}, or lower "
-        f"train.micro_batch ({spec.train.micro_batch}) or train.seq_len ({spec.train.seq_len})."
+        f"activation checkpointing {s.activation_checkpointing}) needs {format_bytes(memory.device_bytes)} "
+        f"at its peak ({memory.peak_phase}{beside}). Set memory.budget to at least {_size_rounded_up(need)}, or "
+        f"lower train.micro_batch ({spec.train.micro_batch}) or train.seq_len ({spec.train.seq_len})."
     )
 
 
@@ -873,7 +878,7 @@ def _explain_fsdp_offload(spec: RunSpec, hw: HardwareProfile, strategies: Strate
     elif not strategies.fsdp_cpu_offload:
         reason, source = "not needed: a plan with the shards on the device fits", "auto"
     else:
-        smallest = min(c[1].peak_bytes for c in candidates if not c[0].fsdp_cpu_offload)
+        smallest = min(c[1].device_bytes for c in candidates if not c[0].fsdp_cpu_offload)
         reason, source = (f"no plan with the shards on the device fits (the smallest needs "
                           f"{format_bytes(smallest)} > {format_bytes(usable)} usable): parameter, gradient and "
                           "optimizer-state shards go to host memory, the optimizer steps on the host"), "auto"
@@ -901,7 +906,7 @@ def _explain_stochastic_rounding(spec: RunSpec, hw: HardwareProfile, strategies:
                           "bf16 rounding, and no weight decay is rounded away"), "auto"
     else:
         others = [c for c in candidates if c[0].precision != "bf16"]
-        smallest = min((c[1].peak_bytes for c in others), default=0)
+        smallest = min((c[1].device_bytes for c in others), default=0)
         lost = (f"optimizer.lr = {lr:g} is below {BF16_MIN_LR:.1e}, where bf16 weights round most updates away"
                 if _bf16_drops_updates(spec) else
                 f"bf16 weights round away each step of weight decay (lr x weight_decay < {BF16_DECAY_MIN:.1e})")
@@ -928,7 +933,7 @@ def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usa
     elif k == 1:
         split_reason, split_source = "not needed: a plan with whole micro-batches fits", "auto"
     else:
-        smallest = min(c[1].peak_bytes for c in whole) if whole else 0
+        smallest = min(c[1].device_bytes for c in whole) if whole else 0
         split_reason, split_source = (
             f"no plan with whole micro-batches of {rows} rows fits (the smallest needs {format_bytes(smallest)} > "
             f"{format_bytes(usable)} usable); {k} pieces of {rows // k} row(s), gradients accumulated, is the "
@@ -947,7 +952,7 @@ def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usa
         reason, source = "not needed: a plan with full-precision AdamW states fits", "auto"
     else:
         full = [c for c in candidates if c[0].optimizer_state == "full"]
-        smallest = min(c[1].peak_bytes for c in full) if full else 0
+        smallest = min(c[1].device_bytes for c in full) if full else 0
         reason, source = (
             f"no plan with full-precision AdamW states fits (the smallest needs {format_bytes(smallest)} > "
             f"{format_bytes(usable)} usable): AdamW runs as bitsandbytes AdamW8bit with the same hyper-parameters "
@@ -962,14 +967,14 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
     reasons = []
     for alt in dict.fromkeys(getattr(s, field) for s, _, _ in rivals):
         group = [r for r in rivals if getattr(r[0], field) == alt]
-        fitting = [r for r in group if r[1].peak_bytes <= usable]
+        fitting = [r for r in group if r[1].device_bytes <= usable]
         if fitting:
             best = max(fitting, key=lambda r: _run_rate(spec, r[0], r[2]))
             rate = _run_rate(spec, best[0], best[2])
             reasons.append(f"{_shown(field, alt)} is slower (its fastest plan that fits: est. {rate:,.0f} tokens/s"
                            + (" over the run, compile time included)" if best[0].compile else ")"))
         else:
-            low = min(r[1].peak_bytes for r in group)
+            low = min(r[1].device_bytes for r in group)
             reasons.append(f"{_shown(field, alt)} would not fit (at least {format_bytes(low)} > "
                            f"{format_bytes(usable)} usable)")
     if field == "precision" and value == "fp32" and not hw.bf16_compute:

@@ -6,7 +6,8 @@ from lowmem.spec.units import format_bytes
 BAR_WIDTH = 60
 # one fill character per component, so the stacked bar reads without colour
 FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activations": "A", "logits": "L",
-        "batch": "b", "temporaries": "t"}
+        "batch": "b", "temporaries": "t", "cublas_workspace": "w", "allocator_slack": "s", "cuda_context": "x",
+        "nccl_buffers": "n"}
 
 
 MAX_ALTERNATIVES_SHOWN = 12
@@ -38,15 +39,7 @@ def render_plan(p: Plan) -> str:
     width = max(len(d.strategy) for d in p.decisions)
     for d in p.decisions:
         lines.append(f"  {d.strategy:<{width}}  {d.value:<8} [{d.source}] {d.reason}")
-    scope = f", per process, {p.world_size} processes" if p.world_size > 1 else ""
-    lines += ["", f"memory at peak ({p.memory.peak_phase}{scope})"]
-    for c in p.memory.components:
-        share = c.bytes / p.memory.peak_bytes if p.memory.peak_bytes else 0
-        lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
-    lines.append(f"  {'total':<16} {format_bytes(p.memory.peak_bytes):>12}  "
-                 f"{p.memory.peak_bytes / p.usable_bytes:6.1%} of usable budget")
-    if hw.device == "cpu":
-        lines.append(CPU_BEYOND_TENSORS)
+    lines += _memory_lines(p)
     if p.memory.host:
         lines += ["", "pinned host memory (beside the device's)"]
         for c in p.memory.host:
@@ -67,12 +60,33 @@ def render_plan(p: Plan) -> str:
             lines.append(f"  {mark:>4}  precision {s.precision:<10} checkpointing {s.activation_checkpointing:<9} "
                          f"loss {s.cross_entropy:<8} opt-in-bwd {'on ' if s.optimizer_in_backward else 'off'} "
                          f"compile {'on ' if s.compile else 'off'}{extra} "
-                         f"{format_bytes(a.peak_bytes):>12}  {a.tokens_per_s:>10,.0f} tokens/s")
+                         f"{format_bytes(a.device_bytes or a.peak_bytes):>12}  {a.tokens_per_s:>10,.0f} tokens/s")
         if len(ranked) > len(shown):
             lines.append(f"        ... and {len(ranked) - len(shown)} more (lowmem plan --json lists every one)")
     for w in p.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _memory_lines(p: Plan) -> list[str]:
+    """The memory table: components at the peak, then on CUDA the overhead lines and the nvidia-smi total."""
+    m = p.memory
+    scope = f", per process, {p.world_size} processes" if p.world_size > 1 else ""
+    lines = ["", f"memory at peak ({m.peak_phase}{scope})"]
+    for c in m.components:
+        share = c.bytes / m.peak_bytes if m.peak_bytes else 0
+        lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
+    if m.overheads:  # what the CUDA runtime holds beside the tensors, each line with its source
+        lines.append(f"  {'tensors':<16} {format_bytes(m.peak_bytes):>12}  {'':6}  live at the peak")
+        lines += [f"  {c.name:<16} {format_bytes(c.bytes):>12}  {'':6}  {c.note}" for c in m.overheads]
+    lines.append(f"  {'total':<16} {format_bytes(m.device_bytes):>12}  {m.device_bytes / p.usable_bytes:6.1%} of "
+                 "usable budget" + (", as nvidia-smi shows the process" if m.overheads else ""))
+    if m.overheads:
+        lines.append(f"  torch's view: max_memory_allocated {format_bytes(m.allocated_bytes)}, max_memory_reserved "
+                     f"{format_bytes(m.reserved_bytes)}")
+    if p.hardware.device == "cpu":
+        lines.append(CPU_BEYOND_TENSORS)
+    return lines
 
 
 def _per_process(p: Plan) -> str:
@@ -92,12 +106,14 @@ def _method(spec) -> str:
 
 
 def stacked_bar(p: Plan, width: int = BAR_WIDTH) -> str:
-    """One line: each component's share of the usable budget as a run of its letter; '.' is headroom."""
-    scale = width / max(p.usable_bytes, p.memory.peak_bytes)
-    bar = "".join(FILL[c.name] * round(c.bytes * scale) for c in p.memory.components)
+    """One line: each component's (and CUDA overhead's) share of the usable budget as a run of its letter; '.' is
+    headroom."""
+    scale = width / max(p.usable_bytes, p.memory.device_bytes)
+    bar = "".join(FILL[c.name] * round(c.bytes * scale) for c in p.memory.components + p.memory.overheads)
     bar = bar[:width]
     return "[" + bar + "." * (width - len(bar)) + "]"
 
 
 def _legend(p: Plan) -> str:
-    return "  ".join(f"{FILL[c.name]}={c.name}" for c in p.memory.components if c.bytes) + "  .=headroom"
+    return "  ".join(f"{FILL[c.name]}={c.name}" for c in p.memory.components + p.memory.overheads if c.bytes) + (
+        "  .=headroom")

@@ -69,15 +69,29 @@ class Decision(msgspec.Struct, **_STRUCT):
 
 
 class Component(msgspec.Struct, **_STRUCT):
-    """Bytes of one memory component at the predicted peak."""
+    """Bytes of one memory component at the predicted peak (or, for an overhead line, beside it)."""
 
-    name: Literal["parameters", "gradients", "optimizer_state", "activations", "logits", "batch", "temporaries"]
+    name: Literal["parameters", "gradients", "optimizer_state", "activations", "logits", "batch", "temporaries",
+                  "cublas_workspace", "allocator_slack", "cuda_context", "nccl_buffers"]
     bytes: int
     note: str = ""
 
 
+# Which of torch's views of CUDA memory each overhead line is part of (`MemoryReport`): cuBLAS's workspaces come
+# from the caching allocator (max_memory_allocated counts them), the slack is the allocator's cache beyond its
+# allocations (max_memory_reserved), and the context and NCCL's buffers are outside it (only nvidia-smi shows them).
+ALLOCATED_OVERHEADS = ("cublas_workspace",)
+RESERVED_OVERHEADS = (*ALLOCATED_OVERHEADS, "allocator_slack")
+
+
 class MemoryReport(msgspec.Struct, **_STRUCT):
     """Predicted peak memory by component, and the phase of the step where the peak falls.
+
+    `peak_bytes` is the live tensors at the peak (what `lowmem plan --trace` and the CPU's tracker count). On CUDA,
+    `overheads` names what the process holds beyond them (`estimate.cuda_overheads`), and three properties give
+    torch's and the driver's views: `allocated_bytes` (torch.cuda.max_memory_allocated), `reserved_bytes`
+    (max_memory_reserved) and `device_bytes` (what nvidia-smi shows for the process, which the planner fits to the
+    budget). Without overheads (a CPU plan, or a plan written before them) all three are `peak_bytes`.
 
     `host` is pinned host memory the plan fills beside the device's (offloaded activations, a host optimizer's
     copies and states): not part of `peak_bytes`, which is the device's.
@@ -87,9 +101,25 @@ class MemoryReport(msgspec.Struct, **_STRUCT):
     peak_bytes: int
     peak_phase: str
     host: tuple[Component, ...] = ()
+    overheads: tuple[Component, ...] = ()
 
     def by_name(self) -> dict[str, int]:
         return {c.name: c.bytes for c in self.components}
+
+    @property
+    def allocated_bytes(self) -> int:
+        """torch.cuda.max_memory_allocated as planned: the live tensors and cuBLAS's workspaces."""
+        return self.peak_bytes + sum(c.bytes for c in self.overheads if c.name in ALLOCATED_OVERHEADS)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """torch.cuda.max_memory_reserved as planned: allocated plus the caching allocator's slack."""
+        return self.peak_bytes + sum(c.bytes for c in self.overheads if c.name in RESERVED_OVERHEADS)
+
+    @property
+    def device_bytes(self) -> int:
+        """The process's memory as nvidia-smi shows it: reserved plus the CUDA context and NCCL's buffers."""
+        return self.peak_bytes + sum(c.bytes for c in self.overheads)
 
 
 class Alternative(msgspec.Struct, **_STRUCT):
@@ -98,8 +128,11 @@ class Alternative(msgspec.Struct, **_STRUCT):
     strategies: Strategies
     peak_bytes: int
     tokens_per_s: float
-    fits: bool
+    fits: bool  # device_bytes within the usable budget
     chosen: bool
+    # the nvidia-smi view on CUDA (`MemoryReport.device_bytes`), what `fits` compares; peak_bytes on a CPU;
+    # 0 in plans written before it
+    device_bytes: int = 0
 
 
 class Plan(msgspec.Struct, **_STRUCT):

@@ -9,6 +9,7 @@ import msgspec
 import torch
 
 from lowmem.plan import Plan, plan
+from lowmem.plan.estimate import CUDA_CONTEXT_BYTES
 from lowmem.spec.units import format_bytes
 from lowmem.train import distributed
 from lowmem.train.checkpoint import latest_checkpoint, read_trainer_state
@@ -50,11 +51,12 @@ def replan_after_oom(p: Plan, available_bytes: int | None) -> Plan:
     """The spec planned again for a smaller budget, keeping everything a checkpoint stores as it was.
 
     The budget is REPLAN_FRACTION of the smaller of `available_bytes` (what the device really had for this
-    process) and the failed plan's predicted peak. Precision, the optimizer's state kind, optimizer in backward,
+    process) and the failed plan's predicted need as nvidia-smi would show it (`MemoryReport.device_bytes`: on a
+    GPU its CUDA overhead lines included, as the new plan's fit will be). Precision, the optimizer's state kind, optimizer in backward,
     stochastic rounding and FSDP offload are pinned to the failed plan's values, so its checkpoint loads; what may
     change are the strategies that only move memory (checkpointing, offloading, cross-entropy, micro-batch split).
     """
-    basis = min(b for b in (available_bytes, p.memory.peak_bytes, p.budget_bytes) if b)
+    basis = min(b for b in (available_bytes, p.memory.device_bytes, p.budget_bytes) if b)
     s = p.strategies
     pinned = msgspec.structs.replace(
         p.spec.memory.strategies,
@@ -143,8 +145,11 @@ def checkpoint_before_oom(out: Path, step: int, first_step: int, before: StepSta
 
 
 def available_bytes(cuda_memory: CudaMemory, cap_bytes: int | None) -> int | None:
-    """What this process really had: the enforced cap, or on a GPU its allocated bytes plus the driver's free."""
+    """What this process really had: the enforced cap, or on a GPU its allocated bytes plus the driver's free plus
+    its CUDA context (which the driver's free already lost, and which a plan counts as its own line)."""
     available = cuda_memory.available_bytes()
+    if available is not None:
+        available += CUDA_CONTEXT_BYTES
     if cap_bytes is not None:
         return cap_bytes if available is None else min(cap_bytes, available)
     return available

@@ -45,7 +45,9 @@ def memory_report(p: Plan, measured: dict | None, cuda: dict | None = None) -> d
     """Planned versus measured peak bytes, per component and in total.
 
     On a GPU (`cuda`: the measured steps' `max_memory_allocated`, `max_memory_reserved`, `num_alloc_retries`)
-    the measured peak is the allocator's `max_memory_allocated`; the components stay the live-tensor tracker's.
+    the measured peak is the allocator's `max_memory_allocated`, set against the plan's allocated view (tensors and
+    cuBLAS's workspaces), and the plan's reserved and nvidia-smi views sit beside the measured reserved; the
+    components stay the live-tensor tracker's.
     """
     planned = p.memory.by_name()
     measured_by = dict(measured["peak_by_category"]) if measured else {}
@@ -55,14 +57,20 @@ def memory_report(p: Plan, measured: dict | None, cuda: dict | None = None) -> d
             for n in names]
     method = "live tensor bytes (TorchDispatchMode)"
     extra = {}
+    planned_peak = p.memory.peak_bytes
     if cuda is not None:
+        # torch's view against the plan's view of the same thing: the live tensors and cuBLAS's workspaces
         measured_peak, method = cuda["max_memory_allocated"], "torch.cuda.max_memory_allocated"
+        planned_peak = p.memory.allocated_bytes
         extra = {"cuda": {**cuda, "reserved_over_allocated": cuda["max_memory_reserved"]
-                          / max(cuda["max_memory_allocated"], 1)},
-                 "tracked_peak_bytes": measured["peak_bytes"] if measured else 0}
-    error = (p.memory.peak_bytes - measured_peak) / measured_peak if measured_peak else None
+                          / max(cuda["max_memory_allocated"], 1),
+                          "planned_reserved_bytes": p.memory.reserved_bytes,
+                          "planned_device_bytes": p.memory.device_bytes},
+                 "tracked_peak_bytes": measured["peak_bytes"] if measured else 0,
+                 "planned_tensor_peak_bytes": p.memory.peak_bytes}
+    error = (planned_peak - measured_peak) / measured_peak if measured_peak else None
     return {"device": p.hardware.name, "method": method,
-            "planned_peak_bytes": p.memory.peak_bytes, "planned_phase": p.memory.peak_phase,
+            "planned_peak_bytes": planned_peak, "planned_phase": p.memory.peak_phase,
             "measured_peak_bytes": measured_peak, "error": error, "components": rows, **extra}
 
 
@@ -86,6 +94,7 @@ def describe_memory(report: dict) -> str:
     cuda = report.get("cuda")
     if cuda:
         lines.append(f"CUDA allocator: reserved {format_bytes(cuda['max_memory_reserved'])} "
-                     f"({cuda['reserved_over_allocated']:.2f}x allocated), {cuda['num_alloc_retries']} allocation "
+                     f"({cuda['reserved_over_allocated']:.2f}x allocated; planned "
+                     f"{format_bytes(cuda['planned_reserved_bytes'])}), {cuda['num_alloc_retries']} allocation "
                      "retries")
     return "\n".join(lines)
