@@ -1,5 +1,11 @@
-"""Getting started through the real CLI: `lowmem presets`, `lowmem recipes`, `lowmem init`."""
+"""Getting started through the real CLI: `lowmem presets`, `lowmem recipes`, `lowmem init`, and the charts
+(`report`, `plan --png`) on an install without matplotlib, which print their text, say how to get the PNG and
+exit 0."""
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +101,53 @@ def test_recipes_are_package_data_in_the_wheel_config():
 
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert package_data["lowmem.recipes"] == ["*.toml"]
+
+
+# --------------------------------------------------------------------------- without matplotlib
+
+# runs the console-script entry point with matplotlib made unimportable (None in sys.modules), as on the
+# default install, which has no matplotlib
+NO_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from lowmem.cli import main; sys.argv[0] = 'lowmem'; main()"
+WITH_MATPLOTLIB = "from lowmem.cli import main; main()"
+
+
+def _lowmem(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _fake_run(run_dir: Path) -> Path:
+    run_dir.mkdir()
+    records = [{"step": s, "loss": 8.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0, "elapsed_s": float(s)}
+               for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+@pytest.mark.parametrize("code", [NO_MATPLOTLIB, WITH_MATPLOTLIB], ids=["without", "with"])
+def test_report_without_matplotlib_prints_the_text_and_how_to_get_the_chart(tmp_path, code):
+    if code == WITH_MATPLOTLIB:
+        pytest.importorskip("matplotlib")
+    run_dir = _fake_run(tmp_path / "run")
+    done = _lowmem(code, "report", str(run_dir), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "3 steps, loss 7.0000 -> 5.0000" in done.stdout
+    assert "Traceback" not in done.stderr
+    if code == NO_MATPLOTLIB:
+        assert not (run_dir / "report.png").exists()
+        note = [line for line in done.stderr.splitlines() if "matplotlib" in line]
+        assert len(note) == 1 and "pip install 'lowmem[plot]'" in note[0] and "report.png" in note[0]
+    else:
+        assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+        assert "matplotlib" not in done.stderr
+
+
+def test_plan_png_without_matplotlib_prints_the_plan_and_how_to_get_the_chart(tmp_path):
+    png = tmp_path / "plan.png"
+    done = _lowmem(NO_MATPLOTLIB, "plan", str(REPO / "examples" / "quickstart.toml"), "--png", str(png),
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^memory at peak", done.stdout, re.M)
+    assert not png.exists()
+    note = [line for line in done.stderr.splitlines() if "matplotlib" in line]
+    assert len(note) == 1 and "--png" in note[0] and "pip install 'lowmem[plot]'" in note[0]

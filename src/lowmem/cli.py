@@ -98,7 +98,7 @@ def plan_cmd(
         raise _UserError("--trace runs one process's step on fake tensors, unsharded; use it without --nproc")
     run = load_spec(spec, set_ or [])
     p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
-    if png is not None:
+    if png is not None and _can_chart("--png"):
         from lowmem.plan.chart import write_memory_chart
 
         write_memory_chart(p, png)
@@ -277,8 +277,20 @@ def report(
     if memory:
         typer.echo(describe_memory(memory))
     target = png or run_dir / "report.png"
-    write_run_chart(records, target, title=run_dir.name, memory=memory)
-    typer.echo(f"wrote {target}")
+    if _can_chart(str(target)):
+        write_run_chart(records, target, title=run_dir.name, memory=memory)
+        typer.echo(f"wrote {target}")
+
+
+def _can_chart(chart: str) -> bool:
+    """Whether matplotlib is there to draw `chart`; if not, one line says how to get it (the text output stands)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        typer.echo(f"no chart ({chart}): matplotlib is not installed; `pip install 'lowmem[plot]'` adds it",
+                   err=True)
+        return False
+    return True
 
 
 @app.command()
