@@ -63,7 +63,7 @@ def test_top_level_help_lists_the_commands(runner):
     assert result.exit_code == 0
     commands = re.findall(r"^│ (\w+)\s", result.stdout.split("Commands")[1], re.M)
     assert commands == ["validate", "plan", "execute", "export", "report", "runs", "generate", "download",
-                        "data"]
+                        "presets", "recipes", "init", "data"]
 
 
 def test_no_arguments_shows_help(runner):
@@ -81,6 +81,9 @@ def test_no_arguments_shows_help(runner):
         ("export", {"--out", "--merge", "--help"}),
         ("report", {"--png", "--help"}),
         ("runs", {"--help"}),
+        ("presets", {"--help"}),
+        ("recipes", {"--help"}),
+        ("init", {"--force", "--help"}),
     ],
 )
 def test_each_command_has_exactly_its_options(runner, command, options):

@@ -14,7 +14,8 @@ app = typer.Typer(
     help=(
         "Fine-tune LLMs in as little memory as the job allows, and see the cost before the run.\n\n"
         "Write a spec (TOML/YAML/JSON), then: `lowmem plan SPEC` shows the strategies chosen and the "
-        "memory they need; `lowmem execute SPEC` runs it. Start from examples/quickstart.toml."
+        "memory they need; `lowmem execute SPEC` runs it. Start with `lowmem init quickstart` (`lowmem recipes` "
+        "lists the specs lowmem ships)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -97,7 +98,7 @@ def plan_cmd(
         raise _UserError("--trace runs one process's step on fake tensors, unsharded; use it without --nproc")
     run = load_spec(spec, set_ or [])
     p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
-    if png is not None:
+    if png is not None and _can_chart("--png"):
         from lowmem.plan.chart import write_memory_chart
 
         write_memory_chart(p, png)
@@ -276,8 +277,20 @@ def report(
     if memory:
         typer.echo(describe_memory(memory))
     target = png or run_dir / "report.png"
-    write_run_chart(records, target, title=run_dir.name, memory=memory)
-    typer.echo(f"wrote {target}")
+    if _can_chart(str(target)):
+        write_run_chart(records, target, title=run_dir.name, memory=memory)
+        typer.echo(f"wrote {target}")
+
+
+def _can_chart(chart: str) -> bool:
+    """Whether matplotlib is there to draw `chart`; if not, one line says how to get it (the text output stands)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        typer.echo(f"no chart ({chart}): matplotlib is not installed; `pip install 'lowmem[plot]'` adds it",
+                   err=True)
+        return False
+    return True
 
 
 @app.command()
@@ -424,6 +437,37 @@ def download(
 
     path = download_repo(repo_id, revision=revision, include=include, exclude=exclude, local_dir=local_dir)
     typer.echo(f"{repo_id}: {path}")
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets (model.preset) with their parameter counts and shapes."""
+    from lowmem.catalog import preset_table
+
+    typer.echo(preset_table())
+
+
+@app.command()
+def recipes() -> None:
+    """List the example specs lowmem ships, one line each; `lowmem init NAME` copies one."""
+    from lowmem.catalog import recipe_table
+
+    typer.echo(recipe_table())
+
+
+@app.command()
+@_user_errors
+def init(
+    recipe: Annotated[str, typer.Argument(help="A recipe from `lowmem recipes`, e.g. quickstart.",
+                                          show_default=False)],
+    directory: Annotated[Path, typer.Argument(help="Where to write RECIPE.toml (made if missing).")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite RECIPE.toml if it exists.")] = False,
+) -> None:
+    """Copy a shipped recipe to DIRECTORY/RECIPE.toml, to edit and run: `lowmem plan RECIPE.toml`."""
+    from lowmem.recipes import copy_recipe
+
+    target = copy_recipe(recipe, directory, force=force)
+    typer.echo(f"wrote {target}; next: `lowmem plan {target}`, then `lowmem execute {target}`")
 
 
 def main() -> None:
