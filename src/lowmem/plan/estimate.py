@@ -23,7 +23,7 @@ import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes
 from lowmem.nn.lora import TARGETS
-from lowmem.nn.loss import loss_peak_bytes
+from lowmem.nn.loss import loss_peak_bytes, standard_peak_terms
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
@@ -70,6 +70,39 @@ SPLIT_EFFICIENCY = 0.97
 # development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
 # compile about 40% (MFU of torchtune recipes without compile, README ladder). Not yet checked on a GPU.
 EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
+
+# The per-step floor (`step_floor_seconds`): eager PyTorch pays a fixed host cost per op, whatever its size, so a
+# small model's step cannot be faster than its ops can be issued (issue #16: quickstart-5m on an H100 was estimated
+# at 11.1M tokens/s from FLOPs alone). Counted, not fitted:
+# - OPS_PER_BLOCK, OPS_ROOT: aten ops other than views in one block's forward + backward (102) and in the embedding,
+#   final norm and loss (40): counted with a TorchDispatchMode over lowmem.nn.llama.forward + backward, tiny preset
+#   shapes, packed-document SDPA (/tmp/r19/ops.py in the commit message). Each is at least one kernel on CUDA.
+# - HOST_SECONDS_PER_OP: Python, the dispatcher and autograd per op, measured on the development CPU (AMD EPYC,
+#   1 thread, torch 2.13, load about 4 on 2 cores): one block's forward + backward at dim 16 and 8 tokens took 526 us
+#   more per block (10 vs 2 layers, best of 30; /tmp/r19/floor.py), 5.2 us per op. A GPU host's CPU is assumed
+#   about as fast.
+# - CUDA_LAUNCH_SECONDS: cudaLaunchKernel's own host time, "a few microseconds" per launch (NVIDIA's Nsight Systems
+#   guide measured about 20 us from a PyTorch elementwise op's call to its kernel's start on a V100, dispatch
+#   included); 5 us assumed on top of the dispatch above. Not measured: no GPU was at hand.
+# - COMPILED_OPS_PER_BLOCK: a compiled block runs its matmuls and attention (about 25 kernels forward + backward) and
+#   a few fused elementwise kernels in one graph call: 30 assumed, without per-op Python.
+# - OPTIMIZER_SECONDS_PER_TENSOR: torch AdamW's single-tensor CPU path took 20-22 us per 4-element tensor
+#   (/tmp/r19/floor.py, as above); on CUDA the fused kernel takes every tensor of a group in a few launches: 2 us of
+#   host time per tensor assumed (building its tensor lists).
+# - SAVED_TENSORS_PER_BLOCK: what autograd saves in one block's forward (39, counted with saved_tensors_hooks over
+#   the same forward, /tmp/r19/saved.py); under activation offloading each runs a Python pack and unpack hook (one
+#   op's host time each) and a copy out and back (a launch and an event, OFFLOAD_COPY_SECONDS each way, the 10 us
+#   of OFFLOAD_MIN_BYTES' comment; not measured).
+# On CUDA the host issues kernels ahead of the device, so a step takes the longer of its compute and its host
+# time; on a CPU both run on the same cores one after the other, so they add.
+OPS_PER_BLOCK = 102
+OPS_ROOT = 40
+COMPILED_OPS_PER_BLOCK = 30
+HOST_SECONDS_PER_OP = 5.2e-6
+CUDA_LAUNCH_SECONDS = 5e-6
+OPTIMIZER_SECONDS_PER_TENSOR = {"cpu": 20e-6, "cuda": 2e-6}
+SAVED_TENSORS_PER_BLOCK = 39
+OFFLOAD_COPY_SECONDS = 10e-6
 
 # activation_offloading (lowmem.train.offload). Saved tensors under OFFLOAD_MIN_BYTES stay on the device: a copy's
 # fixed cost (a launch and an event, about 10 us) is the transfer time of about 0.6 MiB at 64 GB/s, so a smaller
@@ -663,7 +696,8 @@ def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optim
         opt=optimizer_state_bytes(optimizer, device_shapes, wb), opt_note=opt_note,
         acts=acts, acts_note=_acts_note(cfg, strategies),
         recompute=recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=sharded),
-        loss=logits_bytes(cfg, strategies, n_tokens, trainable), loss_note=_loss_note(cfg, strategies, n_tokens),
+        loss=logits_bytes(cfg, strategies, n_tokens, trainable),
+        loss_note=_loss_note(cfg, strategies, n_tokens, trainable),
         batch=batch_bytes(train.micro_batch * train.seq_len),  # the loaded micro-batch; its pieces are views
         update_temp=update_temporary_bytes(optimizer, device_shapes, wb, device),
         dequant_scratch=dequant_scratch, host=host,
@@ -784,10 +818,15 @@ def _gathered_note(n_bytes: int, what: str) -> str:
     return f", plus {n_bytes:,} B gathered in full by FSDP ({what})" if n_bytes else ""
 
 
-def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> str:
+def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int, trainable: Trainable = FULL) -> str:
+    """The logits line's note; for standard CE the arithmetic of `logits_bytes`, term by term."""
     kind = strategies.cross_entropy
     if kind == "standard":
-        return f"3 x {n_tokens:,} tokens x {cfg.vocab_size:,} vocab x fp32"
+        terms = standard_peak_terms(n_tokens, cfg.vocab_size, cfg.dim, head_bytes(strategies.precision, trainable.full),
+                                    4 if strategies.projection_dtype == "fp32" else 2, trainable.full)
+        if len(terms) == 1:
+            return terms[0][0]
+        return " + ".join(f"{what} ({format_bytes(n_bytes)})" for what, n_bytes in terms)
     if kind == "chunked":
         return f"standard CE over 8 chunks of {n_tokens // 8:,} tokens, one alive at a time"
     return "fused linear CE: one hidden-sized logits tile plus the gradients it returns"
@@ -851,6 +890,32 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
         return tokens_per_s
     exposed = offload_exposed_seconds(cfg, strategies, seq_len, hw, trainable, 1 / tokens_per_s)
     return OFFLOAD_OVERHEAD / (1 / tokens_per_s + exposed)
+
+
+def step_floor_seconds(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, n_tensors: int,
+                       hw: HardwareProfile) -> float:
+    """Host seconds one optimizer step takes at the least, whatever its FLOPs: every op's dispatch (and on CUDA its
+    kernel launch) in each forward + backward of the step's micro-batches (and their pieces), and the optimizer's
+    work per trainable tensor (`n_tensors`). The constants above give their sources."""
+    per_op = HOST_SECONDS_PER_OP + (CUDA_LAUNCH_SECONDS if hw.device == "cuda" else 0.0)
+    if strategies.compile:  # one graph call per block: launches, no per-op Python
+        block = COMPILED_OPS_PER_BLOCK * (CUDA_LAUNCH_SECONDS if hw.device == "cuda" else HOST_SECONDS_PER_OP)
+    else:
+        block = OPS_PER_BLOCK * per_op
+    if strategies.activation_offloading:
+        block += SAVED_TENSORS_PER_BLOCK * 2 * (HOST_SECONDS_PER_OP + OFFLOAD_COPY_SECONDS)
+    # recomputed blocks run their forward ops again (selective: the elementwise ones, most of them)
+    block_runs = cfg.n_layers + checkpointed_layers(cfg, strategies) / 3
+    passes = train.grad_accum * strategies.micro_batch_split
+    return passes * (block_runs * block + OPS_ROOT * per_op) + n_tensors * OPTIMIZER_SECONDS_PER_TENSOR[hw.device]
+
+
+def with_step_floor(tokens_per_s: float, floor_seconds: float, step_tokens: int, device: str) -> float:
+    """Tokens/s of a step whose compute runs at `tokens_per_s` and whose host work takes `floor_seconds`: the longer
+    of the two on CUDA (the host runs ahead), their sum on a CPU (the same cores do both)."""
+    compute = step_tokens / tokens_per_s
+    seconds = max(compute, floor_seconds) if device == "cuda" else compute + floor_seconds
+    return step_tokens / seconds
 
 
 def offload_exposed_seconds(cfg: ModelConfig, strategies: Strategies, seq_len: int, hw: HardwareProfile,

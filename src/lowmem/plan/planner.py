@@ -37,8 +37,10 @@ from lowmem.plan.estimate import (
     fsdp_offload_seconds,
     host_optimizer_components,
     host_optimizer_seconds,
+    step_floor_seconds,
     weight_bytes,
     with_cuda_overheads,
+    with_step_floor,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies, run_optimizer
@@ -154,6 +156,9 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
     # a host optimizer's step comes once per step of micro_batch x grad_accum rows
     # and so does FSDP's host step with its shards' copies
     step_tokens = spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len
+    # no step is faster than its ops can be issued; the host steps below come after it, one after the other
+    tps = with_step_floor(tps, step_floor_seconds(cfg, strategies, spec.train, len(trainable), hw), step_tokens,
+                          hw.device)
     tps = 1 / (1 / tps + (host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
                           + fsdp_offload_seconds(cfg, strategies, spec.train, optimizer, trainable,
                                                  what_trains, world_size, hw)) / step_tokens)
@@ -969,8 +974,12 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
         group = [r for r in rivals if getattr(r[0], field) == alt]
         fitting = [r for r in group if r[1].device_bytes <= usable]
         if fitting:
-            best = max(fitting, key=lambda r: _run_rate(spec, r[0], r[2]))
+            best = max(fitting, key=lambda r: (_run_rate(spec, r[0], r[2]), r[2]))
             rate = _run_rate(spec, best[0], best[2])
+            if best[0].compile and spec.train.steps is None:  # no run length to spread the compile time over
+                reasons.append(f"{_shown(field, alt)} is not chosen (its fastest plan that fits: est. {best[2]:,.0f} "
+                               "tokens/s once compiled, before its compile time)")
+                continue
             reasons.append(f"{_shown(field, alt)} is slower (its fastest plan that fits: est. {rate:,.0f} tokens/s"
                            + (" over the run, compile time included)" if best[0].compile else ")"))
         else:
