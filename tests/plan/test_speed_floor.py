@@ -69,3 +69,18 @@ def test_a_compile_alternative_of_unknown_length_never_claims_0_tokens_per_s(tin
     p = plan(tiny_spec("train.steps=none", "train.epochs=1"), "h100-80gb")
     reason = next(d for d in p.decisions if d.strategy == "compile").reason
     assert "est. 0 tokens/s" not in reason and "once compiled, before its compile time" in reason
+
+
+def test_the_floors_op_and_saved_tensor_counts_are_what_the_benchmark_counts():
+    import importlib.util
+
+    from lowmem.plan import estimate
+
+    path = QUICKSTART.parents[1] / "benchmarks" / "step_floor.py"
+    spec = importlib.util.spec_from_file_location("step_floor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ops = bench.per_block(bench.count_ops)
+    assert ops == estimate.OPS_PER_BLOCK
+    assert bench.count_ops(2) - 2 * ops == estimate.OPS_ROOT
+    assert bench.per_block(bench.count_saved) == estimate.SAVED_TENSORS_PER_BLOCK

@@ -76,10 +76,10 @@ EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
 # at 11.1M tokens/s from FLOPs alone). Counted, not fitted:
 # - OPS_PER_BLOCK, OPS_ROOT: aten ops other than views in one block's forward + backward (102) and in the embedding,
 #   final norm and loss (40): counted with a TorchDispatchMode over lowmem.nn.llama.forward + backward, tiny preset
-#   shapes, packed-document SDPA (/tmp/r19/ops.py in the commit message). Each is at least one kernel on CUDA.
+#   shapes, packed-document SDPA (benchmarks/step_floor.py). Each is at least one kernel on CUDA.
 # - HOST_SECONDS_PER_OP: Python, the dispatcher and autograd per op, measured on the development CPU (AMD EPYC,
 #   1 thread, torch 2.13, load about 4 on 2 cores): one block's forward + backward at dim 16 and 8 tokens took 526 us
-#   more per block (10 vs 2 layers, best of 30; /tmp/r19/floor.py), 5.2 us per op. A GPU host's CPU is assumed
+#   more per block (10 vs 2 layers, best of 30; benchmarks/step_floor.py; 615 us, 6.0 us per op, in a busier minute), 5.2 us per op. A GPU host's CPU is assumed
 #   about as fast.
 # - CUDA_LAUNCH_SECONDS: cudaLaunchKernel's own host time, "a few microseconds" per launch (NVIDIA's Nsight Systems
 #   guide measured about 20 us from a PyTorch elementwise op's call to its kernel's start on a V100, dispatch
@@ -87,10 +87,10 @@ EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
 # - COMPILED_OPS_PER_BLOCK: a compiled block runs its matmuls and attention (about 25 kernels forward + backward) and
 #   a few fused elementwise kernels in one graph call: 30 assumed, without per-op Python.
 # - OPTIMIZER_SECONDS_PER_TENSOR: torch AdamW's single-tensor CPU path took 20-22 us per 4-element tensor
-#   (/tmp/r19/floor.py, as above); on CUDA the fused kernel takes every tensor of a group in a few launches: 2 us of
+#   (benchmarks/step_floor.py); on CUDA the fused kernel takes every tensor of a group in a few launches: 2 us of
 #   host time per tensor assumed (building its tensor lists).
 # - SAVED_TENSORS_PER_BLOCK: what autograd saves in one block's forward (39, counted with saved_tensors_hooks over
-#   the same forward, /tmp/r19/saved.py); under activation offloading each runs a Python pack and unpack hook (one
+#   the same forward, benchmarks/step_floor.py); under activation offloading each runs a Python pack and unpack hook (one
 #   op's host time each) and a copy out and back (a launch and an event, OFFLOAD_COPY_SECONDS each way, the 10 us
 #   of OFFLOAD_MIN_BYTES' comment; not measured).
 # On CUDA the host issues kernels ahead of the device, so a step takes the longer of its compute and its host
