@@ -79,8 +79,8 @@ EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
 #   shapes, packed-document SDPA (benchmarks/step_floor.py). Each is at least one kernel on CUDA.
 # - HOST_SECONDS_PER_OP: Python, the dispatcher and autograd per op, measured on the development CPU (AMD EPYC,
 #   1 thread, torch 2.13, load about 4 on 2 cores): one block's forward + backward at dim 16 and 8 tokens took 526 us
-#   more per block (10 vs 2 layers, best of 30; benchmarks/step_floor.py; 615 us, 6.0 us per op, in a busier minute), 5.2 us per op. A GPU host's CPU is assumed
-#   about as fast.
+#   more per block (10 vs 2 layers, best of 30; benchmarks/step_floor.py; 615 us, 6.0 us per op, in a busier
+#   minute), 5.2 us per op. A GPU host's CPU is assumed about as fast.
 # - CUDA_LAUNCH_SECONDS: cudaLaunchKernel's own host time, "a few microseconds" per launch (NVIDIA's Nsight Systems
 #   guide measured about 20 us from a PyTorch elementwise op's call to its kernel's start on a V100, dispatch
 #   included); 5 us assumed on top of the dispatch above. Not measured: no GPU was at hand.
@@ -90,8 +90,8 @@ EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
 #   (benchmarks/step_floor.py); on CUDA the fused kernel takes every tensor of a group in a few launches: 2 us of
 #   host time per tensor assumed (building its tensor lists).
 # - SAVED_TENSORS_PER_BLOCK: what autograd saves in one block's forward (39, counted with saved_tensors_hooks over
-#   the same forward, benchmarks/step_floor.py); under activation offloading each runs a Python pack and unpack hook (one
-#   op's host time each) and a copy out and back (a launch and an event, OFFLOAD_COPY_SECONDS each way, the 10 us
+#   the same forward, benchmarks/step_floor.py); under activation offloading each runs a Python pack and unpack
+#   hook (one op's host time each) and a copy out and back (a launch and an event, OFFLOAD_COPY_SECONDS each way, the 10 us
 #   of OFFLOAD_MIN_BYTES' comment; not measured).
 # On CUDA the host issues kernels ahead of the device, so a step takes the longer of its compute and its host
 # time; on a CPU both run on the same cores one after the other, so they add.

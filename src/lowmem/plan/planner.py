@@ -182,6 +182,20 @@ def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
     return max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].device_bytes))
 
 
+def why_not_chosen(spec: RunSpec, strategies: Strategies, tokens_per_s: float, chosen: Strategies,
+                   chosen_tokens_per_s: float) -> str:
+    """A short note for an alternative that fits and is estimated faster than the chosen plan: why `_choose` passed
+    it over (for the alternatives table; the strategy lines give the long form)."""
+    if strategies.precision == "bf16" and chosen.precision != "bf16" and spec.memory.precision == "auto" \
+            and _bf16_lossy(spec):
+        return "bf16: loses updates" if _bf16_drops_updates(spec) else "bf16: loses decay"
+    if strategies.compile and spec.train.steps is None:
+        return "compile: length unknown"
+    if strategies.compile and _run_rate(spec, strategies, tokens_per_s) < chosen_tokens_per_s:
+        return f"{_run_rate(spec, strategies, tokens_per_s):,.0f}/s w/ compile"
+    return "not chosen (strategies above)"
+
+
 def _warnings(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, budget: int) -> tuple[str, ...]:
     """What the chosen plan runs that the user should know about: slow or lossy precisions, an oversized budget."""
     warnings = []
@@ -832,7 +846,7 @@ def _explain_compile(spec: RunSpec, hw: HardwareProfile, strategies: Strategies,
         return Decision(strategy="compile", value=value, source="user", reason="forced by memory.strategies.compile")
     return Decision(strategy="compile", value=value, source="auto",
                     reason=_why(strategies, "compile", rivals, usable, hw, spec)
-                    + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)")
+                    + f"; compiling takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph")
 
 
 ATTENTION_REASONS = {
@@ -977,10 +991,10 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
             best = max(fitting, key=lambda r: (_run_rate(spec, r[0], r[2]), r[2]))
             rate = _run_rate(spec, best[0], best[2])
             if best[0].compile and spec.train.steps is None:  # no run length to spread the compile time over
-                reasons.append(f"{_shown(field, alt)} is not chosen (its fastest plan that fits: est. {best[2]:,.0f} "
+                reasons.append(f"{_shown(field, alt)} is not chosen (best that fits: est. {best[2]:,.0f} "
                                "tokens/s once compiled, before its compile time)")
                 continue
-            reasons.append(f"{_shown(field, alt)} is slower (its fastest plan that fits: est. {rate:,.0f} tokens/s"
+            reasons.append(f"{_shown(field, alt)} is slower (best that fits: est. {rate:,.0f} tokens/s"
                            + (" over the run, compile time included)" if best[0].compile else ")"))
         else:
             low = min(r[1].device_bytes for r in group)
