@@ -104,6 +104,13 @@ OPTIMIZER_SECONDS_PER_TENSOR = {"cpu": 20e-6, "cuda": 2e-6}
 SAVED_TENSORS_PER_BLOCK = 39
 OFFLOAD_COPY_SECONDS = 10e-6
 
+# Right after the loss's backward, the final RMSNorm's backward holds 3 (N, D) fp32 gradients beside every saved
+# activation (the loss's hidden gradient, the gradient of the norm's fp32 input and a product): the measured peak
+# of quickstart-5m with fused CE falls there (PowBackward0 / MulBackward0 of the norm; +6.0 MiB mixed-bf16, +7.2 MiB
+# fp32 at N = 2,048, D = 256 beyond the saved activations: 3.0 and 3.6 such tensors; issue #16 item 4). Under
+# LoRA the norm's weight is frozen and one fewer is made.
+FINAL_NORM_GRADS = 3
+
 # activation_offloading (lowmem.train.offload). Saved tensors under OFFLOAD_MIN_BYTES stay on the device: a copy's
 # fixed cost (a launch and an event, about 10 us) is the transfer time of about 0.6 MiB at 64 GB/s, so a smaller
 # tensor frees too little memory to be worth it.
@@ -591,7 +598,8 @@ def estimate_memory(
     counted in `MemoryReport.host`, not on the device.
     """
     step = step_bytes(cfg, strategies, train, optimizer, trainable_shapes, trainable, world_size, device)
-    phases = [_backward_start(step), _optimizer_step(step, strategies.optimizer_in_backward)]
+    phases = [_backward_start(step), _optimizer_step(step, strategies.optimizer_in_backward),
+              _final_norm_backward(step)]
     if step.recompute:
         phases.append(_block_recompute(step))
     # the largest; on a tie the earlier in `phases` (a recompute peak must exceed both others to be the peak)
@@ -643,6 +651,7 @@ class StepBytes(NamedTuple):
     grads_note: str
     grads_in_backward: int  # gradients alive during backward: earlier micro-batches' (or pieces') accumulated
     head_grad: int  # the output head's gradient, made before any block is recomputed
+    flowing_grads: int  # the (N, D) gradients alive in the final norm's backward, once the loss's are freed
     largest_grad: int  # the largest trainable tensor's gradient (optimizer in backward keeps about one)
     opt: int
     opt_note: str
@@ -691,7 +700,10 @@ def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optim
         grads_note=grads_note, grads_in_backward=grads if accumulating else 0,
         # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
         # output head's gradient exists (full size under FSDP too: the root reduces its gradients last)
-        head_grad=cfg.vocab_size * cfg.dim * wb if trainable.full else 0,
+        # (offload_gradients: the host steps the head, its gradient freed once copied)
+        head_grad=cfg.vocab_size * cfg.dim * wb if trainable.full and not grads_on_host else 0,
+        # a frozen final norm makes no weight-gradient product
+        flowing_grads=(FINAL_NORM_GRADS if trainable.full else FINAL_NORM_GRADS - 1) * n_tokens * cfg.dim * FP32,
         largest_grad=max((_numel(s) for s in trainable_shapes), default=0) * wb,
         opt=optimizer_state_bytes(optimizer, device_shapes, wb), opt_note=opt_note,
         acts=acts, acts_note=_acts_note(cfg, strategies),
@@ -776,6 +788,24 @@ def _backward_start(step: StepBytes) -> MemoryReport:
                     note="NF4 dequantization of one weight, beyond the loss tensors it replaces"),)
          if s.dequant_scratch else ())
     return MemoryReport(components=components, peak_bytes=peak, peak_phase="start of backward", host=s.host)
+
+
+def _final_norm_backward(step: StepBytes) -> MemoryReport:
+    """Just after the loss's backward: every saved activation, the head's gradient and the (N, D) gradients that
+    the final norm's backward makes. It holds the peak when the loss's own tensors are small (fused CE)."""
+    s = step
+    grads = max(s.grads_in_backward, s.head_grad)
+    peak = s.params + s.gathered + s.opt + grads + s.acts + s.flowing_grads + s.batch
+    components = (
+        Component(name="parameters", bytes=s.params + s.gathered,
+                  note=s.params_note + _gathered_note(s.gathered, "root and one block")),
+        Component(name="gradients", bytes=grads, note="output head and accumulated"),
+        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
+        Component(name="activations", bytes=s.acts + s.flowing_grads,
+                  note=s.acts_note + f"; + {FINAL_NORM_GRADS} (N, D) fp32 gradients of the final norm's backward"),
+        Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
+    )
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase="final norm's backward", host=s.host)
 
 
 def _block_recompute(step: StepBytes) -> MemoryReport:
