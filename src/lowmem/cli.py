@@ -89,6 +89,9 @@ def plan_cmd(
     nproc: Annotated[int, typer.Option(
         "--nproc", min=1, help="Plan for this many data-parallel processes (torchrun --nproc_per_node N, FSDP2): "
         "memory per process, tokens per step over all.")] = 1,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Give every decision's reason in full and say what the tags and abbreviations mean.")
+    ] = False,
 ) -> None:
     """Choose the memory strategies for a spec and print the dry-run memory report. Allocates nothing."""
     from lowmem.plan import plan, render_plan
@@ -106,7 +109,7 @@ def plan_cmd(
     if json_:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(p), indent=2).decode() + "\n")
     else:
-        typer.echo(render_plan(p))
+        typer.echo(render_plan(p, explain=explain))
     if trace:
         from lowmem.train.dryrun import render_trace_comparison, trace_in_fake_cuda, trace_memory
 

@@ -326,3 +326,30 @@ def test_cuda_tracker_agrees_with_the_allocator():
     assert tracker.current_by_category()["activations"] >= n_param_bytes  # gradients were seen
     # The caching allocator rounds blocks up to 512 bytes; beyond that the two should agree.
     assert abs(peak - (before + tracker.peak_bytes - existing)) <= 0.05 * peak
+
+
+def test_backward_category_counts_a_functions_backward_under_its_category():
+    # log_softmax's backward makes (N, V) tensors after the forward's `category` block has ended
+    h = torch.randn(64, 8, requires_grad=True)
+    w = torch.randn(8, 512)
+    tracker = LiveTensorTracker()
+    with tracker:
+        x = h * 2  # an activation, before the loss
+        with tracker.category("logits"):
+            loss = F.log_softmax(x @ w, dim=-1).sum()
+        tracker.backward_category(loss, x, "logits")
+        loss.backward()
+        after = torch.ones(4)  # made once the loss's backward has left: the default again
+        peak = tracker.peak_by_category()
+    assert tracker._category == "activations"
+    n_v = 64 * 512 * 4
+    # at the peak: log_softmax's saved output (forward) and its gradient's result (backward), both the loss's
+    assert peak["logits"] >= 2 * n_v and peak.get("activations", 0) < n_v
+    without = LiveTensorTracker()
+    with without:
+        x = h * 2
+        with without.category("logits"):
+            loss = F.log_softmax(x @ w, dim=-1).sum()
+        loss.backward()
+    assert without.peak_by_category()["activations"] >= n_v  # the backward's (N, V) result, mislabelled
+    del after

@@ -352,7 +352,13 @@ def loss_peak_bytes(kind: str, n_tokens: int, vocab: int, dim: int, dtype_bytes:
 
 
 def _standard_peak_bytes(N: int, V: int, D: int, b: int, p: int, wg: bool) -> int:
-    """`loss_peak_bytes` of `cross_entropy_sum` (letters as there; wg: the weight trains).
+    """`loss_peak_bytes` of `cross_entropy_sum`: the sum of `standard_peak_terms`."""
+    return sum(n_bytes for _, n_bytes in standard_peak_terms(N, V, D, b, p, wg))
+
+
+def standard_peak_terms(N: int, V: int, D: int, b: int, p: int, wg: bool) -> list[tuple[str, int]]:
+    """What `cross_entropy_sum` holds at its peak, as (what, bytes) terms (letters as in `loss_peak_bytes`; wg:
+    the weight trains), so that a report can show the arithmetic of the bytes it counts.
 
     The peak is in backward at log_softmax, which holds its saved output, the incoming gradient from nll_loss
     and its result: 3 (N, V) L, and the linear has saved the casts of weight (and of hidden, when the weight
@@ -361,13 +367,21 @@ def _standard_peak_bytes(N: int, V: int, D: int, b: int, p: int, wg: bool) -> in
     casts when cast); or, with b > p, when the weight's gradient is cast to b beside its p form.
     """
     cast = b != p
-    L = N * V * FP32_BYTES
-    at_log_softmax = 3 * L + cast * (V + wg * N) * D * p
+    pn = "fp32" if p == FP32_BYTES else f"{p} B"
+    at_log_softmax = [(f"3 x {N:,} tokens x {V:,} vocab x fp32", 3 * N * V * FP32_BYTES)]
+    if cast:
+        at_log_softmax.append((f"the ({V:,}, {D:,}) head cast to {pn}", V * D * p))
+    if cast and wg:
+        at_log_softmax.append((f"the ({N:,}, {D:,}) hidden states cast to {pn}", N * D * p))
     if not wg:  # only the (N, D) gradient
         return at_log_softmax
-    at_matmul = N * V * p + (1 + cast) * (N + V) * D * p  # logits' gradient, gradients (+ saved casts)
-    at_grad_cast = (b > p) * (V * D * (p + b) + N * D * p)
-    return max(at_log_softmax, at_matmul, at_grad_cast)
+    at_matmul = [(f"logits' gradient {N:,} x {V:,} x {p} B", N * V * p),
+                 (f"gradients of hidden and head ({N:,} + {V:,}) x {D:,} x {p} B", (N + V) * D * p)]
+    if cast:
+        at_matmul.append(("their saved casts", (N + V) * D * p))
+    at_grad_cast = [(f"the head's gradient in {p} B and {b} B", V * D * (p + b)),
+                    (f"the hidden states' gradient in {p} B", N * D * p)] if b > p else []
+    return max(at_log_softmax, at_matmul, at_grad_cast, key=lambda terms: sum(n for _, n in terms))
 
 
 def _chunked_peak_bytes(N: int, K: int, V: int, D: int, b: int, p: int, wg: bool, n_chunks: int) -> int:

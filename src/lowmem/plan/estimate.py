@@ -23,7 +23,7 @@ import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes
 from lowmem.nn.lora import TARGETS
-from lowmem.nn.loss import loss_peak_bytes
+from lowmem.nn.loss import loss_peak_bytes, standard_peak_terms
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
@@ -70,6 +70,46 @@ SPLIT_EFFICIENCY = 0.97
 # development machine: quickstart-5m fp32 measured 2,466 tokens/s, benchmarks/memory_matrix.py); GPUs without
 # compile about 40% (MFU of torchtune recipes without compile, README ladder). Not yet checked on a GPU.
 EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}
+
+# The per-step floor (`step_floor_seconds`): eager PyTorch pays a fixed host cost per op, whatever its size, so a
+# small model's step cannot be faster than its ops can be issued (issue #16: quickstart-5m on an H100 was estimated
+# at 11.1M tokens/s from FLOPs alone). Counted, not fitted:
+# - OPS_PER_BLOCK, OPS_ROOT: aten ops other than views in one block's forward + backward (102) and in the embedding,
+#   final norm and loss (40): counted with a TorchDispatchMode over lowmem.nn.llama.forward + backward, tiny preset
+#   shapes, packed-document SDPA (benchmarks/step_floor.py). Each is at least one kernel on CUDA.
+# - HOST_SECONDS_PER_OP: Python, the dispatcher and autograd per op, measured on the development CPU (AMD EPYC,
+#   1 thread, torch 2.13, load about 4 on 2 cores): one block's forward + backward at dim 16 and 8 tokens took 526 us
+#   more per block (10 vs 2 layers, best of 30; benchmarks/step_floor.py; 615 us, 6.0 us per op, in a busier
+#   minute), 5.2 us per op. A GPU host's CPU is assumed about as fast.
+# - CUDA_LAUNCH_SECONDS: cudaLaunchKernel's own host time, "a few microseconds" per launch (NVIDIA's Nsight Systems
+#   guide measured about 20 us from a PyTorch elementwise op's call to its kernel's start on a V100, dispatch
+#   included); 5 us assumed on top of the dispatch above. Not measured: no GPU was at hand.
+# - COMPILED_OPS_PER_BLOCK: a compiled block runs its matmuls and attention (about 25 kernels forward + backward) and
+#   a few fused elementwise kernels in one graph call: 30 assumed, without per-op Python.
+# - OPTIMIZER_SECONDS_PER_TENSOR: torch AdamW's single-tensor CPU path took 20-22 us per 4-element tensor
+#   (benchmarks/step_floor.py); on CUDA the fused kernel takes every tensor of a group in a few launches: 2 us of
+#   host time per tensor assumed (building its tensor lists).
+# - SAVED_TENSORS_PER_BLOCK: what autograd saves in one block's forward (39, counted with saved_tensors_hooks over
+#   the same forward, benchmarks/step_floor.py); under activation offloading each runs a Python pack and unpack
+#   hook (one op's host time each) and a copy out and back (a launch and an event, OFFLOAD_COPY_SECONDS each way, the 10 us
+#   of OFFLOAD_MIN_BYTES' comment; not measured).
+# On CUDA the host issues kernels ahead of the device, so a step takes the longer of its compute and its host
+# time; on a CPU both run on the same cores one after the other, so they add.
+OPS_PER_BLOCK = 102
+OPS_ROOT = 40
+COMPILED_OPS_PER_BLOCK = 30
+HOST_SECONDS_PER_OP = 5.2e-6
+CUDA_LAUNCH_SECONDS = 5e-6
+OPTIMIZER_SECONDS_PER_TENSOR = {"cpu": 20e-6, "cuda": 2e-6}
+SAVED_TENSORS_PER_BLOCK = 39
+OFFLOAD_COPY_SECONDS = 10e-6
+
+# Right after the loss's backward, the final RMSNorm's backward holds 3 (N, D) fp32 gradients beside every saved
+# activation (the loss's hidden gradient, the gradient of the norm's fp32 input and a product): the measured peak
+# of quickstart-5m with fused CE falls there (PowBackward0 / MulBackward0 of the norm; +6.0 MiB mixed-bf16, +7.2 MiB
+# fp32 at N = 2,048, D = 256 beyond the saved activations: 3.0 and 3.6 such tensors; issue #16 item 4). Under
+# LoRA the norm's weight is frozen and one fewer is made.
+FINAL_NORM_GRADS = 3
 
 # activation_offloading (lowmem.train.offload). Saved tensors under OFFLOAD_MIN_BYTES stay on the device: a copy's
 # fixed cost (a launch and an event, about 10 us) is the transfer time of about 0.6 MiB at 64 GB/s, so a smaller
@@ -558,7 +598,8 @@ def estimate_memory(
     counted in `MemoryReport.host`, not on the device.
     """
     step = step_bytes(cfg, strategies, train, optimizer, trainable_shapes, trainable, world_size, device)
-    phases = [_backward_start(step), _optimizer_step(step, strategies.optimizer_in_backward)]
+    phases = [_backward_start(step), _optimizer_step(step, strategies.optimizer_in_backward),
+              _final_norm_backward(step)]
     if step.recompute:
         phases.append(_block_recompute(step))
     # the largest; on a tie the earlier in `phases` (a recompute peak must exceed both others to be the peak)
@@ -614,6 +655,7 @@ class StepBytes(NamedTuple):
     # the gradients are full-sized already (accumulation) or freed as they are made (optimizer in backward)
     later_block_grads: int
     later_block_acts: int  # saved activations of blocks 1..L-1, freed by the time block 0 is recomputed
+    flowing_grads: int  # the (N, D) gradients alive in the final norm's backward, once the loss's are freed
     largest_grad: int  # the largest trainable tensor's gradient (optimizer in backward keeps about one)
     opt: int
     opt_note: str
@@ -662,7 +704,10 @@ def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optim
         grads_note=grads_note, grads_in_backward=grads if accumulating else 0,
         # with checkpointing the loss tensors are gone by the time the last block is recomputed; by then the
         # output head's gradient exists (full size under FSDP too: the root reduces its gradients last)
-        head_grad=cfg.vocab_size * cfg.dim * wb if trainable.full else 0,
+        # (offload_gradients: the host steps the head, its gradient freed once copied)
+        head_grad=cfg.vocab_size * cfg.dim * wb if trainable.full and not grads_on_host else 0,
+        # a frozen final norm makes no weight-gradient product
+        flowing_grads=(FINAL_NORM_GRADS if trainable.full else FINAL_NORM_GRADS - 1) * n_tokens * cfg.dim * FP32,
         later_block_grads=0 if accumulating or strategies.optimizer_in_backward else int(
             grads * _later_block_share(cfg, trainable, trainable_shapes)),
         later_block_acts=_later_block_acts(cfg, strategies, n_tokens, rows, trainable, sharded),
@@ -670,7 +715,8 @@ def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optim
         opt=optimizer_state_bytes(optimizer, device_shapes, wb), opt_note=opt_note,
         acts=acts, acts_note=_acts_note(cfg, strategies),
         recompute=recompute_bytes(cfg, strategies, n_tokens, rows, trainable=trainable, sharded=sharded),
-        loss=logits_bytes(cfg, strategies, n_tokens, trainable), loss_note=_loss_note(cfg, strategies, n_tokens),
+        loss=logits_bytes(cfg, strategies, n_tokens, trainable),
+        loss_note=_loss_note(cfg, strategies, n_tokens, trainable),
         batch=batch_bytes(train.micro_batch * train.seq_len),  # the loaded micro-batch; its pieces are views
         update_temp=update_temporary_bytes(optimizer, device_shapes, wb, device),
         dequant_scratch=dequant_scratch, host=host,
@@ -754,6 +800,24 @@ def _backward_start(step: StepBytes) -> MemoryReport:
     return MemoryReport(components=components, peak_bytes=peak, peak_phase="start of backward", host=s.host)
 
 
+def _final_norm_backward(step: StepBytes) -> MemoryReport:
+    """Just after the loss's backward: every saved activation, the head's gradient and the (N, D) gradients that
+    the final norm's backward makes. It holds the peak when the loss's own tensors are small (fused CE)."""
+    s = step
+    grads = max(s.grads_in_backward, s.head_grad)
+    peak = s.params + s.gathered + s.opt + grads + s.acts + s.flowing_grads + s.batch
+    components = (
+        Component(name="parameters", bytes=s.params + s.gathered,
+                  note=s.params_note + _gathered_note(s.gathered, "root and one block")),
+        Component(name="gradients", bytes=grads, note="output head and accumulated"),
+        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
+        Component(name="activations", bytes=s.acts + s.flowing_grads,
+                  note=s.acts_note + f"; + {FINAL_NORM_GRADS} (N, D) fp32 gradients of the final norm's backward"),
+        Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
+    )
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase="final norm's backward", host=s.host)
+
+
 def _block_recompute(step: StepBytes) -> MemoryReport:
     """A checkpointed block recomputed inside backward: its activations and gradients beside the kept inputs.
 
@@ -834,10 +898,15 @@ def _gathered_note(n_bytes: int, what: str) -> str:
     return f", plus {n_bytes:,} B gathered in full by FSDP ({what})" if n_bytes else ""
 
 
-def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int) -> str:
+def _loss_note(cfg: ModelConfig, strategies: Strategies, n_tokens: int, trainable: Trainable = FULL) -> str:
+    """The logits line's note; for standard CE the arithmetic of `logits_bytes`, term by term."""
     kind = strategies.cross_entropy
     if kind == "standard":
-        return f"3 x {n_tokens:,} tokens x {cfg.vocab_size:,} vocab x fp32"
+        terms = standard_peak_terms(n_tokens, cfg.vocab_size, cfg.dim, head_bytes(strategies.precision, trainable.full),
+                                    4 if strategies.projection_dtype == "fp32" else 2, trainable.full)
+        if len(terms) == 1:
+            return terms[0][0]
+        return " + ".join(f"{what} ({format_bytes(n_bytes)})" for what, n_bytes in terms)
     if kind == "chunked":
         return f"standard CE over 8 chunks of {n_tokens // 8:,} tokens, one alive at a time"
     return "fused linear CE: one hidden-sized logits tile plus the gradients it returns"
@@ -901,6 +970,32 @@ def estimate_tokens_per_s(cfg: ModelConfig, strategies: Strategies, seq_len: int
         return tokens_per_s
     exposed = offload_exposed_seconds(cfg, strategies, seq_len, hw, trainable, 1 / tokens_per_s)
     return OFFLOAD_OVERHEAD / (1 / tokens_per_s + exposed)
+
+
+def step_floor_seconds(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, n_tensors: int,
+                       hw: HardwareProfile) -> float:
+    """Host seconds one optimizer step takes at the least, whatever its FLOPs: every op's dispatch (and on CUDA its
+    kernel launch) in each forward + backward of the step's micro-batches (and their pieces), and the optimizer's
+    work per trainable tensor (`n_tensors`). The constants above give their sources."""
+    per_op = HOST_SECONDS_PER_OP + (CUDA_LAUNCH_SECONDS if hw.device == "cuda" else 0.0)
+    if strategies.compile:  # one graph call per block: launches, no per-op Python
+        block = COMPILED_OPS_PER_BLOCK * (CUDA_LAUNCH_SECONDS if hw.device == "cuda" else HOST_SECONDS_PER_OP)
+    else:
+        block = OPS_PER_BLOCK * per_op
+    if strategies.activation_offloading:
+        block += SAVED_TENSORS_PER_BLOCK * 2 * (HOST_SECONDS_PER_OP + OFFLOAD_COPY_SECONDS)
+    # recomputed blocks run their forward ops again (selective: the elementwise ones, most of them)
+    block_runs = cfg.n_layers + checkpointed_layers(cfg, strategies) / 3
+    passes = train.grad_accum * strategies.micro_batch_split
+    return passes * (block_runs * block + OPS_ROOT * per_op) + n_tensors * OPTIMIZER_SECONDS_PER_TENSOR[hw.device]
+
+
+def with_step_floor(tokens_per_s: float, floor_seconds: float, step_tokens: int, device: str) -> float:
+    """Tokens/s of a step whose compute runs at `tokens_per_s` and whose host work takes `floor_seconds`: the longer
+    of the two on CUDA (the host runs ahead), their sum on a CPU (the same cores do both)."""
+    compute = step_tokens / tokens_per_s
+    seconds = max(compute, floor_seconds) if device == "cuda" else compute + floor_seconds
+    return step_tokens / seconds
 
 
 def offload_exposed_seconds(cfg: ModelConfig, strategies: Strategies, seq_len: int, hw: HardwareProfile,

@@ -37,8 +37,10 @@ from lowmem.plan.estimate import (
     fsdp_offload_seconds,
     host_optimizer_components,
     host_optimizer_seconds,
+    step_floor_seconds,
     weight_bytes,
     with_cuda_overheads,
+    with_step_floor,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies, run_optimizer
@@ -154,6 +156,9 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
     # a host optimizer's step comes once per step of micro_batch x grad_accum rows
     # and so does FSDP's host step with its shards' copies
     step_tokens = spec.train.micro_batch * spec.train.grad_accum * spec.train.seq_len
+    # no step is faster than its ops can be issued; the host steps below come after it, one after the other
+    tps = with_step_floor(tps, step_floor_seconds(cfg, strategies, spec.train, len(trainable), hw), step_tokens,
+                          hw.device)
     tps = 1 / (1 / tps + (host_optimizer_seconds(optimizer, trainable, strategies.precision, hw)
                           + fsdp_offload_seconds(cfg, strategies, spec.train, optimizer, trainable,
                                                  what_trains, world_size, hw)) / step_tokens)
@@ -175,6 +180,20 @@ def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
                 or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
     return max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].device_bytes))
+
+
+def why_not_chosen(spec: RunSpec, strategies: Strategies, tokens_per_s: float, chosen: Strategies,
+                   chosen_tokens_per_s: float) -> str:
+    """A short note for an alternative that fits and is estimated faster than the chosen plan: why `_choose` passed
+    it over (for the alternatives table; the strategy lines give the long form)."""
+    if strategies.precision == "bf16" and chosen.precision != "bf16" and spec.memory.precision == "auto" \
+            and _bf16_lossy(spec):
+        return "bf16: loses updates" if _bf16_drops_updates(spec) else "bf16: loses decay"
+    if strategies.compile and spec.train.steps is None:
+        return "compile: length unknown"
+    if strategies.compile and _run_rate(spec, strategies, tokens_per_s) < chosen_tokens_per_s:
+        return f"{_run_rate(spec, strategies, tokens_per_s):,.0f}/s w/ compile"
+    return "not chosen (strategies above)"
 
 
 def _warnings(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, budget: int) -> tuple[str, ...]:
@@ -827,7 +846,7 @@ def _explain_compile(spec: RunSpec, hw: HardwareProfile, strategies: Strategies,
         return Decision(strategy="compile", value=value, source="user", reason="forced by memory.strategies.compile")
     return Decision(strategy="compile", value=value, source="auto",
                     reason=_why(strategies, "compile", rivals, usable, hw, spec)
-                    + f" (compile takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph)")
+                    + f"; compiling takes about {COMPILE_SECONDS_PER_BLOCK:.0f} s per distinct block graph")
 
 
 ATTENTION_REASONS = {
@@ -969,9 +988,13 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
         group = [r for r in rivals if getattr(r[0], field) == alt]
         fitting = [r for r in group if r[1].device_bytes <= usable]
         if fitting:
-            best = max(fitting, key=lambda r: _run_rate(spec, r[0], r[2]))
+            best = max(fitting, key=lambda r: (_run_rate(spec, r[0], r[2]), r[2]))
             rate = _run_rate(spec, best[0], best[2])
-            reasons.append(f"{_shown(field, alt)} is slower (its fastest plan that fits: est. {rate:,.0f} tokens/s"
+            if best[0].compile and spec.train.steps is None:  # no run length to spread the compile time over
+                reasons.append(f"{_shown(field, alt)} is not chosen (best that fits: est. {best[2]:,.0f} "
+                               "tokens/s once compiled, before its compile time)")
+                continue
+            reasons.append(f"{_shown(field, alt)} is slower (best that fits: est. {rate:,.0f} tokens/s"
                            + (" over the run, compile time included)" if best[0].compile else ")"))
         else:
             low = min(r[1].device_bytes for r in group)

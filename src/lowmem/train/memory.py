@@ -184,6 +184,31 @@ class LiveTensorTracker(TorchDispatchMode):
         finally:
             self._category = previous
 
+    def backward_category(self, output: torch.Tensor, inputs: torch.Tensor, name: str) -> torch.Tensor:
+        """Count what backward allocates from `output`'s gradient until `inputs`' gradient under `name` too.
+
+        `category(name)` sees only the forward of a function: its backward runs later, outside the block, and
+        would be counted in the default category. The loss's backward makes the (N, V) gradients that the plan
+        counts as logits (issue #16: the quickstart's measured split showed them as 64 MiB of activations).
+        Autograd hooks mark the span: `output`'s gradient hook fires when backward enters the function,
+        `inputs`' when it leaves. Returns `output`. Nothing is marked when either needs no gradient.
+        """
+        if not (output.requires_grad and inputs.requires_grad):
+            return output
+        previous = []
+
+        def enter(grad):
+            previous.append(self._category)
+            self._category = name
+
+        def leave(grad):
+            if previous:
+                self._category = previous.pop()
+
+        output.register_hook(enter)
+        inputs.register_hook(leave)
+        return output
+
     def add_existing(self, tensors: Iterable[torch.Tensor | None], category: str) -> int:
         """Count tensors allocated before tracking began; returns the bytes newly counted.
 

@@ -76,9 +76,11 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
             hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"],
                              doc_ids=batch["doc_ids"], run_block=run_block, adapters=adapters, training=training,
                              attention_kernel=p.strategies.attention_kernel)
-        with tracker.category("logits"):
-            return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
-                           softcap=p.model.final_logit_softcap)
+        with tracker.category("logits"):  # its backward too, as the plan counts it
+            loss, n_kept = loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                                   softcap=p.model.final_logit_softcap)
+        tracker.backward_category(loss, hidden, "logits")
+        return loss, n_kept
 
     return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, tokens_per_piece(p)))
 
@@ -139,9 +141,11 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
         hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
                          run_block=run_block, adapters=adapters, training=training,
                              attention_kernel=p.strategies.attention_kernel)
-        with tracker.category("logits"):
-            return loss_fn(hidden, output_weight(params, p.model), batch["labels"],
-                           softcap=p.model.final_logit_softcap)
+        with tracker.category("logits"):  # its backward too, as the plan counts it
+            loss, n_kept = loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                                   softcap=p.model.final_logit_softcap)
+        tracker.backward_category(loss, hidden, "logits")
+        return loss, n_kept
 
     def loss_of(batch, training: bool = True):
         return shell(loss_in_shell, batch, training)
