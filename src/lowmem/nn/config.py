@@ -286,6 +286,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         # Qwen3Config defaults head_dim to 128, not hidden_size / heads: a Qwen3 config must say it.
         head_dim = hf.need("head_dim") if model_type == "qwen3" else d.get("head_dim")
         gemma = model_type in GEMMA_FAMILIES
+        family_fields = {**_hf_rope(hf), **_hf_sliding_window(hf), **_hf_gemma_options(hf), **_hf_qk_norm_options(hf)}
         try:
             return cls(
                 vocab_size=hf.need("vocab_size"),
@@ -303,10 +304,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 mlp_act=_hf_mlp_act(hf),
                 norm_unit_offset=gemma,
                 embed_scale=gemma,
-                **_hf_rope(hf),
-                **_hf_sliding_window(hf),
-                **_hf_gemma_options(hf),
-                **_hf_qk_norm_options(hf),
+                **family_fields,
             )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -363,7 +361,8 @@ def _family_hf_keys(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.family == "gemma3_text":
         d["rope_local_base_freq"] = cfg.rope_local_theta
     if cfg.family == "smollm3":
-        d |= {"no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.n_layers)],
+        # SmolLM3Config's default pad_token_id (128004) is outside a smaller vocabulary, as Phi-3's below
+        d |= {"pad_token_id": None, "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.n_layers)],
               "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
               "layer_types": layer_types}
     if cfg.family == "phi3":
