@@ -329,6 +329,12 @@ PUBLISHED_PARAM_COUNTS = {
     "qwen3-4b": 4_022_468_096,
     "qwen3-8b": 8_190_735_360,
     "olmo2-1b": 1_484_916_736,  # "OLMo 2 1B": 1.48B
+    # transformers' count of each preset's config (test_qk_norm_presets_count_as_transformers); model cards:
+    # Gemma 3 1B 999,885,952 (the text tower of 4B: 3.88B), Phi-4-mini 3.8B, SmolLM3 3B (3.08B)
+    "gemma3-1b": 999_885_952,
+    "gemma3-4b": 3_880_263_168,
+    "phi4-mini": 3_836_021_760,
+    "smollm3-3b": 3_075_098_624,
 }
 
 
@@ -349,7 +355,8 @@ def test_qwen3_presets_have_the_model_cards_non_embedding_counts(name, non_embed
                  else 1) == non_embedding_billions
 
 
-@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b", "olmo2-1b"])
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b", "olmo2-1b", "gemma3-1b", "gemma3-4b", "phi4-mini",
+                                  "smollm3-3b"])
 def test_qk_norm_presets_count_as_transformers(name):
     cfg = preset(name)
     config = transformers.AutoConfig.for_model(**cfg.to_hf_config())
@@ -535,3 +542,86 @@ def _canonical(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         sizes = [param_shapes(cfg)[n][0] for n in parts]
         canon.update(zip(parts, state[hf_name].split(sizes), strict=True))
     return canon
+
+
+@pytest.mark.parametrize("n_layers", [6, 13])
+def test_gemma3_layer_pattern_is_read_as_transformers(n_layers):
+    """The 5:1 pattern from transformers' layer_types (5.x) and from sliding_window_pattern alone (4.x hub
+    configs), with the local RoPE base on the sliding layers only."""
+    config = transformers.Gemma3TextConfig(**COMMON | {"num_hidden_layers": n_layers, "head_dim": 16,
+                                                       "rope_local_base_freq": 50.0})
+    d = config.to_dict()
+    sliding = tuple(i for i, t in enumerate(config.layer_types) if t == "sliding_attention")
+    assert len(sliding) == n_layers - n_layers // 6
+    old = {k: v for k, v in d.items() if k not in ("layer_types", "rope_parameters")} | {
+        "sliding_window_pattern": 6, "rope_theta": 1000.0, "rope_local_base_freq": 50.0}
+    for layout in (d, old):
+        cfg = ModelConfig.from_hf_config(layout, source="gemma3/config.json")
+        assert cfg.sliding_layers == sliding and cfg.rope_local_theta == 50.0
+        assert [cfg.layer_rope(i) for i in range(n_layers)] == ["local" if i in sliding else "global"
+                                                               for i in range(n_layers)]
+    assert ModelConfig.from_hf_config(cfg.to_hf_config(), source="x") == cfg
+
+
+def test_gemma3_six_layers_match_transformers_in_fp32():
+    """The whole 5:1 pattern in one model (fp32 only; see FAMILIES): five local layers, one global."""
+    model = make_model("gemma3_text", num_hidden_layers=6, layer_types=None)
+    cfg = ModelConfig.from_hf_config(model.config.to_dict(), source="gemma3/config.json")
+    assert cfg.sliding_layers == (0, 1, 2, 3, 4)
+    params = _canonical(model, cfg)
+    tok = tokens(seed=9)
+    with torch.no_grad():
+        ref = model(tok).logits
+        got = logits(params, forward(params, tok, cfg), cfg)
+        one_rope = msgspec.structs.replace(cfg, rope_local_theta=None)
+        unlocal = logits(params, forward(params, tok, one_rope), one_rope)
+    # 1.01e-5 measured, as transformers' own sdpa and eager kernels differ here (logits up to 5.4)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    assert (unlocal - ref).abs().max() > 1e-2  # the local RoPE base matters
+
+
+def _tiny_gemma3_multimodal():
+    text = COMMON | FAMILIES["gemma3_text"][2]
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    return randomize_(transformers.Gemma3ForConditionalGeneration(config).eval(), vector_center=0.5,
+                      vector_spread=0.3)
+
+
+def test_multimodal_gemma3_loads_its_text_tower_and_says_what_it_leaves_out(tmp_path, caplog):
+    model = _tiny_gemma3_multimodal()
+    model.save_pretrained(tmp_path / "mm", safe_serialization=True)
+    with safe_open(str(tmp_path / "mm" / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert "language_model.model.layers.0.self_attn.q_norm.weight" in stored  # what transformers writes
+    with caplog.at_level("WARNING", logger="lowmem.nn.hf"):
+        cfg, params = load_hf(tmp_path / "mm")
+    assert cfg.family == "gemma3_text" and cfg.sliding_layers == (0,) and cfg.tie_embeddings
+    note = " ".join(r.getMessage() for r in caplog.records)
+    assert "text tower" in note and "vision_tower.*" in note and "multi_modal_projector.*" in note
+    tok = tokens(seed=10)
+    with torch.no_grad():
+        ref = model(input_ids=tok).logits  # no image: the text tower alone
+        torch.testing.assert_close(logits(params, forward(params, tok, cfg), cfg), ref, atol=1e-5, rtol=0)
+        out = save_hf(params, cfg, tmp_path / "text")
+        text_only = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+        assert type(text_only).__name__ == "Gemma3ForCausalLM"
+        torch.testing.assert_close(text_only(tok).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_family_defaults_are_transformers_defaults():
+    """Keys a sparse hub config leaves out (Gemma 3's text_config) take the values transformers would."""
+    from lowmem.nn.config import _FAMILY_DEFAULTS
+
+    for model_type, cls in (("gemma3_text", "Gemma3TextConfig"), ("smollm3", "SmolLM3Config")):
+        ref = getattr(transformers, cls)().to_dict()
+        rope = ref["rope_parameters"].get("full_attention", ref["rope_parameters"])
+        for key, value in _FAMILY_DEFAULTS[model_type].items():
+            assert (rope["rope_theta"] if key == "rope_theta" else ref[key]) == value, (model_type, key)
+    sparse = {"model_type": "gemma3", "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+              "model_type": "gemma3_text", "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+              "sliding_window": 1024}}  # google/gemma-3-4b-it's text_config, all of it
+    assert ModelConfig.from_hf_config(sparse, source="gemma-3-4b/config.json") == msgspec.structs.replace(
+        preset("gemma3-4b"), max_seq_len=131072)

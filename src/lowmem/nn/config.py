@@ -286,6 +286,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         # Qwen3Config defaults head_dim to 128, not hidden_size / heads: a Qwen3 config must say it.
         head_dim = hf.need("head_dim") if model_type == "qwen3" else d.get("head_dim")
         gemma = model_type in GEMMA_FAMILIES
+        _hf_refuse_unimplemented(hf)
         family_fields = {**_hf_rope(hf), **_hf_sliding_window(hf), **_hf_gemma_options(hf), **_hf_qk_norm_options(hf)}
         try:
             return cls(
@@ -411,7 +412,8 @@ class _HFConfig(NamedTuple):
 def _text_config(d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
     """`d` itself, or for a multimodal checkpoint (`TEXT_TOWERS`) its `text_config`, which then names the source.
 
-    The multimodal config's own `tie_word_embeddings` is the one its text tower's lm_head follows.
+    The multimodal config's own `tie_word_embeddings` (Gemma3Config's default: true) is the one its text tower's
+    lm_head follows, whatever `text_config` says.
     """
     if d.get("model_type") not in TEXT_TOWERS:
         return d, source
@@ -421,8 +423,8 @@ def _text_config(d: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
         raise ValueError(f"{source}: model_type = {d['model_type']!r} needs a 'text_config' object (the text tower)")
     if text.get("model_type", family) != family:
         raise ValueError(f"{source}: text_config.model_type = {text['model_type']!r}; supported: {family!r}")
-    tie = {"tie_word_embeddings": d["tie_word_embeddings"]} if "tie_word_embeddings" in d else {}
-    return {**text, "model_type": family, **tie}, f"{source} (text_config)"
+    tie = d.get("tie_word_embeddings", True)
+    return {**text, "model_type": family, "tie_word_embeddings": tie}, f"{source} (text_config)"
 
 
 def _hf_model_type(d: dict[str, Any], source: str) -> Family:
@@ -438,16 +440,26 @@ def _hf_model_type(d: dict[str, Any], source: str) -> Family:
     return model_type
 
 
-def _hf_mlp_act(hf: _HFConfig) -> Literal["silu", "gelu_tanh"]:
-    """`ModelConfig.mlp_act` from `hidden_activation` / `hidden_act`, after refusing projection biases.
+def _hf_refuse_unimplemented(hf: _HFConfig) -> None:
+    """Refuse the keys whose non-default value changes the math in a way lowmem does not implement.
 
     Only Qwen2's q, k, v biases exist in lowmem (implied by its model_type): `attention_bias` and `mlp_bias`
-    must be false.
+    must be false. transformers applies `attention_dropout` (and Phi-3's `resid_pdrop`, `embd_pdrop`) in train
+    mode, which lowmem's block has no place for: they must be 0 (LoRA dropout is `method.dropout`). Gemma's
+    `use_bidirectional_attention` drops causality.
     """
     d = hf.d
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
         if d.get(key, False):
             hf.refuse(key, "false")
+    for key in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
+        if d.get(key) not in (None, 0, 0.0):
+            hf.refuse(key, "0.0 (transformers drops out there in training; lowmem does not)")
+
+
+def _hf_mlp_act(hf: _HFConfig) -> Literal["silu", "gelu_tanh"]:
+    """`ModelConfig.mlp_act` from `hidden_activation` / `hidden_act`."""
+    d = hf.d
     act = d.get("hidden_activation") or d.get("hidden_act", "silu")
     act_key = "hidden_activation" if d.get("hidden_activation") else "hidden_act"
     if hf.model_type in GEMMA_FAMILIES:
@@ -471,7 +483,8 @@ def _hf_sliding_window(hf: _HFConfig) -> dict[str, Any]:
     d, model_type = hf.d, hf.model_type
     if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and \
             d.get("max_window_layers", 0) < hf.need("num_hidden_layers"):
-        hf.refuse("use_sliding_window", f"false ({model_type}'s sliding window on the top layers is not implemented)")
+        hf.refuse("use_sliding_window", f"false, or max_window_layers >= num_hidden_layers ({model_type}'s sliding "
+                                        "window on the layers from max_window_layers up is not implemented)")
     # transformers 5's Qwen3Config (unlike Qwen2Config) derives sliding layers from `sliding_window` alone,
     # whatever `use_sliding_window` says; where it has no `layer_types` to say so, refuse what it would slide.
     if model_type == "qwen3" and d.get("layer_types") is None and d.get("sliding_window") is not None and \
@@ -563,16 +576,13 @@ def _hf_gemma_options(hf: _HFConfig) -> dict[str, Any]:
     """The `ModelConfig` fields Gemma 2 and Gemma 3 set (sandwich norms, query scalar, soft-caps); {} otherwise.
 
     Gemma 3's attention takes no soft-cap in transformers (its `attn_logit_softcapping` is read but never
-    applied) and `use_bidirectional_attention` drops causality: both are refused rather than guessed at.
+    applied): refused rather than guessed at.
     """
     if hf.model_type not in ("gemma2", "gemma3_text"):
         return {}
     d = hf.d
-    if hf.model_type == "gemma3_text":
-        for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
-            if d.get(key):
-                hf.refuse(key, "null / false (transformers' Gemma 3 ignores the former; lowmem runs causal "
-                               "attention only)")
+    if hf.model_type == "gemma3_text" and d.get("attn_logit_softcapping") is not None:
+        hf.refuse("attn_logit_softcapping", "null (transformers' Gemma 3 reads it but never applies it)")
     return {
         "sandwich_norms": True,
         "query_pre_attn_scalar": float(hf.need("query_pre_attn_scalar")),
