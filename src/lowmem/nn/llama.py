@@ -209,7 +209,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool
     """
     rd = cos.shape[-1]
     if rd < x.shape[-1]:
-        return torch.cat((apply_rope(x[..., :rd], cos, sin, fp32), x[..., rd:]), dim=-1)
+        # joined along the head dim in (B, T, H, hd) order, the memory order of q and k (`qkv` transposes views):
+        # SDPA's output then takes that order too, and wo reads it without a copy, as with whole-head RoPE
+        parts = (apply_rope(x[..., :rd], cos, sin, fp32).transpose(1, 2), x[..., rd:].transpose(1, 2))
+        return torch.cat(parts, dim=-1).transpose(1, 2)  # (B, H, T, hd)
     dtype = torch.float32 if fp32 else x.dtype
     cos = cos[:, None].to(dtype)  # (B, 1, T, hd)
     sin = sin[:, None].to(dtype)
