@@ -107,3 +107,17 @@ def test_partial_rotary_saves_less_as_planned(precision):
     measured = saved_bytes(cfg, precision) - saved_bytes(BASE, precision)
     assert measured < 0  # smaller tables (and casts); no copy where the rotated and passed dims join
     assert planned_bytes(cfg, precision) - planned_bytes(BASE, precision) == measured
+
+
+@pytest.mark.parametrize("name", ["gemma3-1b", "gemma3-4b", "phi4-mini", "smollm3-3b"])
+def test_new_presets_plan_at_real_size(tiny_spec, name):
+    from lowmem.plan import plan
+
+    cfg = preset(name)
+    vocab = min(cfg.vocab_size, 262144)  # the trained tokenizer's cap; Gemma 3 4B pads its vocabulary past it
+    spec = tiny_spec(f"model.preset={name}", f"data.tokenizer.vocab_size={vocab}", "train.seq_len=2048",
+                     "train.micro_batch=1", "memory.precision=bf16", "method.kind=lora")
+    p = plan(spec, "h100-80gb")
+    assert p.n_params == count_params(msgspec.structs.replace(cfg, vocab_size=vocab))  # a preset takes the data's
+    # LoRA over a bf16 base: at least the frozen weights, within the card
+    assert 2 * count_params(cfg) < p.memory.peak_bytes < 80e9
