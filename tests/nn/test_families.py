@@ -481,7 +481,7 @@ def test_olmo2_norm_and_rope_round_as_transformers_in_bf16():
 @pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma3_text", "phi4", "smollm3"])
 def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
     peft = pytest.importorskip("peft")
-    from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
+    from lowmem.nn.lora import LoraSettings, add_adapters, merge_adapters, trainable_names
     from lowmem.nn.peft_io import load_peft, save_peft
 
     model = make_model(family)
@@ -502,6 +502,11 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     loaded_settings, loaded = load_peft(out, params, cfg)
     assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+    # what `lowmem export --merge` writes: the merged weights in the family's layout, which transformers loads
+    merged = save_hf(merge_adapters(adapted, settings), cfg, tmp_path / "merged")
+    with torch.no_grad():
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+        torch.testing.assert_close(reloaded(tok).logits, got, atol=1e-5, rtol=0)
 
 
 def test_qk_norms_are_not_lora_targets_and_are_ones_at_init():
