@@ -123,6 +123,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     families are the same layers with these flags set (see `from_hf_config`):
 
     - `family`: the HF layout the checkpoint is read from and written to (model_type, tensor names).
+    - `rope_scaling`: Llama 3.1's (`Llama3RopeScaling`), linear (`LinearRopeScaling`, Gemma 3's global layers) or
+      LongRoPE (`LongRopeScaling`, Phi-4-mini); None for plain RoPE.
     - `head_dim_override`: head size when it is not dim / n_heads (Gemma 7B: 3072 / 16 heads of 256).
     - `qkv_bias`: q, k and v projections carry biases `attn.bq/bk/bv` (Qwen2).
     - `sliding_window`: a query attends to at most this many keys, itself included (HF's
@@ -435,7 +437,7 @@ def _hf_model_type(d: dict[str, Any], source: str) -> Family:
         raise ValueError(
             f"{source}: model_type = {model_type!r} is not supported; supported: "
             + ", ".join(repr(f) for f in [*FAMILIES, *TEXT_TOWERS])
-            + (f" (closest: {closest[0]!r})" if closest else "")
+            + (f" (closest name: {closest[0]!r})" if closest else "")
         )
     return model_type
 
