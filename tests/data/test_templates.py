@@ -9,6 +9,7 @@ trained.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,98 @@ GEMMA_JINJA = r"""{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- s
 
 PHI3_JINJA = r"""{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"""  # noqa: E501
 
+QWEN3_JINJA = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""  # noqa: E501
+
+PHI4_JINJA = r"""{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"""  # noqa: E501
+
 # template → (jinja, special tokens, bos, eos, end-of-turn token after each reply, config.json model_type)
 FAMILIES = {
     "llama2": (LLAMA2_JINJA, ["<s>", "</s>"], "<s>", "</s>", "</s>", "llama"),
@@ -47,7 +140,13 @@ FAMILIES = {
               "<end_of_turn>", "gemma2"),
     "phi3": (PHI3_JINJA, ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<s>",
              "<|endoftext|>", "<|end|>", "phi3"),
+    "phi4": (PHI4_JINJA, ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>",
+                          "<|/tool|>"], None, "<|endoftext|>", "<|end|>", "phi3"),
+    "qwen3": (QWEN3_JINJA, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>",
+              "qwen3"),
 }
+# Qwen3's <think> and </think> are added tokens that are not special: tokenizers match them in text.
+TEXT_TOKENS = {"qwen3": ["<think>", "</think>"]}
 
 
 def conversation(*turns: str, system: str | None = None) -> list[dict[str, str]]:
@@ -64,6 +163,15 @@ CONVERSATIONS = [
     conversation("  padded question  ", "  padded answer, with 3 numbers 1234 \n", "Ünïcödé ✓ 😀",
                  "Réponse: ça va.\n\nSecond paragraph.", "last?", "Yes — the end.  "),
 ]
+# Replies that think (Qwen3): reasoning kept on the last reply only, dropped from earlier ones; an empty think block
+# for a last reply without any; newlines at the seams trimmed.
+THINKING = [
+    conversation("2 + 2?", "<think>\nTwo and two.\n</think>\n\nFour."),
+    conversation("2 + 2?", "<think>Two and two.</think>Four.", "And 3 + 3?", "<think>\n\nThree twice.\n\n</think>Six.",
+                 system="Think first."),
+    conversation("Hi", "Hello!", "Bye", "Goodbye."),
+    conversation("x?", "<think>a</think>\n\nmid <think>b</think> y", "z?", "plain <think>not a block"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +187,7 @@ def family_tokenizers(base_bpe, template: str, tmp_path: Path, specials: list[st
     jinja, family_specials, bos, eos, _, _ = FAMILIES[template]
     tok = tokenizers.Tokenizer.from_str(base_bpe.to_str())
     tok.add_special_tokens(family_specials if specials is None else specials)
+    tok.add_tokens(TEXT_TOKENS.get(template, []))
     kwargs = {"bos_token": bos} if bos is not None else {}
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, **kwargs)
     hf.chat_template = jinja
@@ -108,12 +217,15 @@ def reply_as_written(template: str, reply: str) -> str:
 def test_ids_equal_the_family_jinja_template(base_bpe, template: str, tmp_path: Path):
     hf, tok = family_tokenizers(base_bpe, template, tmp_path)
     end = FAMILIES[template][4]
-    for messages in CONVERSATIONS:
+    for messages in CONVERSATIONS + (THINKING if template == "qwen3" else []):
         expected = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
         tokens, mask = lowmem_encode(messages, template, tok)
         assert tokens.tolist() == expected, (template, hf.apply_chat_template(messages, tokenize=False))
         # Trained: each assistant reply as the template writes it, then its end-of-turn token; nothing else.
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        if template == "qwen3":  # what each reply writes, read off transformers' rendering
+            rendered = hf.apply_chat_template(messages, tokenize=False)
+            replies = re.findall(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", rendered, flags=re.S)
         assert trained_runs(tokens, mask, tok) == [reply_as_written(template, r) + end for r in replies]
         everything = lowmem_encode(messages, template, tok, train_on_prompt=True)
         assert everything[0].tolist() == expected and everything[1].all()
@@ -154,6 +266,16 @@ def test_auto_picks_the_family_template_from_config_json(base_bpe, template: str
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match=r"config.json has model_type 'gpt2'.*set data.chat_template to one of"):
         resolve_chat_template("auto", str(tmp_path), tok)
+
+
+def test_qwen3_keeps_only_the_last_replys_thinking(base_bpe, tmp_path: Path):
+    _, tok = family_tokenizers(base_bpe, "qwen3", tmp_path)
+    tokens, mask = lowmem_encode(THINKING[1], "qwen3", tok)
+    assert trained_runs(tokens, mask, tok) == ["Four.<|im_end|>", "<think>\nThree twice.\n</think>\n\nSix.<|im_end|>"]
+    assert tok.decode(tokens).startswith("<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\n")  # no default
+    assert int((tokens == tok.special_id("<think>")).sum()) == 1  # one token, as the text token it is
+    no_thinking = trained_runs(*lowmem_encode(THINKING[2], "qwen3", tok), tok)
+    assert no_thinking == ["Hello!<|im_end|>", "<think>\n\n</think>\n\nGoodbye.<|im_end|>"]
 
 
 def test_every_template_is_tested_and_versioned():

@@ -1,5 +1,5 @@
-"""Model families (Qwen2, Mistral, Gemma, Gemma 2, Phi-3, Qwen3, OLMo 2) against transformers on tiny random
-checkpoints."""
+"""Model families (Qwen2, Mistral, Gemma, Gemma 2, Gemma 3, Phi-3, Phi-4-mini, Qwen3, OLMo 2, SmolLM3) against
+transformers on tiny random checkpoints."""
 
 import copy
 import json
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tests.nn.conftest import randomize_
 
-from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
+from lowmem.nn.config import LinearRopeScaling, ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.generate import generate
 from lowmem.nn.hf import hf_layout, load_hf, save_hf
 from lowmem.nn.llama import AdaptedWeight, forward, init_params, linear, logits, output_weight
@@ -24,7 +24,13 @@ COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_la
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, attn_implementation="eager")
 # Windows shorter than the test sequences (T = 12) so that the sliding mask changes the numbers; Gemma's
 # head_dim 16 is decoupled from hidden_size / heads = 8 (Qwen3's too, and untied: tied is tested below);
-# Gemma 2's caps are small enough to bite.
+# Gemma 2's caps are small enough to bite. Gemma 3 has a local and a global layer (its 5:1 pattern needs six
+# layers, whose bf16 rounding outgrows the tolerance below; see test_gemma3_layer_pattern_is_read_as_transformers),
+# a local RoPE base far from the global one and linear scaling on the global layer. Phi-4-mini's longrope context (8) is shorter
+# than T, so its long factors apply, and its partial rotary turns half of each head. SmolLM3's layer 1 is NoPE
+# and (use_sliding_window) slides.
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.5, 3.0], "long_factor": [4.0, 9.0],
+            "original_max_position_embeddings": 8}
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
@@ -35,14 +41,26 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 5}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": False}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 12,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}}),
+    "phi4": ("Phi3Config", "Phi3ForCausalLM", {
+        "partial_rotary_factor": 0.5, "tie_word_embeddings": True, "original_max_position_embeddings": 8,
+        "rope_parameters": {
+            **LONGROPE, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {
+        "no_rope_layers": [1, 0], "use_sliding_window": True, "sliding_window": 4}),
 }
+MODEL_TYPE = {"phi4": "phi3"}  # FAMILIES keys that are a variant of a model_type, not one of their own
 T = 12
 
 
 def make_model(family: str, seed: int = 0, **overrides):
     """Tiny random HF model in eval mode; weights ~ 1/sqrt(fan_in) and norms/biases away from 0 and 1."""
     config_cls, model_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**COMMON, **extra | overrides)
+    config = getattr(transformers, config_cls)(**COMMON | extra | overrides)
     torch.manual_seed(seed)
     return randomize_(getattr(transformers, model_cls)(config).eval(), vector_center=0.5, vector_spread=0.3)
 
@@ -63,14 +81,26 @@ def tokens(batch: int = 2, length: int = T, seed: int = 0) -> torch.Tensor:
 def test_config_flags_per_family(checkpoint):
     family, _, path = checkpoint
     cfg, _ = load_hf(path)
-    assert cfg.family == family
+    assert cfg.family == MODEL_TYPE.get(family, family)
     assert cfg.qkv_bias is (family == "qwen2")
-    assert cfg.sliding_window == {"mistral": 4, "gemma2": 4, "phi3": 5}.get(family)
+    assert cfg.sliding_window == {"mistral": 4, "gemma2": 4, "phi3": 5, "gemma3_text": 4, "smollm3": 4}.get(family)
     assert cfg.head_dim == (16 if family.startswith("gemma") or family == "qwen3" else 8)
     assert (cfg.mlp_act == "gelu_tanh") is cfg.norm_unit_offset is cfg.embed_scale is family.startswith("gemma")
-    assert cfg.sandwich_norms is (family in ("gemma2", "olmo2"))
+    assert cfg.sandwich_norms is (family in ("gemma2", "olmo2", "gemma3_text"))
     assert cfg.pre_norms is (family != "olmo2")
-    assert cfg.qk_norm == {"qwen3": "head", "olmo2": "projection"}.get(family)
+    assert cfg.qk_norm == {"qwen3": "head", "olmo2": "projection", "gemma3_text": "head"}.get(family)
+    assert cfg.nope_layers == ((1,) if family == "smollm3" else ())
+    assert cfg.rotary_dim == (4 if family == "phi4" else cfg.head_dim)
+    assert [cfg.layer_rope(i) for i in range(cfg.n_layers)] == {
+        "gemma3_text": ["local", "global"], "smollm3": ["global", None]}.get(family, ["global"] * cfg.n_layers)
+    if family == "gemma3_text":
+        assert cfg.sliding_layers == (0,) and cfg.layer_window(1) is None
+        assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling) == (1000.0, 50.0, LinearRopeScaling(factor=2.0))
+    if family == "phi4":
+        assert cfg.tie_embeddings and cfg.rope_scaling.long_factor == (4.0, 9.0)
+        assert cfg.rope_scaling.attention_factor == pytest.approx(math.sqrt(1 + math.log(64 / 8) / math.log(8)))
+    if family == "smollm3":
+        assert cfg.sliding_layers == (1,)
     assert cfg.norm_scale_fp32 is cfg.rope_fp32 is (family == "olmo2")
     if family == "gemma2":
         assert cfg.sliding_layers == "even" and [cfg.layer_window(i) for i in range(2)] == [4, None]
@@ -112,14 +142,15 @@ def test_checkpoint_names_and_save_round_trip(checkpoint, tmp_path):
         stored = set(f.keys())
     assert stored == set(hf_layout(cfg))
     assert ("model.layers.0.self_attn.q_proj.bias" in stored) is (family == "qwen2")
-    assert ("model.layers.0.self_attn.qkv_proj.weight" in stored) is (family == "phi3")
-    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (family in ("gemma2", "olmo2"))
+    assert ("model.layers.0.self_attn.qkv_proj.weight" in stored) is (family in ("phi3", "phi4"))
+    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (family in ("gemma2", "olmo2",
+                                                                                          "gemma3_text"))
     assert ("model.layers.1.input_layernorm.weight" in stored) is (family != "olmo2")
-    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (family in ("qwen3", "olmo2"))
+    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (family in ("qwen3", "olmo2", "gemma3_text"))
 
     out = save_hf(params, cfg, tmp_path / "ckpt")
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == family
+    assert saved["model_type"] == MODEL_TYPE.get(family, family)
     cfg2, params2 = load_hf(out)
     assert cfg2 == cfg and all(torch.equal(params2[n], params[n]) for n in params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -132,9 +163,12 @@ def test_checkpoint_names_and_save_round_trip(checkpoint, tmp_path):
 
 
 def test_packed_documents_equal_separate_runs(checkpoint):
-    _, _, path = checkpoint
+    family, _, path = checkpoint
     cfg, params = load_hf(path)
-    lengths = [7, 9]  # both longer than the sliding windows
+    # both longer than the sliding windows; for LongRoPE (phi4) both within its original context (8), since a
+    # batch reaching past it switches every token to the long factors, as transformers does (see
+    # test_longrope_switches_factors_per_batch_as_transformers)
+    lengths = [7, 5] if family == "phi4" else [7, 9]
     docs = [tokens(1, n, seed=i) for i, n in enumerate(lengths)]
     packed = torch.cat(docs, dim=1)
     doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
@@ -171,7 +205,7 @@ def test_bf16_and_sharded_checkpoints_match_transformers(checkpoint, tmp_path):
             torch.testing.assert_close(got16.float(), ref16.float(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "qwen3", "olmo2", "gemma3_text", "phi4", "smollm3"])
 def test_greedy_generation_matches_transformers(family):
     model = make_model(family)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -295,6 +329,12 @@ PUBLISHED_PARAM_COUNTS = {
     "qwen3-4b": 4_022_468_096,
     "qwen3-8b": 8_190_735_360,
     "olmo2-1b": 1_484_916_736,  # "OLMo 2 1B": 1.48B
+    # transformers' count of each preset's config (test_qk_norm_presets_count_as_transformers); model cards:
+    # Gemma 3 1B 999,885,952 (the text tower of 4B: 3.88B), Phi-4-mini 3.8B, SmolLM3 3B (3.08B)
+    "gemma3-1b": 999_885_952,
+    "gemma3-4b": 3_880_263_168,
+    "phi4-mini": 3_836_021_760,
+    "smollm3-3b": 3_075_098_624,
 }
 
 
@@ -315,7 +355,8 @@ def test_qwen3_presets_have_the_model_cards_non_embedding_counts(name, non_embed
                  else 1) == non_embedding_billions
 
 
-@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b", "olmo2-1b"])
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b", "olmo2-1b", "gemma3-1b", "gemma3-4b", "phi4-mini",
+                                  "smollm3-3b"])
 def test_qk_norm_presets_count_as_transformers(name):
     cfg = preset(name)
     config = transformers.AutoConfig.for_model(**cfg.to_hf_config())
@@ -340,11 +381,26 @@ def test_family_preset_flags():
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"model_type": "gemma3"}, ["model_type", "'gemma3'", "'qwen2'", "'phi3'"]),
+        ({"model_type": "gemma3n"}, ["model_type", "'gemma3n'", "'qwen2'", "'phi3'", "closest name: 'gemma3'"]),
+        ({"model_type": "qwen3_moe"}, ["model_type", "'qwen3_moe'", "closest name: 'qwen3'"]),
         ({"model_type": "mistral", "attention_bias": True}, ["attention_bias", "True", "false"]),
-        ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
-         ["rope_type", "'longrope'"]),
-        ({"model_type": "phi3", "partial_rotary_factor": 0.5}, ["partial_rotary_factor", "0.5", "1.0"]),
+        ({"model_type": "llama", "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+         ["rope_type", "'longrope'", "'llama'"]),
+        ({"model_type": "phi3", "original_max_position_embeddings": 8,
+          "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+         ["1 longrope factors", "rotary_dim 16"]),
+        ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+         ["original_max_position_embeddings", "None"]),
+        ({"model_type": "mistral", "partial_rotary_factor": 0.5}, ["partial_rotary_factor", "0.5", "1.0"]),
+        ({"model_type": "qwen2", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["rope_type", "'linear'"]),
+        ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, ["attn_logit_softcapping", "50.0"]),
+        ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, ["use_bidirectional_attention"]),
+        ({"model_type": "gemma3_text", "rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                                                           "full_attention": {"rope_type": "default"}}},
+         ["rope_parameters", "sliding_attention"]),
+        ({"model_type": "gemma3_text", "layer_types": ["sliding_attention"]}, ["layer_types", "2 entries"]),
+        ({"model_type": "smollm3", "no_rope_layers": [1]}, ["no_rope_layers", "at least 2"]),
+        ({"model_type": "gemma3", "text_config": None}, ["text_config"]),
         ({"model_type": "gemma", "hidden_activation": "relu"}, ["hidden_activation", "'relu'", "gelu_pytorch_tanh"]),
         ({"model_type": "gemma2", "hidden_act": "gelu", "query_pre_attn_scalar": 16, "sliding_window": 4,
           "layer_types": ["full_attention", "sliding_attention"]}, ["layer_types", "sliding_attention"]),
@@ -422,10 +478,10 @@ def test_olmo2_norm_and_rope_round_as_transformers_in_bf16():
     assert not torch.equal(apply_rope(x, cos, sin), ref_q)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma3_text", "phi4", "smollm3"])
 def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
     peft = pytest.importorskip("peft")
-    from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
+    from lowmem.nn.lora import LoraSettings, add_adapters, merge_adapters, trainable_names
     from lowmem.nn.peft_io import load_peft, save_peft
 
     model = make_model(family)
@@ -446,6 +502,11 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     loaded_settings, loaded = load_peft(out, params, cfg)
     assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+    # what `lowmem export --merge` writes: the merged weights in the family's layout, which transformers loads
+    merged = save_hf(merge_adapters(adapted, settings), cfg, tmp_path / "merged")
+    with torch.no_grad():
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+        torch.testing.assert_close(reloaded(tok).logits, got, atol=1e-5, rtol=0)
 
 
 def test_qk_norms_are_not_lora_targets_and_are_ones_at_init():
@@ -458,3 +519,114 @@ def test_qk_norms_are_not_lora_targets_and_are_ones_at_init():
 
     adapted = add_adapters(params, small, LoraSettings(rank=2, alpha=4, targets=("wq", "wk")), seed=0)
     assert not any(n.startswith("layers.0.attn.q_norm.") for n in adapted)
+
+
+# ------------------------------------------------------------------- Gemma 3, Phi-4-mini, SmolLM3 specifics
+
+
+def test_longrope_switches_factors_per_batch_as_transformers():
+    """Within the original context (8) the short factors apply, beyond it the long ones, to the whole batch."""
+    model = make_model("phi4")
+    cfg = ModelConfig.from_hf_config(model.config.to_dict(), source="phi4/config.json")
+    params = _canonical(model, cfg)
+    tok = tokens(seed=8)
+    with torch.no_grad():
+        for n in (6, T):
+            torch.testing.assert_close(logits(params, forward(params, tok[:, :n], cfg), cfg), model(tok[:, :n]).logits,
+                                       atol=1e-5, rtol=0)
+        short = logits(params, forward(params, tok[:, :6], cfg), cfg)
+        long = logits(params, forward(params, tok, cfg), cfg)[:, :6]
+    assert (short - long).abs().max() > 1e-2  # the same six tokens, turned by the other factors
+
+
+def _canonical(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The HF model's weights under canonical names (fused Phi-3 tensors split)."""
+    state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    canon = {}
+    for hf_name, parts in hf_layout(cfg).items():
+        sizes = [param_shapes(cfg)[n][0] for n in parts]
+        canon.update(zip(parts, state[hf_name].split(sizes), strict=True))
+    return canon
+
+
+@pytest.mark.parametrize("n_layers", [6, 13])
+def test_gemma3_layer_pattern_is_read_as_transformers(n_layers):
+    """The 5:1 pattern from transformers' layer_types (5.x) and from sliding_window_pattern alone (4.x hub
+    configs), with the local RoPE base on the sliding layers only."""
+    config = transformers.Gemma3TextConfig(**COMMON | {"num_hidden_layers": n_layers, "head_dim": 16,
+                                                       "rope_local_base_freq": 50.0})
+    d = config.to_dict()
+    sliding = tuple(i for i, t in enumerate(config.layer_types) if t == "sliding_attention")
+    assert len(sliding) == n_layers - n_layers // 6
+    old = {k: v for k, v in d.items() if k not in ("layer_types", "rope_parameters")} | {
+        "sliding_window_pattern": 6, "rope_theta": 1000.0, "rope_local_base_freq": 50.0}
+    for layout in (d, old):
+        cfg = ModelConfig.from_hf_config(layout, source="gemma3/config.json")
+        assert cfg.sliding_layers == sliding and cfg.rope_local_theta == 50.0
+        assert [cfg.layer_rope(i) for i in range(n_layers)] == ["local" if i in sliding else "global"
+                                                               for i in range(n_layers)]
+    assert ModelConfig.from_hf_config(cfg.to_hf_config(), source="x") == cfg
+
+
+def test_gemma3_six_layers_match_transformers_in_fp32():
+    """The whole 5:1 pattern in one model (fp32 only; see FAMILIES): five local layers, one global."""
+    model = make_model("gemma3_text", num_hidden_layers=6, layer_types=None)
+    cfg = ModelConfig.from_hf_config(model.config.to_dict(), source="gemma3/config.json")
+    assert cfg.sliding_layers == (0, 1, 2, 3, 4)
+    params = _canonical(model, cfg)
+    tok = tokens(seed=9)
+    with torch.no_grad():
+        ref = model(tok).logits
+        got = logits(params, forward(params, tok, cfg), cfg)
+        one_rope = msgspec.structs.replace(cfg, rope_local_theta=None)
+        unlocal = logits(params, forward(params, tok, one_rope), one_rope)
+    # 1.01e-5 measured, as transformers' own sdpa and eager kernels differ here (logits up to 5.4)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    assert (unlocal - ref).abs().max() > 1e-2  # the local RoPE base matters
+
+
+def _tiny_gemma3_multimodal():
+    text = COMMON | FAMILIES["gemma3_text"][2]
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    return randomize_(transformers.Gemma3ForConditionalGeneration(config).eval(), vector_center=0.5,
+                      vector_spread=0.3)
+
+
+def test_multimodal_gemma3_loads_its_text_tower_and_says_what_it_leaves_out(tmp_path, caplog):
+    model = _tiny_gemma3_multimodal()
+    model.save_pretrained(tmp_path / "mm", safe_serialization=True)
+    with safe_open(str(tmp_path / "mm" / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert "language_model.model.layers.0.self_attn.q_norm.weight" in stored  # what transformers writes
+    with caplog.at_level("WARNING", logger="lowmem.nn.hf"):
+        cfg, params = load_hf(tmp_path / "mm")
+    assert cfg.family == "gemma3_text" and cfg.sliding_layers == (0,) and cfg.tie_embeddings
+    note = " ".join(r.getMessage() for r in caplog.records)
+    assert "text tower" in note and "vision_tower.*" in note and "multi_modal_projector.*" in note
+    tok = tokens(seed=10)
+    with torch.no_grad():
+        ref = model(input_ids=tok).logits  # no image: the text tower alone
+        torch.testing.assert_close(logits(params, forward(params, tok, cfg), cfg), ref, atol=1e-5, rtol=0)
+        out = save_hf(params, cfg, tmp_path / "text")
+        text_only = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+        assert type(text_only).__name__ == "Gemma3ForCausalLM"
+        torch.testing.assert_close(text_only(tok).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_family_defaults_are_transformers_defaults():
+    """Keys a sparse hub config leaves out (Gemma 3's text_config) take the values transformers would."""
+    from lowmem.nn.config import _FAMILY_DEFAULTS
+
+    for model_type, cls in (("gemma3_text", "Gemma3TextConfig"), ("smollm3", "SmolLM3Config")):
+        ref = getattr(transformers, cls)().to_dict()
+        rope = ref["rope_parameters"].get("full_attention", ref["rope_parameters"])
+        for key, value in _FAMILY_DEFAULTS[model_type].items():
+            assert (rope["rope_theta"] if key == "rope_theta" else ref[key]) == value, (model_type, key)
+    sparse = {"model_type": "gemma3", "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+              "model_type": "gemma3_text", "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+              "sliding_window": 1024}}  # google/gemma-3-4b-it's text_config, all of it
+    assert ModelConfig.from_hf_config(sparse, source="gemma-3-4b/config.json") == msgspec.structs.replace(
+        preset("gemma3-4b"), max_seq_len=131072)

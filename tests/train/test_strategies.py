@@ -479,3 +479,29 @@ def test_optimizer_in_backward_sums_the_gradient_norm_on_the_device():
         torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
         assert optimizer.grad_sq_sum == pytest.approx(float(expected) ** 2, rel=1e-5)
         assert all(p.grad is None for p in params)  # each hook freed its gradient
+
+
+# -- the newer families' per-layer RoPE through the checkpointing seam -----------------------------------
+
+
+@pytest.mark.parametrize("value", ["full", "selective", "every-2"])
+def test_checkpointing_changes_no_gradients_with_nope_local_and_partial_rope(value):
+    """NoPE layers pass cos and sin as None through `run_block`; Gemma 3's local layers another table pair."""
+    from lowmem.nn.llama import forward
+    from lowmem.plan.structs import Strategies
+
+    cfg = msgspec.structs.replace(preset("tiny"), n_layers=4, nope_layers=(1,), sliding_window=5,
+                                  sliding_layers=(0, 2), rope_local_theta=100.0, partial_rotary_factor=0.5,
+                                  qk_norm="head")
+    assert [cfg.layer_rope(i) for i in range(4)] == ["local", None, "local", "global"]
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing):
+        params = {n: t.requires_grad_(True) for n, t in init_params(cfg, seed=0).items()}
+        strategies = Strategies(precision="fp32", activation_checkpointing=checkpointing, cross_entropy="standard")
+        forward(params, tokens, cfg, run_block=block_runner(strategies, params)).square().mean().backward()
+        return {n: t.grad for n, t in params.items()}
+
+    off, checkpointed = grads("off"), grads(value)
+    for name, grad in off.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)

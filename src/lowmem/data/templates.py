@@ -35,6 +35,10 @@ its special tokens emitted as special ids; trained: each assistant reply and its
              <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{assistant}<|im_end|>\\n ...   (Qwen2)
     gemma    <bos><start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n{assistant}<end_of_turn>\\n
     phi3     <|system|>\\n{system}<|end|>\\n<|user|>\\n{user}<|end|>\\n<|assistant|>\\n{assistant}<|end|>\\n ... <|endoftext|>
+    phi4     <|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>{assistant}<|end|> ... <|endoftext|>  (Phi-4-mini)
+    qwen3    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n
+             <|im_start|>assistant\\n{answer}<|im_end|>\\n ...   (earlier replies: their <think>...</think> dropped)
+             <|im_start|>assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{answer}<|im_end|>\\n   (the last reply, always)
 
 Where a family's template trims message text (llama2, llama3, gemma), so does lowmem's. `<s>`, `</s>`,
 `<bos>` and `<|begin_of_text|>` above are the tokenizer's bos / eos (BOS / EOS), dropped where it has none.
@@ -195,6 +199,48 @@ def render_phi3(messages: Sequence[Message]) -> list[Segment]:
     return [*segments, (EOS, False)]
 
 
+def render_phi4(messages: Sequence[Message]) -> list[Segment]:
+    """Phi-4-mini: `<|role|>...<|end|>` per message, no newlines, then the eos (masked, as Phi-3's)."""
+    end = SpecialToken("<|end|>", "phi4")
+    segments: list[Segment] = []
+    for m in messages:
+        role = SpecialToken(f"<|{m['role']}|>", "phi4")
+        reply = m["role"] == "assistant"
+        segments += [(role, False), (m["content"], reply), (end, reply)]
+    return [*segments, (EOS, False)]
+
+
+def split_thinking(content: str) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant reply written `<think>...</think>answer`, as Qwen3's template splits it
+    (text before `</think>` after the last `<think>`, newlines trimmed at the seams); ("", content) without one."""
+    if "</think>" not in content:
+        return "", content
+    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    return reasoning, content.split("</think>")[-1].lstrip("\n")
+
+
+def render_qwen3(messages: Sequence[Message]) -> list[Segment]:
+    """Qwen3 (chatml, no default system message) with its `<think>` handling as its Hugging Face template renders
+    a conversation without tools: replies after the last user message (here: the last reply) are written
+    `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`, an empty think block when the reply has none; earlier
+    replies keep only their answer. `<think>` and `</think>` are text (added, non-special tokens in Qwen3's
+    tokenizer, which both tokenizers match in text). Trained: what each reply writes, and its `<|im_end|>`.
+    """
+    start, end = SpecialToken("<|im_start|>", "qwen3"), SpecialToken("<|im_end|>", "qwen3")
+    last_query = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    segments: list[Segment] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            segments += [(start, False), (f"{m['role']}\n{m['content']}", False), (end, False), ("\n", False)]
+            continue
+        reasoning, answer = split_thinking(m["content"])
+        if i > last_query:  # the last reply: messages alternate and end with one
+            reasoning, answer = reasoning.strip("\n"), answer.lstrip("\n")
+            answer = f"<think>\n{reasoning}\n</think>\n\n{answer}"
+        segments += [(start, False), ("assistant\n", False), (answer, True), (end, True), ("\n", False)]
+    return segments
+
+
 CHAT_TEMPLATES: dict[str, Callable[[Sequence[Message]], list[Segment]]] = {
     "llama2": render_chat,
     "llama3": render_llama3,
@@ -202,6 +248,8 @@ CHAT_TEMPLATES: dict[str, Callable[[Sequence[Message]], list[Segment]]] = {
     "chatml": render_chatml,
     "gemma": render_gemma,
     "phi3": render_phi3,
+    "phi4": render_phi4,
+    "qwen3": render_qwen3,
 }
 DEFAULT_CHAT_TEMPLATE = "llama2"  # data.chat_template = "auto" without a checkpoint
 
@@ -211,7 +259,10 @@ FAMILY_TEMPLATES = {
     "qwen2": "chatml",
     "gemma": "gemma",
     "gemma2": "gemma",
-    "phi3": "phi3",
+    "gemma3_text": "gemma",  # Gemma 3's template writes string messages as Gemma's does
+    "gemma3": "gemma",
+    "phi3": "phi3",  # Phi-4-mini (also model_type phi3): phi4, by its tokenizer (resolve_chat_template)
+    "qwen3": "qwen3",
 }
 
 
@@ -224,7 +275,8 @@ def resolve_chat_template(name: str, model_path: str | None, tokenizer: Tokenize
     """The template `data.chat_template = name` means for this model: "auto" follows the checkpoint's family.
 
     Family: `model_type` of `model_path/config.json` (llama → llama3 if the tokenizer has
-    <|start_header_id|>, else llama2; mistral; qwen2 → chatml; gemma, gemma2; phi3). Without a checkpoint
+    <|start_header_id|>, else llama2; mistral; qwen2 → chatml; qwen3; gemma, gemma2, gemma3 → gemma; phi3 →
+    phi4 if the tokenizer has <|tool|> (Phi-4-mini), else phi3). Without a checkpoint
     "auto" is llama2.
 
     Raises:
@@ -239,6 +291,8 @@ def resolve_chat_template(name: str, model_path: str | None, tokenizer: Tokenize
         raise ValueError(f"data.chat_template = 'auto' reads the model family from {config_path}: {err}") from None
     if model_type == "llama":
         return "llama3" if tokenizer.special_id("<|start_header_id|>") is not None else "llama2"
+    if model_type == "phi3" and tokenizer.special_id("<|tool|>") is not None:
+        return "phi4"  # Phi-4-mini's tokenizer has tool tokens; Phi-3's and Phi-3.5's do not
     if model_type in FAMILY_TEMPLATES:
         return FAMILY_TEMPLATES[model_type]
     raise ValueError(

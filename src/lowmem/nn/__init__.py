@@ -6,14 +6,25 @@
     loss_sum, n = cross_entropy_sum(hidden, output_weight(params, cfg), labels)
 """
 
-from lowmem.nn.config import PRESETS, Llama3RopeScaling, ModelConfig, count_params, param_shapes, preset
+from lowmem.nn.config import (
+    PRESETS,
+    LinearRopeScaling,
+    Llama3RopeScaling,
+    LongRopeScaling,
+    ModelConfig,
+    count_params,
+    param_shapes,
+    preset,
+)
 from lowmem.nn.hf import load_hf, save_hf
 from lowmem.nn.llama import forward, init_params, logits, output_weight
 from lowmem.nn.loss import cross_entropy_sum
 
 __all__ = [
     "PRESETS",
+    "LinearRopeScaling",
     "Llama3RopeScaling",
+    "LongRopeScaling",
     "ModelConfig",
     "count_params",
     "cross_entropy_sum",

@@ -31,12 +31,12 @@ from lowmem.nn.llama import (
     block_param_names,
     causal_mask,
     embed,
+    layer_rope_tables,
     linear,
     logits,
     qk_norm_of,
     qkv,
     residual_block,
-    rope_cache,
 )
 
 if TYPE_CHECKING:
@@ -103,8 +103,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = 
 
 
 def attention_with_cache(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
-                         cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                         start: int, n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
+                         cos: torch.Tensor | None, sin: torch.Tensor | None, cache_k: torch.Tensor,
+                         cache_v: torch.Tensor, start: int, n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
                          bk: torch.Tensor | None = None, bv: torch.Tensor | None = None,
                          window: int | None = None, scale: float | None = None,
                          logit_softcap: float | None = None, qk_norm: QKNorm | None = None,
@@ -140,8 +140,8 @@ def attention_with_cache(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo
     return linear(y, wo)  # (B, T, D)
 
 
-def block_with_cache(h: torch.Tensor, weights: dict[str, Weight], cos: torch.Tensor, sin: torch.Tensor,
-                     cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, window: int | None, *,
+def block_with_cache(h: torch.Tensor, weights: dict[str, Weight], cos: torch.Tensor | None,
+                     sin: torch.Tensor | None, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, window: int | None, *,
                      cfg: ModelConfig) -> torch.Tensor:
     """`llama.block` with `attention_with_cache`. h (B, T, D) → (B, T, D); weights by `block_param_names`."""
     w = weights
@@ -164,12 +164,12 @@ def _forward_with_cache(params: Params, tokens: torch.Tensor, cfg: ModelConfig, 
     if start + T > cache.max_len:
         raise ValueError(f"{start} cached + {T} new tokens exceed the cache's {cache.max_len} positions")
     positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-    cos, sin = rope_cache(cfg, positions)  # (B, T, hd) each
+    ropes = layer_rope_tables(cfg, positions)  # per layer: (B, T, rotary_dim) cos, sin, or None, None
     names = block_param_names(cfg)
     h = embed(params, tokens, cfg)  # (B, T, D)
     for i in range(cfg.n_layers):
         layer = {n: _weight(params, f"layers.{i}.{n}", adapters, False) for n in names}
-        h = block_with_cache(h, layer, cos, sin, cache.keys[i], cache.values[i], start, cache.windows[i],
+        h = block_with_cache(h, layer, *ropes[i], cache.keys[i], cache.values[i], start, cache.windows[i],
                              cfg=cfg)
     cache.length = start + T
     hidden = _norm(h[:, -1], params["norm"], cfg)  # (B, D): only the last position is sampled

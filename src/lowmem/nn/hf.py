@@ -3,7 +3,8 @@
 Every family uses HF's Llama names, with these differences: Qwen2 adds `self_attn.{q,k,v}_proj.bias`;
 Gemma 2 has four norms per layer (`post_attention_layernorm` is the norm *after* attention there, and the
 pre-MLP norm is `pre_feedforward_layernorm`); Qwen3 and OLMo 2 add `self_attn.{q,k}_norm`, and OLMo 2 keeps
-only Gemma 2's two norms after the sublayers (no `input_layernorm`); Phi-3 stores q, k, v fused as `self_attn.qkv_proj` and the
+only Gemma 2's two norms after the sublayers (no `input_layernorm`); Gemma 3 has Gemma 2's four norms and the
+q/k norms; SmolLM3 is Llama's layout; Phi-3 stores q, k, v fused as `self_attn.qkv_proj` and the
 gate and up projections as `mlp.gate_up_proj`, which are split on load and fused again on save.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import logging
 import math
 import os
 import re
@@ -26,7 +28,7 @@ from typing import Any, BinaryIO, NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from lowmem.nn.config import ModelConfig, param_shapes
+from lowmem.nn.config import TEXT_TOWERS, ModelConfig, param_shapes
 
 __all__ = ["from_hf_name", "hf_layout", "load_hf", "read_hf_config", "save_hf", "to_hf_name"]
 
@@ -76,6 +78,13 @@ _IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+_LOG = logging.getLogger(__name__)
+# A multimodal checkpoint's text tower (`TEXT_TOWERS`): stored name prefix → the text model's own. transformers
+# writes `language_model.model.*` (the layout of the published Gemma 3 checkpoints); its in-memory names, which
+# some converters save, are `model.language_model.*`.
+_TEXT_TOWER_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                        "language_model.lm_head.": "lm_head.", "lm_head.": "lm_head."}
 
 
 def _layer_to_hf(cfg: ModelConfig | None) -> dict[str, str]:
@@ -246,18 +255,49 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def read_hf_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
     """The ModelConfig of an HF checkpoint directory's `config.json` (errors name the file and key)."""
     config_path = Path(model_dir) / CONFIG_FILE
+    return ModelConfig.from_hf_config(_config_json(config_path), source=str(config_path))
+
+
+def _config_json(config_path: Path) -> dict[str, Any]:
     try:
-        hf_config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_config(hf_config, source=str(config_path))
+
+
+def _stored_to_layout_name(root: Path) -> Callable[[str], str | None]:
+    """How a stored tensor name maps to an `hf_layout` name: itself, or for a multimodal checkpoint's text tower
+    the text model's name, None for a tensor of another tower (left out). The left-out towers are logged."""
+    model_type = _config_json(root / CONFIG_FILE).get("model_type")
+    if model_type not in TEXT_TOWERS:
+        return lambda name: name
+
+    def text_name(name: str) -> str | None:
+        for prefix, text in _TEXT_TOWER_PREFIXES.items():
+            if name.startswith(prefix):
+                return text + name.removeprefix(prefix)
+        return None
+
+    left_out: dict[str, int] = {}
+    for names in _weight_files(root).values():
+        for name in names:
+            if text_name(name) is None:
+                left_out[name.split(".")[0]] = left_out.get(name.split(".")[0], 0) + 1
+    _LOG.warning("%s: loading only the text tower of this %s checkpoint (%s); left out: %s", root, model_type,
+                 TEXT_TOWERS[model_type][1],
+                 ", ".join(f"{p}.* ({n} tensors)" for p, n in sorted(left_out.items())) or "nothing")
+    return text_name
 
 
 def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu", *,
             convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[ModelConfig, Params]:
-    """Read an HF checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3, Qwen3, OLMo 2) into
-    (config, params).
+    """Read an HF checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3 / Phi-4-mini, Qwen3,
+    OLMo 2, SmolLM3) into (config, params).
+
+    Of a multimodal Gemma 3 (`Gemma3ForConditionalGeneration`) only the text tower is read, as a Gemma 3 text
+    model (`language_model.*`); the vision tower and the projector are left out, and a warning on the
+    `lowmem.nn.hf` logger names them. Saving such a model writes a text-only `Gemma3ForCausalLM`.
 
     Reads `config.json` and either `model.safetensors` or the shards listed in
     `model.safetensors.index.json`, tensor by tensor, each straight from the file into a tensor of `dtype`
@@ -285,7 +325,8 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
     params: Params = {}
     buffer = torch.empty(_CAST_BUFFER_BYTES, dtype=torch.uint8)  # reused by every cast (`_read_rows`)
     with _large_allocations_returned() if convert is not None else contextlib.nullcontext():
-        _read_params(root, cfg, expected, layout, params, buffer, device, dtype, convert)
+        _read_params(root, cfg, expected, layout, _stored_to_layout_name(root), params, buffer, device, dtype,
+                     convert)
     missing = [hf for hf, parts in layout.items() if parts[0] not in params]
     if missing:
         raise ValueError(
@@ -296,20 +337,25 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
 
 
 def _read_params(root: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]],
-                 layout: dict[str, tuple[str, ...]], params: Params, buffer: torch.Tensor,
-                 device: torch.device | str, dtype: torch.dtype,
+                 layout: dict[str, tuple[str, ...]], layout_name: Callable[[str], str | None], params: Params,
+                 buffer: torch.Tensor, device: torch.device | str, dtype: torch.dtype,
                  convert: Callable[[str, torch.Tensor], torch.Tensor] | None) -> None:
-    """load_hf's reading loop: every weight file, tensor by tensor, into `params` (converted as read)."""
+    """load_hf's reading loop: every weight file, tensor by tensor, into `params` (converted as read).
+
+    `layout_name` maps a stored name to its `layout` name, or to None for a tensor left out
+    (`_stored_to_layout_name`).
+    """
     config_path = root / CONFIG_FILE
     for file, names in _weight_files(root).items():
         entries = _safetensors_entries(file)
         with open(file, "rb", buffering=0) as fh:
             for hf_name in names:
-                if _IGNORED_HF.fullmatch(hf_name):
+                name_in_layout = layout_name(hf_name)
+                if name_in_layout is None or _IGNORED_HF.fullmatch(name_in_layout):
                     continue
-                if cfg.tie_embeddings and hf_name == _GLOBAL_TO_HF["output"]:
+                if cfg.tie_embeddings and name_in_layout == _GLOBAL_TO_HF["output"]:
                     continue  # tied: the output is tok_embeddings; a stored copy is redundant
-                parts = layout.get(hf_name)
+                parts = layout.get(name_in_layout)
                 if parts is None:
                     raise ValueError(
                         f"{file}: unexpected tensor {hf_name!r}; this config ({config_path}) expects only "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lowmem.nn.config import ModelConfig, param_shapes
+from lowmem.nn.config import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, ModelConfig, param_shapes
 
 if TYPE_CHECKING:
     from lowmem.nn.lora_settings import LoraSettings
@@ -53,6 +53,7 @@ __all__ = [
     "init_params",
     "is_nf4",
     "layer_attention_inputs",
+    "layer_rope_tables",
     "layer_masks",
     "linear",
     "logits",
@@ -133,12 +134,19 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (hd/2,) fp32, with Llama 3 scaling applied when configured."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # (hd/2,)
-    s = cfg.rope_scaling
-    if s is None:
+def _rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,) fp32 of the global RoPE (`rope_theta`, Llama 3 or linear scaling
+    applied when configured) or, with `local`, of the sliding layers' (`rope_local_theta`, unscaled).
+
+    LongRoPE's factors depend on the batch's positions: see `rope_cache`.
+    """
+    rd = cfg.rotary_dim
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))  # (rd/2,)
+    s = None if local else cfg.rope_scaling
+    if isinstance(s, LinearRopeScaling):
+        return inv_freq / s.factor
+    if not isinstance(s, Llama3RopeScaling):
         return inv_freq
     # Llama 3.1 scaling (Meta llama-models `apply_scaling`): long wavelengths are stretched by `factor`,
     # short ones kept, and the band between interpolated linearly in 1/wavelength.
@@ -154,24 +162,57 @@ def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
-def rope_cache(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for `positions` (B, T) int64 → two (B, T, hd) fp32 tensors.
+def rope_cache(cfg: ModelConfig, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for `positions` (B, T) int64 → two (B, T, rotary_dim) fp32 tensors.
 
-    HF "rotate_half" layout: the two halves of each head dim share frequencies, so HF checkpoints need no
-    q/k permutation.
+    HF "rotate_half" layout: the two halves of the rotated dims share frequencies, so HF checkpoints need no
+    q/k permutation. `local`: the sliding layers' RoPE (`ModelConfig.rope_local_theta`). LongRoPE divides the
+    frequencies by its long factors when the batch's largest position is past the original context, else by
+    the short ones, as transformers does per forward (picked on the device: no host sync), and scales cos and
+    sin by its attention factor.
     """
-    inv_freq = _rope_inv_freq(cfg).to(positions.device)  # (hd/2,)
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    return emb.cos(), emb.sin()
+    inv_freq = _rope_inv_freq(cfg, local).to(positions.device)  # (rd/2,)
+    s = None if local else cfg.rope_scaling
+    scale = 1.0
+    if isinstance(s, LongRopeScaling):
+        short = torch.tensor(s.short_factor, dtype=torch.float32, device=positions.device)
+        long = torch.tensor(s.long_factor, dtype=torch.float32, device=positions.device)
+        beyond = positions.max() + 1 > s.original_max_position_embeddings  # 0-dim bool
+        inv_freq = inv_freq / torch.where(beyond, long, short)
+        scale = s.attention_factor
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def layer_rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> list[tuple[torch.Tensor | None, ...]]:
+    """Each layer's (cos, sin) (B, T, rotary_dim) fp32 by `ModelConfig.layer_rope`, or (None, None) for a NoPE
+    layer. Each distinct RoPE is computed once and shared by its layers (Gemma 3: two; most families: one)."""
+    tables: dict[str | None, tuple[torch.Tensor | None, ...]] = {None: (None, None)}
+    out = []
+    for i in range(cfg.n_layers):
+        kind = cfg.layer_rope(i)
+        if kind not in tables:
+            tables[kind] = rope_cache(cfg, positions, local=kind == "local")
+        out.append(tables[kind])
+    return out
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool = False) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by cos/sin (B, T, hd) → x's shape and dtype.
+    """Rotate x (B, H, T, hd) by cos/sin (B, T, rd) → x's shape and dtype; dims past rd (partial rotary,
+    Phi-4-mini) pass through unchanged.
 
     Computed in x's dtype (cos/sin rounded to it, as HF Llama does), or with `fp32` in fp32 and rounded once at
     the end (OLMo 2, whose rotary embedding keeps cos/sin fp32).
     """
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        # joined along the head dim in (B, T, H, hd) order, the memory order of q and k (`qkv` transposes views):
+        # SDPA's output then takes that order too, and wo reads it without a copy, as with whole-head RoPE
+        parts = (apply_rope(x[..., :rd], cos, sin, fp32).transpose(1, 2), x[..., rd:].transpose(1, 2))
+        return torch.cat(parts, dim=-1).transpose(1, 2)  # (B, H, T, hd)
     dtype = torch.float32 if fp32 else x.dtype
     cos = cos[:, None].to(dtype)  # (B, 1, T, hd)
     sin = sin[:, None].to(dtype)
@@ -373,11 +414,12 @@ def qk_norm_of(w: dict[str, Weight], cfg: ModelConfig) -> QKNorm | None:
                   cfg.norm_scale_fp32)
 
 
-def qkv(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, cos: torch.Tensor, sin: torch.Tensor,
+def qkv(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, cos: torch.Tensor | None, sin: torch.Tensor | None,
         n_heads: int, n_kv_heads: int, bq: torch.Tensor | None = None, bk: torch.Tensor | None = None,
         bv: torch.Tensor | None = None, *, qk_norm: QKNorm | None = None,
         rope_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries (B, H, T, hd) and keys, values (B, KV, T, hd) of x (B, T, D), RoPE applied to q and k.
+    """Queries (B, H, T, hd) and keys, values (B, KV, T, hd) of x (B, T, D), RoPE applied to q and k (not where
+    cos and sin are None: a NoPE layer).
 
     qk_norm: q and k are normed after the projection (and its bias), before RoPE. rope_fp32: see `apply_rope`.
     """
@@ -394,6 +436,8 @@ def qkv(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, cos: torch.Tensor, 
     q = q.transpose(1, 2)  # (B, H, T, hd)
     k = k.transpose(1, 2)  # (B, KV, T, hd)
     v = linear(x, wv, bv).view(B, T, n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+    if cos is None:  # a NoPE layer (SmolLM3)
+        return q, k, v
     return apply_rope(q, cos, sin, rope_fp32), apply_rope(k, cos, sin, rope_fp32), v
 
 
@@ -603,7 +647,7 @@ def attention_scale(cfg: ModelConfig) -> float | None:
 
 
 def attention(x: torch.Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight,
-              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+              cos: torch.Tensor | None, sin: torch.Tensor | None, mask: torch.Tensor | None,
               n_heads: int, n_kv_heads: int, *, bq: torch.Tensor | None = None,
               bk: torch.Tensor | None = None, bv: torch.Tensor | None = None, scale: float | None = None,
               logit_softcap: float | None = None, kernel: str = "sdpa", qk_norm: QKNorm | None = None,
@@ -726,10 +770,11 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
             `run_block(block_fn, h, attn_norm, wq, wk, wv, wo, mlp_norm, w1, w2, w3, cos, sin, mask)`
             and must return `block_fn(*those args)`; for other families the weights are those of
             `block_param_names(cfg)` (biases, extra norms appended after w3). Every argument after
-            `block_fn` is positional and is a tensor, except `mask`, which is None for plain causal
+            `block_fn` is positional and is a tensor, except cos and sin, both None in a NoPE layer
+            (SmolLM3), and `mask`, which is None for plain causal
             attention (no `doc_ids` and no sliding window shorter than T) and for "varlen" a `DocSpans`
             (a NamedTuple of a tensor and ints). `h` is (B, T, D) in the params' dtype, cos/sin are
-            (B, T, hd) fp32, mask is (B, 1, T, T) bool ("sdpa") or float ("sdpa-efficient"). So
+            (B, T, rotary_dim) fp32 (`layer_rope_tables`), mask is (B, 1, T, T) bool ("sdpa") or float ("sdpa-efficient"). So
             `lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)` works.
             Default: call `block_fn(*args)` directly. A weight that carries an adapter arrives as an
             `AdaptedWeight` (a NamedTuple of tensors and floats) instead of a tensor.
@@ -755,14 +800,14 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
     if positions is None:
         positions = torch.arange(T, device=tokens.device).expand(B, T)
     run_block = run_block or _call
-    cos, sin = rope_cache(cfg, positions)  # (B, T, hd) each
+    ropes = layer_rope_tables(cfg, positions)  # per layer: (B, T, rotary_dim) cos, sin; None, None for NoPE
     block_fn = partial(block, cfg=cfg, attention_kernel=attention_kernel)
     names = block_param_names(cfg)
     h = embed(params, tokens, cfg)  # (B, T, D)
     masks = layer_attention_inputs(cfg, attention_kernel, B, T, doc_ids, tokens.device, h.dtype)  # per layer
     for i in range(cfg.n_layers):
         layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in names]
-        h = run_block(block_fn, h, *layer, cos, sin, masks[i])
+        h = run_block(block_fn, h, *layer, *ropes[i], masks[i])
     return _norm(h, params["norm"], cfg)
 
 

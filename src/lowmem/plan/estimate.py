@@ -301,13 +301,14 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     # the block input and the attention residual are saved by the norms as themselves in fp32; below fp32 the
     # norms save their fp32 upcasts instead (counted in `upcast`) and RoPE saves its cos/sin cast to the
     # compute dtype for q and k (4 head_dim vectors)
-    residuals = 2 * D * a if a == FP32 else 4 * cfg.head_dim * a
+    residuals = 2 * D * a if a == FP32 else 4 * cfg.rotary_dim * a
     cuda_kernel = kernel != "sdpa"
     attention = 0 if cuda_kernel else 3 * Q * a + H * FP32 + (Q * a if t.trains("wo") else 0)
     per_token = residuals + attention + 3 * F * a + 2 * FP32
     per_token += upcast + norm_out + (D * a if any(t.trains(n) for n in ("wq", "wk", "wv")) else 0)
     per_token += upcast + norm_out + (D * a if t.trains("w1") or t.trains("w3") else 0)
     per_token += F * a if t.trains("w2") else 0
+    per_token += qk_norm_bytes_per_token(cfg, a, t)
     shapes = param_shapes(cfg)
     for name in t.adapted:
         d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
@@ -321,6 +322,22 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
         return n_tokens * per_token + saved + (attention_mask_bytes(kernel, batch, seq_len, a) if own_mask else 0)
     mask = batch * seq_len * seq_len * a if packed else 0
     return n_tokens * per_token + mask
+
+
+def qk_norm_bytes_per_token(cfg: ModelConfig, a: int, trainable: Trainable = FULL) -> int:
+    """Bytes per token the q and k RMSNorms save in one block (Qwen3, Gemma 3: per head; OLMo 2: whole projection).
+
+    Each saves its input (the projection's output, as itself in fp32, else its fp32 upcast), its normalized
+    output when its weight trains (in the compute dtype; in fp32 where the weight multiplies in fp32: OLMo 2,
+    Gemma's 1 + w), and an fp32 rstd per normalized row (per head, or one per projection). Measured with
+    saved_tensors_hooks (tests/plan/test_family_memory.py). 0 without q/k norms.
+    """
+    if cfg.qk_norm is None:
+        return 0
+    width = (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim  # q and k
+    normalized_bytes = FP32 if cfg.norm_scale_fp32 or cfg.norm_unit_offset else a
+    rows = cfg.n_heads + cfg.n_kv_heads if cfg.qk_norm == "head" else 2
+    return width * FP32 + (width * normalized_bytes if trainable.full else 0) + rows * FP32
 
 
 def selective_block_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str,
@@ -364,7 +381,11 @@ def activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, ba
     # tables
     final_norm = (3 if trainable.full else 2) * cfg.dim * a + FP32
     shared = n_tokens * final_norm + (batch * seq_len * seq_len if packed else 0)
-    shared += 2 * n_tokens * cfg.head_dim * FP32
+    # the fp32 cos/sin tables of each distinct RoPE (Gemma 3: a local and a global one), which RoPE saves as views
+    # when it computes in fp32; below fp32 it saves casts instead (a block's `residuals`) and the tables go
+    n_ropes = len({cfg.layer_rope(i) for i in range(cfg.n_layers)} - {None})
+    if a == FP32 or cfg.rope_fp32:
+        shared += n_ropes * 2 * n_tokens * cfg.rotary_dim * FP32
     if a != FP32:
         shared += n_tokens * cfg.dim * FP32  # hidden upcast to fp32 for the loss
     if strategies.activation_checkpointing == "selective":

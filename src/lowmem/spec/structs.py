@@ -104,7 +104,7 @@ class DataSpec(Spec, kw_only=True):
     too_long: Literal["split", "truncate", "drop"] = "split"
     bad_rows: Literal["error", "skip"] = "error"
     tokenizer: TokenizerSpec | None = None
-    chat_template: Literal["auto", "llama2", "llama3", "mistral", "chatml", "gemma", "phi3"] = "auto"
+    chat_template: Literal["auto", "llama2", "llama3", "mistral", "chatml", "gemma", "phi3", "phi4", "qwen3"] = "auto"
     cache_dir: str = ".lowmem_cache"
     eval_rows: NonNegInt = 0
 
