@@ -1,0 +1,181 @@
+"""Mixture-of-experts MLP (Qwen3-MoE) as pure functions: route, compute the chosen experts, load-balancing loss.
+
+Read bottom-up: route → sort by expert → expert_linear → moe_mlp → router_stats → router_loss.
+A sparse layer's weights (see `lowmem.nn.config.param_shapes`): `moe.router` (E, D), and the experts' gated MLPs
+stacked along the rows, `moe.w1`, `moe.w3` (E * Fe, D) and `moe.w2` (E * D, Fe), plain or NF4 (QLoRA).
+Shapes: N tokens (B * T flattened), D model dim, E experts, k experts per token, Fe an expert's hidden size,
+M = N * k routed rows (one per token and chosen expert).
+
+No Python loop runs per token. The tokens are sorted by expert once (`argsort`), so each expert's rows are
+contiguous, then each projection is one grouped GEMM over all experts (`torch._grouped_mm`, which reads the
+experts' row counts on the device: no host sync), where this torch runs it for the dtype and the shapes
+(`grouped_mm_supported`); otherwise a loop over the experts (not the tokens), one matmul each, after one host
+read of the counts. Results go back to their tokens with one `index_add`, weighted by the router's probabilities.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Routing",
+    "expert_linear",
+    "grouped_mm_supported",
+    "moe_mlp",
+    "route",
+    "router_loss",
+    "router_stats",
+]
+
+# torchao's NF4 module, found without importing torchao (see `lowmem.nn.llama.is_nf4`).
+_NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+# torch._grouped_mm wants every row stride of its operands a multiple of 16 bytes (checked on CPU, torch 2.13:
+# "strides should be multiple of 16 bytes").
+GROUPED_MM_ALIGN_BYTES = 16
+
+
+class Routing(NamedTuple):
+    """Where the tokens go: each token's k experts and weights, and the routed rows sorted by expert."""
+
+    weights: torch.Tensor  # (N, k) in the hidden dtype: the chosen experts' (renormalised) probabilities
+    experts: torch.Tensor  # (N, k) int64
+    logits: torch.Tensor  # (N, E) in the hidden dtype, the router's output (for the load-balancing loss)
+    order: torch.Tensor  # (M,) int64: routed row j of the sorted rows is flat (token, slot) index order[j]
+    offsets: torch.Tensor  # (E,) int32: cumulative rows per expert in sorted order (`torch._grouped_mm`'s offs)
+
+
+def _is_nf4(w: torch.Tensor) -> bool:
+    module = sys.modules.get(_NF4_MODULE)
+    return module is not None and isinstance(w, module.NF4Tensor)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
+    """The router: softmax over experts in fp32, the top k per token, optionally renormalised to sum to 1.
+
+    x (N, D), router (E, D). As HF's Qwen3MoeTopKRouter: logits in x's dtype, probabilities in fp32, the chosen
+    weights cast back to x's dtype. The routed rows are sorted by expert (stable, so within an expert tokens
+    keep their order).
+    """
+    logits = F.linear(x, router)  # (N, E)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # (N, k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    flat = experts.reshape(-1)  # (M,)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=router.shape[0])  # (E,)
+    return Routing(weights.to(logits.dtype), experts, logits, order, counts.cumsum(0).to(torch.int32))
+
+
+def grouped_mm_supported(x: torch.Tensor, in_dim: int, out_dim: int) -> bool:
+    """True where `torch._grouped_mm` runs this projection here: the op exists, x is bf16 (or fp32 off CUDA,
+    where the CPU kernel takes it), and rows of in_dim and out_dim elements are multiples of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    dtypes = (torch.bfloat16,) if x.device.type == "cuda" else (torch.bfloat16, torch.float32)
+    size = x.element_size()
+    return x.dtype in dtypes and (in_dim * size) % GROUPED_MM_ALIGN_BYTES == 0 and \
+        (out_dim * size) % GROUPED_MM_ALIGN_BYTES == 0
+
+
+def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """xs (M, in) sorted by expert, w (E, out, in) → (M, out): expert e's rows times w[e]^T.
+
+    One `torch._grouped_mm` where `grouped`, else one matmul per expert over its rows (one host read of the
+    offsets); an expert without rows costs nothing in either.
+    """
+    if grouped:
+        return torch._grouped_mm(xs.contiguous(), w.transpose(-2, -1), offs=offsets)
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    parts = [F.linear(xs[s:e], w[i]) for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > s]
+    return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])
+
+
+class _NF4ExpertLinear(torch.autograd.Function):
+    """`_grouped` through NF4 experts: dequantized for the forward and again for backward, never saved, as
+    torchao's `linear_nf4` does for one weight. The frozen weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, xs, w_nf4, offsets, n_experts, grouped):
+        ctx.save_for_backward(offsets)
+        ctx.w_nf4, ctx.n_experts, ctx.grouped = w_nf4, n_experts, grouped
+        w = w_nf4.get_original_weight().view(n_experts, -1, w_nf4.shape[1])  # (E, out, in), a temporary
+        return _grouped(xs, w.to(xs.dtype), offsets, grouped)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        w = ctx.w_nf4.get_original_weight().view(ctx.n_experts, -1, ctx.w_nf4.shape[1]).to(grad.dtype)
+        return _grouped(grad, w.transpose(-2, -1), offsets, ctx.grouped), None, None, None, None
+
+
+def expert_linear(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, n_experts: int, *,
+                  grouped: bool | None = None) -> torch.Tensor:
+    """The routed rows through their experts' projection. xs (M, in) sorted by expert, w (E * out, in) plain or
+    NF4, offsets (E,) int32 cumulative rows → (M, out) in xs's dtype.
+
+    grouped: use `torch._grouped_mm` (True), the per-expert loop (False), or whichever runs here (None,
+    `grouped_mm_supported`).
+    """
+    out_dim, in_dim = w.shape[0] // n_experts, w.shape[1]
+    if grouped is None:
+        grouped = grouped_mm_supported(xs, in_dim, out_dim)
+    if _is_nf4(w):
+        return _NF4ExpertLinear.apply(xs, w, offsets, n_experts, grouped)
+    return _grouped(xs, w.view(n_experts, out_dim, in_dim), offsets, grouped)
+
+
+def moe_mlp(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
+            top_k: int, norm_topk_prob: bool, grouped: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse gated MLP: each token through its top-k experts' SwiGLU, summed with the router's weights.
+
+    x (B, T, D); router (E, D); w1, w3 (E * Fe, D); w2 (E * D, Fe), plain or NF4 → (B, T, D) in x's dtype, and
+    the router logits (N, E) for `router_stats`. grouped: see `expert_linear`.
+    """
+    B, T, D = x.shape
+    E = router.shape[0]
+    x2 = x.reshape(B * T, D)  # (N, D)
+    r = route(x2, router, top_k, norm_topk_prob)
+    token_of = r.order // top_k  # (M,) the token of each sorted routed row
+    xs = x2[token_of]  # (M, D)
+    gate = expert_linear(xs, w1, r.offsets, E, grouped=grouped)  # (M, Fe)
+    up = expert_linear(xs, w3, r.offsets, E, grouped=grouped)
+    ys = expert_linear(F.silu(gate) * up, w2, r.offsets, E, grouped=grouped)  # (M, D)
+    ys = ys * r.weights.reshape(-1)[r.order, None]
+    # sorted by expert, so each token's k contributions add in expert order, as HF's loop over experts adds them
+    y = x2.new_zeros(B * T, D).index_add(0, token_of, ys)
+    return y.view(B, T, D), r.logits
+
+
+def router_stats(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """One layer's share of the load-balancing loss: (2, E) fp32, row 0 how many routed rows each expert got
+    (no gradient), row 1 the sum over tokens of its router probability.
+
+    As transformers' `load_balancing_loss_func` (Qwen3-MoE, Mixtral): the probabilities are recomputed as a
+    softmax in the logits' dtype and their own top k counted (in bf16 that may differ from the routing's fp32
+    choice at a tie, and then so does HF's), summed in fp32.
+    """
+    probs = torch.softmax(logits, dim=-1)  # (N, E) in the logits' dtype
+    E = logits.shape[-1]
+    with torch.no_grad():
+        chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+        counts = torch.bincount(chosen, minlength=E).float()
+    return torch.stack([counts, probs.float().sum(dim=0)])  # (2, E)
+
+
+def router_loss(stats: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (arXiv 2101.03961, eqs. 4-6) over every sparse layer: 0-d fp32.
+
+    E * sum_e f_e P_e with f_e the fraction of routed rows expert e got and P_e its mean router probability,
+    both over all layers' tokens pooled (transformers' `load_balancing_loss_func` without an attention mask;
+    pooled, not a mean of per-layer losses). stats: each layer's `router_stats`.
+    """
+    total = torch.stack(stats).sum(dim=0)  # (2, E)
+    E = total.shape[-1]
+    rows = total[0].sum() / top_k  # tokens times sparse layers
+    return E * torch.sum(total[0] / rows * (total[1] / rows))
