@@ -217,3 +217,92 @@ def test_init_params_and_generation_run_on_a_moe_config():
     seq = torch.cat([prompt, torch.tensor([out[0]])], dim=1)  # (1, 7)
     full = logits(params, forward(params, seq[:, :-1], cfg), cfg)
     assert len(out[0]) == 3 and full[0, 3:].argmax(-1).tolist() == out[0]
+
+
+def test_attention_lora_loads_in_peft_with_the_same_logits(checkpoint, tmp_path):
+    peft = pytest.importorskip("peft")
+    from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
+    from lowmem.nn.peft_io import load_peft, save_peft
+
+    model, path = checkpoint
+    cfg, params = load_hf(path)
+    settings = LoraSettings(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo"))
+    adapted = add_adapters(params, cfg, settings, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for n in trainable_names(adapted):
+        if n.endswith(".lora_b"):
+            adapted[n] = 0.3 * torch.randn(adapted[n].shape, generator=g)
+    tok = tokens(seed=7)
+    with torch.no_grad():
+        got = logits(adapted, forward(adapted, tok, cfg, adapters=settings), cfg)
+        assert (got - logits(params, forward(params, tok, cfg), cfg)).abs().max() > 0.1  # the adapters act
+        out = save_peft(adapted, cfg, settings, tmp_path / "adapter")
+        ref = peft.PeftModel.from_pretrained(copy.deepcopy(model), out).eval()(tok).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    loaded_settings, loaded = load_peft(out, params, cfg)
+    assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+
+
+def expert_lora(params, cfg, targets=("wq", "wo", "w1", "w2", "w3"), seed=1):
+    from lowmem.nn.lora import LoraSettings, add_adapters
+
+    settings = LoraSettings(rank=4, alpha=8.0, targets=targets)
+    adapted = add_adapters(params, cfg, settings, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    for n in adapted:
+        if n.endswith(".lora_b"):
+            adapted[n] = 0.3 * torch.randn(adapted[n].shape, generator=g)
+    return settings, adapted
+
+
+def test_expert_lora_is_one_adapter_per_expert_and_merges_exactly(checkpoint, tmp_path):
+    from lowmem.nn.lora import merge_adapters
+    from lowmem.nn.peft_io import save_peft
+
+    _, path = checkpoint
+    cfg, params = load_hf(path)
+    settings, adapted = expert_lora(params, cfg)
+    assert adapted["layers.0.moe.w1.lora_a"].shape == (8 * 4, 32) and adapted["layers.0.moe.w2.lora_b"].shape == (8 * 32, 4)
+    assert "layers.1.mlp.w1.lora_a" in adapted and not any(n.startswith("layers.0.moe.router.") for n in adapted)
+    tok = tokens(seed=5)
+    with torch.no_grad():
+        got = logits(adapted, forward(adapted, tok, cfg, adapters=settings), cfg)
+        attention_only = {n: t for n, t in adapted.items() if ".moe." not in n or not n.endswith(("lora_a", "lora_b"))}
+        merged = merge_adapters(adapted, settings)
+        want = logits(merged, forward(merged, tok, cfg), cfg)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # the experts' adapters act: dropping them changes the logits
+    with torch.no_grad():
+        partial = logits(attention_only, forward(attention_only, tok, cfg, adapters=settings), cfg)
+    assert (partial - got).abs().max() > 0.05
+    with pytest.raises(ValueError, match="PEFT"):
+        save_peft(adapted, cfg, settings, tmp_path / "adapter")
+
+
+def test_qlora_keeps_the_experts_in_nf4_and_saves_no_dequantized_copy(checkpoint):
+    pytest.importorskip("torchao")
+    from lowmem.nn.llama import is_nf4
+    from lowmem.nn.lora import trainable_names
+    from lowmem.nn.quant import dequantize_nf4, quantize_nf4
+
+    _, path = checkpoint
+    cfg, params = load_hf(path)
+    base = quantize_nf4(params, cfg, block_size=16, scaler_block_size=8)
+    assert is_nf4(base["layers.0.moe.w1"]) and is_nf4(base["layers.1.mlp.w1"])
+    assert not is_nf4(base["layers.0.moe.router"])
+    settings, adapted = expert_lora(base, cfg)
+    tok = tokens(seed=6)
+    with torch.no_grad():
+        plain = dequantize_nf4(adapted)
+        want = logits(plain, forward(plain, tok, cfg, adapters=settings), cfg)
+    for n in trainable_names(adapted):
+        adapted[n].requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        hidden = forward(adapted, tok, cfg, adapters=settings)
+    got = logits(adapted, hidden, cfg)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    got.square().mean().backward()
+    assert all(adapted[n].grad is not None and adapted[n].grad.abs().max() > 0 for n in trainable_names(adapted))
+    experts_numel = 8 * 16 * 32
+    assert max(saved) < experts_numel  # no dequantized (E * Fe, D) expert weight outlives its op

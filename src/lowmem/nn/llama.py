@@ -704,12 +704,10 @@ def residual_block_with_stats(h: torch.Tensor, w: dict[str, Weight],
     return h + m, stats
 
 
-def _moe_weights(w: dict[str, Weight]) -> tuple[torch.Tensor, ...]:
-    """The router and experts of a sparse layer; an adapter on them is refused (LoRA adapts attention)."""
+def _moe_weights(w: dict[str, Weight]) -> tuple[Weight, ...]:
+    """The router and experts of a sparse layer (experts plain, NF4 or `AdaptedWeight`; the router plain)."""
     weights = tuple(w[n] for n in MOE_PARAM_NAMES)
-    if any(isinstance(t, AdaptedWeight) for t in weights):
-        raise ValueError("LoRA on a mixture-of-experts layer's router or experts is not supported; adapt the "
-                         "attention projections (targets wq, wk, wv, wo)")
+    assert not isinstance(weights[0], AdaptedWeight), "the router is never a LoRA target"
     return weights
 
 

@@ -114,20 +114,34 @@ class _NF4ExpertLinear(torch.autograd.Function):
         return _grouped(grad, w.transpose(-2, -1), offsets, ctx.grouped), None, None, None, None
 
 
-def expert_linear(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, n_experts: int, *,
-                  grouped: bool | None = None) -> torch.Tensor:
-    """The routed rows through their experts' projection. xs (M, in) sorted by expert, w (E * out, in) plain or
-    NF4, offsets (E,) int32 cumulative rows → (M, out) in xs's dtype.
-
-    grouped: use `torch._grouped_mm` (True), the per-expert loop (False), or whichever runs here (None,
-    `grouped_mm_supported`).
-    """
+def _base_expert_linear(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, n_experts: int,
+                        grouped: bool | None) -> torch.Tensor:
     out_dim, in_dim = w.shape[0] // n_experts, w.shape[1]
     if grouped is None:
         grouped = grouped_mm_supported(xs, in_dim, out_dim)
     if _is_nf4(w):
         return _NF4ExpertLinear.apply(xs, w, offsets, n_experts, grouped)
     return _grouped(xs, w.view(n_experts, out_dim, in_dim), offsets, grouped)
+
+
+def expert_linear(xs: torch.Tensor, w, offsets: torch.Tensor, n_experts: int, *,
+                  grouped: bool | None = None) -> torch.Tensor:
+    """The routed rows through their experts' projection. xs (M, in) sorted by expert, w (E * out, in) plain or
+    NF4, offsets (E,) int32 cumulative rows → (M, out) in xs's dtype.
+
+    w may also be a `lowmem.nn.llama.AdaptedWeight` holding one LoRA adapter per expert, stacked as the weights
+    are (A (E * r, in), B (E * out, r)): expert e's rows get W_e x + s B_e A_e d(x), both products grouped like
+    the base. DoRA is refused on experts (`lowmem.nn.lora.add_adapters`).
+    grouped: use `torch._grouped_mm` (True), the per-expert loop (False), or whichever runs here (None,
+    `grouped_mm_supported`), chosen per product.
+    """
+    if isinstance(w, torch.Tensor):
+        return _base_expert_linear(xs, w, offsets, n_experts, grouped)
+    assert w.dora_m is None, "add_adapters refuses DoRA on experts"
+    y = _base_expert_linear(xs, w.weight, offsets, n_experts, grouped)
+    xd = F.dropout(xs, w.dropout) if w.dropout > 0 else xs
+    low = _base_expert_linear(xd, w.lora_a, offsets, n_experts, grouped)  # (M, r)
+    return y + _base_expert_linear(low, w.lora_b, offsets, n_experts, grouped) * w.scale
 
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
