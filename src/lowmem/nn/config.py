@@ -605,6 +605,13 @@ def _tiny() -> ModelConfig:
     return ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=172)
 
 
+def _tiny_moe() -> ModelConfig:
+    # `_tiny` with Qwen3-MoE's sparse MLP: 8 experts of 32, 2 per token, load-balancing loss on
+    return ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=172, family="qwen3_moe",
+                       qk_norm="head", n_experts=8, n_experts_per_token=2, expert_ffn_dim=32, norm_topk_prob=True,
+                       router_aux_loss=True, router_aux_loss_coef=0.01)
+
+
 def _quickstart_5m() -> ModelConfig:
     return ModelConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=704,
                        tie_embeddings=True, max_seq_len=1024)
@@ -716,6 +723,7 @@ def _tinyllama_1b() -> ModelConfig:  # TinyLlama/TinyLlama-1.1B-intermediate-ste
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": _tiny,
+    "tiny-moe": _tiny_moe,
     "quickstart-5m": _quickstart_5m,
     "llama3.2-1b": _llama32_1b,
     "llama3.2-3b": _llama32_3b,
