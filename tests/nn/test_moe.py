@@ -10,7 +10,14 @@ from safetensors import safe_open
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.hf import expert_rows, hf_layout, load_hf, save_hf
-from lowmem.nn.llama import block_param_names, forward, forward_with_router_loss, init_params, logits, output_weight
+from lowmem.nn.llama import (
+    block_param_names,
+    forward,
+    forward_with_router_loss,
+    init_params,
+    logits,
+    output_weight,
+)
 from lowmem.nn.loss import cross_entropy_sum
 from lowmem.nn.moe import expert_linear, grouped_mm_supported, moe_mlp, route
 
@@ -173,7 +180,7 @@ def test_router_picks_top_k_and_an_expert_without_tokens_costs_nothing():
     w = torch.randn(4 * 4, 2)
     for grouped in (False,):  # 2 fp32 features are 8 bytes: too narrow for torch._grouped_mm
         y = expert_linear(xs, w, r.offsets, 4, grouped=grouped)
-        want = torch.stack([w.view(4, 4, 2)[e] @ row for e, row in zip(r.experts.reshape(-1)[r.order], xs)])
+        want = torch.stack([w.view(4, 4, 2)[e] @ row for e, row in zip(r.experts.reshape(-1)[r.order], xs, strict=True)])
         torch.testing.assert_close(y, want)
     assert not grouped_mm_supported(xs, 2, 4)
 
@@ -306,3 +313,18 @@ def test_qlora_keeps_the_experts_in_nf4_and_saves_no_dequantized_copy(checkpoint
     assert all(adapted[n].grad is not None and adapted[n].grad.abs().max() > 0 for n in trainable_names(adapted))
     experts_numel = 8 * 16 * 32
     assert max(saved) < experts_numel  # no dequantized (E * Fe, D) expert weight outlives its op
+
+
+def test_qlora_load_quantizes_each_stacked_expert_tensor_as_it_completes(checkpoint):
+    pytest.importorskip("torchao")
+    from lowmem.nn.llama import is_nf4
+    from lowmem.nn.quant import nf4_converter, quantize_nf4
+
+    _, path = checkpoint
+    cfg, plain = load_hf(path)
+    _, params = load_hf(path, convert=nf4_converter(cfg, block_size=16, scaler_block_size=8))
+    assert is_nf4(params["layers.2.moe.w2"]) and not is_nf4(params["layers.2.moe.router"])
+    want = quantize_nf4(plain, cfg, block_size=16, scaler_block_size=8)
+    tok = tokens(seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(params, tok, cfg), forward(want, tok, cfg), atol=0, rtol=0)

@@ -9,7 +9,7 @@ import torch
 from lowmem.nn.config import preset
 from lowmem.nn.llama import init_params, residual_block_with_stats
 from lowmem.plan import plan
-from lowmem.plan.estimate import MOE_LOAD_IMBALANCE, block_activation_bytes, mlp_token_bytes, FULL
+from lowmem.plan.estimate import FULL, MOE_LOAD_IMBALANCE, block_activation_bytes, mlp_token_bytes
 from lowmem.train import execute
 
 

@@ -295,7 +295,7 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     layers share, except under mixed precision, where each layer keeps its own copy in the compute dtype.
     """
     a = DTYPE_BYTES[precision]
-    D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
+    D, Q, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_heads
     t = trainable
     upcast = D * FP32 if a != FP32 else 0
     norm_out = D * a if t.full else 0
