@@ -328,3 +328,23 @@ def test_qlora_load_quantizes_each_stacked_expert_tensor_as_it_completes(checkpo
     tok = tokens(seed=8)
     with torch.no_grad():
         torch.testing.assert_close(forward(params, tok, cfg), forward(want, tok, cfg), atol=0, rtol=0)
+
+
+def test_nf4_experts_dequantize_piecewise_to_the_same_values_in_less_scratch():
+    pytest.importorskip("torchao")
+    from lowmem.nn.moe import dequantize_experts
+    from lowmem.nn.quant import _quantize_weight
+    from lowmem.train.memory import LiveTensorTracker
+
+    E, out, cols = 16, 64, 128
+    w = _quantize_weight("w", torch.randn(E * out, cols, generator=torch.Generator().manual_seed(0)), 64, 256)
+    peaks, results = {}, {}
+    for chunk in (E * out * cols, 2 * out * cols):
+        with LiveTensorTracker() as tracker:
+            results[chunk] = dequantize_experts(w, E, torch.float32, chunk_elements=chunk)
+        peaks[chunk] = tracker.peak_bytes
+    whole, pieces = results.values()
+    assert torch.equal(whole, pieces) and torch.equal(whole.reshape(E * out, cols), w.get_original_weight())
+    weight_bytes = E * out * cols * 4
+    assert peaks[E * out * cols] > 3 * weight_bytes  # torchao's int64 codes for the whole tensor
+    assert peaks[2 * out * cols] < 1.8 * weight_bytes  # the output plus the scratch of 2 experts

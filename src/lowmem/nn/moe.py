@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Routing",
+    "dequantize_experts",
     "expert_linear",
     "grouped_mm_supported",
     "moe_mlp",
@@ -36,6 +37,10 @@ _NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 # torch._grouped_mm wants every row stride of its operands a multiple of 16 bytes (checked on CPU, torch 2.13:
 # "strides should be multiple of 16 bytes").
 GROUPED_MM_ALIGN_BYTES = 16
+# NF4 experts are dequantized this many elements at a time into one buffer: torchao's dequantization goes through
+# int64 codes, about 4.8x the fp32 weight in scratch (tests/nn/test_quant.py), which for a whole layer's experts
+# (Qwen3-30B-A3B: 128 x 768 x 2048 = 201M elements) would be 3.6 GiB; 16M elements keep it near 300 MiB.
+NF4_DEQUANT_CHUNK_ELEMENTS = 1 << 24
 
 
 class Routing(NamedTuple):
@@ -96,6 +101,32 @@ def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, grouped: 
     return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])
 
 
+def _experts_per_chunk(w_nf4, n_experts: int, chunk_elements: int) -> int:
+    """The most experts per dequantization piece within `chunk_elements` (at least 1) that divide n_experts and
+    hold whole NF4 scaler blocks (what torchao's split of an NF4 tensor needs); n_experts where none does."""
+    per_expert = w_nf4.numel() // n_experts
+    quantum = w_nf4.block_size * w_nf4.scaler_block_size
+    fits = [k for k in range(1, n_experts + 1) if n_experts % k == 0 and k * per_expert % quantum == 0]
+    small = [k for k in fits if k * per_expert <= chunk_elements]
+    return max(small) if small else min(fits, default=n_experts)
+
+
+def dequantize_experts(w_nf4, n_experts: int, dtype: torch.dtype,
+                       chunk_elements: int = NF4_DEQUANT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """NF4 stacked experts (E * out, in) → plain (E, out, in) in `dtype`, without gradient, dequantized a piece
+    of experts at a time into one buffer, so torchao's scratch is that of a piece, not of the whole tensor."""
+    rows, cols = w_nf4.shape
+    k = _experts_per_chunk(w_nf4, n_experts, chunk_elements)
+    piece_rows = k * (rows // n_experts)
+    with torch.no_grad():
+        if k == n_experts:
+            return w_nf4.get_original_weight().to(dtype).view(n_experts, -1, cols)
+        out = torch.empty(rows, cols, dtype=dtype, device=w_nf4.device)
+        for i, piece in enumerate(torch.split(w_nf4, piece_rows)):
+            out[i * piece_rows:(i + 1) * piece_rows] = piece.get_original_weight()
+    return out.view(n_experts, -1, cols)
+
+
 class _NF4ExpertLinear(torch.autograd.Function):
     """`_grouped` through NF4 experts: dequantized for the forward and again for backward, never saved, as
     torchao's `linear_nf4` does for one weight. The frozen weight gets no gradient."""
@@ -104,13 +135,13 @@ class _NF4ExpertLinear(torch.autograd.Function):
     def forward(ctx, xs, w_nf4, offsets, n_experts, grouped):
         ctx.save_for_backward(offsets)
         ctx.w_nf4, ctx.n_experts, ctx.grouped = w_nf4, n_experts, grouped
-        w = w_nf4.get_original_weight().view(n_experts, -1, w_nf4.shape[1])  # (E, out, in), a temporary
-        return _grouped(xs, w.to(xs.dtype), offsets, grouped)
+        w = dequantize_experts(w_nf4, n_experts, xs.dtype)  # (E, out, in), a temporary
+        return _grouped(xs, w, offsets, grouped)
 
     @staticmethod
     def backward(ctx, grad):
         (offsets,) = ctx.saved_tensors
-        w = ctx.w_nf4.get_original_weight().view(ctx.n_experts, -1, ctx.w_nf4.shape[1]).to(grad.dtype)
+        w = dequantize_experts(ctx.w_nf4, ctx.n_experts, grad.dtype)
         return _grouped(grad, w.transpose(-2, -1), offsets, ctx.grouped), None, None, None, None
 
 

@@ -22,6 +22,7 @@ from lowmem.nn.config import ModelConfig, count_params, param_shapes
 from lowmem.nn.lora import TARGETS
 from lowmem.nn.lora_settings import target_names
 from lowmem.nn.loss import loss_peak_bytes
+from lowmem.nn.moe import NF4_DEQUANT_CHUNK_ELEMENTS
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
@@ -694,13 +695,17 @@ def _parameter_bytes(cfg: ModelConfig, strategies: Strategies, trainable: Traina
     from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
 
     shapes = param_shapes(cfg)
-    quantized = [_numel(shapes[name]) for name in quantized_names(cfg, TARGETS)]
+    names = quantized_names(cfg, TARGETS)
+    quantized = [_numel(shapes[name]) for name in names]
     params -= sum(quantized) * base_b
     params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=base_b)
                   for n in quantized)
     # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
-    # length of one op (measured in tests/nn/test_quant.py)
-    dequant_scratch = int(max(quantized) * 4 * 4.8)
+    # length of one op (measured in tests/nn/test_quant.py); stacked experts are dequantized piece by piece into
+    # one buffer in the compute dtype (`lowmem.nn.moe.dequantize_experts`)
+    dequant_scratch = int(max(n * 4 * 4.8 if ".moe." not in name else
+                              n * base_b + min(n, NF4_DEQUANT_CHUNK_ELEMENTS) * 4 * 4.8
+                              for name, n in zip(names, quantized, strict=True)))
     # the projections (most of the parameters) are NF4, about half a byte each
     note = f"{n_params:,}: {sum(quantized):,} in NF4 (~0.5 B), the rest x {base_b} B"
     return params, note, dequant_scratch
