@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "Routing",
@@ -72,16 +73,19 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk_prob: boo
         weights = weights / weights.sum(dim=-1, keepdim=True)
     flat = experts.reshape(-1)  # (M,)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=router.shape[0])  # (E,)
+    # (E,) rows per expert; a scatter rather than bincount, whose output length depends on the data
+    counts = torch.zeros(router.shape[0], dtype=torch.int64, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     return Routing(weights.to(logits.dtype), experts, logits, order, counts.cumsum(0).to(torch.int32))
 
 
 def grouped_mm_supported(x: torch.Tensor, in_dim: int, out_dim: int) -> bool:
-    """True where `torch._grouped_mm` runs this projection here: the op exists, x is bf16 (or fp32 off CUDA,
-    where the CPU kernel takes it), and rows of in_dim and out_dim elements are multiples of 16 bytes."""
+    """True where `torch._grouped_mm` runs this projection here: the op exists, x is bf16 (or fp32 on the CPU
+    outside `torch.compile`: the CPU kernel takes fp32, but the op's fake-tensor rule, which compile traces with,
+    demands bf16 as CUDA does; torch 2.13), and rows of in_dim and out_dim elements are multiples of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    dtypes = (torch.bfloat16,) if x.device.type == "cuda" else (torch.bfloat16, torch.float32)
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    dtypes = (torch.bfloat16, torch.float32) if eager_cpu else (torch.bfloat16,)
     size = x.element_size()
     return x.dtype in dtypes and (in_dim * size) % GROUPED_MM_ALIGN_BYTES == 0 and \
         (out_dim * size) % GROUPED_MM_ALIGN_BYTES == 0
@@ -93,6 +97,8 @@ def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, grouped: 
     One `torch._grouped_mm` where `grouped`, else one matmul per expert over its rows (one host read of the
     offsets); an expert without rows costs nothing in either.
     """
+    if is_fake(xs) and not (grouped and xs.dtype == torch.bfloat16):
+        return _FakeGroupedMM.apply(xs, w, offsets)  # a dry run: see `_FakeGroupedMM`
     if grouped:
         return torch._grouped_mm(xs.contiguous(), w.transpose(-2, -1), offs=offsets)
     ends = offsets.tolist()
@@ -125,6 +131,24 @@ def dequantize_experts(w_nf4, n_experts: int, dtype: torch.dtype,
         for i, piece in enumerate(torch.split(w_nf4, piece_rows)):
             out[i * piece_rows:(i + 1) * piece_rows] = piece.get_original_weight()
     return out.view(n_experts, -1, cols)
+
+
+class _FakeGroupedMM(torch.autograd.Function):
+    """`_grouped` on fake tensors (lowmem's FakeTensorMode dry runs) where torch cannot trace it: fp32, whose
+    fake-tensor rule torch restricts to bf16, and the per-expert loop, which reads the experts' row counts on the
+    host. Outputs of the right shape, saving what both real paths save: the weight (and the input where the
+    weight trains) and the offsets."""
+
+    @staticmethod
+    def forward(ctx, xs, w, offsets):
+        ctx.save_for_backward(xs if w.requires_grad else None, w, offsets)
+        return xs.new_empty(xs.shape[0], w.shape[1])  # (M, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, w, _ = ctx.saved_tensors
+        grad_w = w.new_empty(w.shape) if ctx.needs_input_grad[1] else None
+        return grad.new_empty(grad.shape[0], w.shape[2]), grad_w, None
 
 
 class _NF4ExpertLinear(torch.autograd.Function):
@@ -209,7 +233,7 @@ def router_stats(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     E = logits.shape[-1]
     with torch.no_grad():
         chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
-        counts = torch.bincount(chosen, minlength=E).float()
+        counts = torch.zeros(E, device=logits.device).index_add_(0, chosen, torch.ones(chosen.shape, device=logits.device))
     return torch.stack([counts, probs.float().sum(dim=0)])  # (2, E)
 
 
