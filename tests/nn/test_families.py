@@ -382,7 +382,7 @@ def test_family_preset_flags():
     ("change", "words"),
     [
         ({"model_type": "gemma3n"}, ["model_type", "'gemma3n'", "'qwen2'", "'phi3'", "closest name: 'gemma3'"]),
-        ({"model_type": "qwen3_moe"}, ["model_type", "'qwen3_moe'", "closest name: 'qwen3'"]),
+        ({"model_type": "mixtral"}, ["model_type", "'mixtral'", "closest name: 'mistral'"]),
         ({"model_type": "mistral", "attention_bias": True}, ["attention_bias", "True", "false"]),
         ({"model_type": "llama", "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
          ["rope_type", "'longrope'", "'llama'"]),

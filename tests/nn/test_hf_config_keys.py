@@ -14,6 +14,7 @@ CONFIG_CLASSES = {
     "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
     "gemma2": "Gemma2Config", "phi3": "Phi3Config", "qwen3": "Qwen3Config", "olmo2": "Olmo2Config",
     "gemma3_text": "Gemma3TextConfig", "smollm3": "SmolLM3Config", "gemma3": "Gemma3Config",
+    "qwen3_moe": "Qwen3MoeConfig",
 }
 
 # Keys that cannot change what lowmem computes from a checkpoint, and why.
@@ -44,6 +45,7 @@ IRRELEVANT = {
 IRRELEVANT_IN = {
     # Qwen2 slides only with use_sliding_window, which is refused by name where it would apply.
     ("qwen2", "sliding_window"): "read only with use_sliding_window (refused where it applies)",
+    ("qwen3_moe", "sliding_window"): "read only with use_sliding_window (refused by name)",
     ("phi3", "original_max_position_embeddings"): "read only by longrope rope_scaling (tested with it)",
 }
 

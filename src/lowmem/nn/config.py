@@ -107,8 +107,10 @@ FAMILIES = {
     "olmo2": "Olmo2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "qwen3", "olmo2", "gemma3_text", "smollm3"]
+Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "qwen3", "olmo2", "gemma3_text", "smollm3",
+                 "qwen3_moe"]
 # Multimodal `model_type`s whose text tower lowmem loads: model_type → (the text family, the architecture). Their
 # config.json holds the text model under `text_config`; the other towers (vision encoder, projector) are left
 # out, and `lowmem.nn.hf.load_hf` says so.
@@ -153,6 +155,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     - `norm_scale_fp32`: RMSNorm multiplies by its weight in fp32 and casts afterwards, not before (OLMo 2;
       Gemma's unit-offset norm does so too). `rope_fp32`: RoPE rotates q and k in fp32 and casts back
       (OLMo 2's cos/sin stay fp32). Both change only rounding in bf16/fp16.
+    - `n_experts` > 0 makes the MLP of the layers `is_moe_layer` picks a mixture of experts (Qwen3-MoE, see
+      `lowmem.nn.moe`): a router `moe.router` (n_experts, D) sends each token to its `n_experts_per_token`
+      best experts, each a gated MLP of hidden size `expert_ffn_dim`; `norm_topk_prob` renormalises the
+      chosen experts' probabilities to sum to 1. A layer is sparse when (layer + 1) % `moe_layer_step` == 0
+      and it is not in `dense_mlp_layers` (HF's `decoder_sparse_step`, `mlp_only_layers`); the other layers
+      keep the dense MLP of `ffn_dim`. `router_aux_loss` (HF's `output_router_logits`) adds the Switch
+      Transformer load-balancing loss times `router_aux_loss_coef` to the training loss, as transformers does.
     """
 
     vocab_size: int
@@ -185,6 +194,14 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     rope_local_theta: float | None = None
     nope_layers: tuple[int, ...] = ()
     partial_rotary_factor: float = 1.0
+    n_experts: int = 0
+    n_experts_per_token: int = 0
+    expert_ffn_dim: int = 0
+    norm_topk_prob: bool = False
+    moe_layer_step: int = 1
+    dense_mlp_layers: tuple[int, ...] = ()
+    router_aux_loss: bool = False
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -224,6 +241,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 "even for RoPE"
             )
         self._check_rope_layout()
+        if self.n_experts:
+            _check_moe_fields(self)
 
     def _check_rope_layout(self) -> None:
         """Per-layer options name existing layers; the rotated part of a head is even and not empty."""
@@ -249,6 +268,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     def rotary_dim(self) -> int:
         """How many leading dims of each head RoPE turns: int(head_dim * partial_rotary_factor), as HF rounds."""
         return int(self.head_dim * self.partial_rotary_factor)
+    def is_moe_layer(self, layer: int) -> bool:
+        """True where layer `layer` (0-based) routes its MLP to experts (HF Qwen3MoeDecoderLayer's rule)."""
+        return self.n_experts > 0 and layer not in self.dense_mlp_layers and (layer + 1) % self.moe_layer_step == 0
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (0-based), or None where it attends to every earlier key."""
@@ -308,6 +330,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 norm_unit_offset=gemma,
                 embed_scale=gemma,
                 **family_fields,
+                **_hf_moe_options(hf),
             )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -349,8 +372,10 @@ def _family_hf_keys(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
     if cfg.family in ("mistral", "phi3", "gemma2", "gemma3_text"):
         d["sliding_window"] = cfg.sliding_window
-    if cfg.family in ("qwen2", "qwen3"):
+    if cfg.family in ("qwen2", "qwen3", "qwen3_moe"):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    if cfg.family == "qwen3_moe":
+        d |= _hf_moe_keys(cfg)
     if cfg.family in GEMMA_FAMILIES:
         d["hidden_activation"] = "gelu_pytorch_tanh"
     if cfg.family in ("gemma2", "gemma3_text"):
@@ -390,6 +415,37 @@ def _rope_scaling_to_hf(s: RopeScaling | None) -> dict[str, Any] | None:
                 "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings}
     return None
+
+def _hf_moe_keys(cfg: ModelConfig) -> dict[str, Any]:
+    """Qwen3MoeConfig's mixture-of-experts keys for `cfg` (num_experts 0: every layer dense)."""
+    return {
+        "num_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.n_experts_per_token or 1,
+        "moe_intermediate_size": cfg.expert_ffn_dim or cfg.ffn_dim,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": cfg.moe_layer_step,
+        "mlp_only_layers": list(cfg.dense_mlp_layers),
+        "output_router_logits": cfg.router_aux_loss,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+    }
+
+
+def _check_moe_fields(cfg: ModelConfig) -> None:
+    """The mixture-of-experts fields of a config with n_experts > 0; ValueError naming the field otherwise."""
+    if isinstance(cfg.n_experts, bool) or not isinstance(cfg.n_experts, int) or cfg.n_experts < 0:
+        raise ValueError(f"n_experts = {cfg.n_experts!r}: must be a non-negative integer (0: dense MLP)")
+    for name in ("n_experts_per_token", "expert_ffn_dim", "moe_layer_step"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} = {value!r}: must be a positive integer when n_experts > 0")
+    if cfg.n_experts_per_token > cfg.n_experts:
+        raise ValueError(f"n_experts_per_token = {cfg.n_experts_per_token}: must be at most n_experts = "
+                         f"{cfg.n_experts} (each token picks that many distinct experts)")
+    bad = [i for i in cfg.dense_mlp_layers if not 0 <= i < cfg.n_layers]
+    if bad:
+        raise ValueError(f"dense_mlp_layers = {list(cfg.dense_mlp_layers)}: {bad} outside layers 0..{cfg.n_layers - 1}")
+    if not cfg.router_aux_loss_coef >= 0:
+        raise ValueError(f"router_aux_loss_coef = {cfg.router_aux_loss_coef!r}: must be >= 0")
 
 
 class _HFConfig(NamedTuple):
@@ -483,6 +539,8 @@ def _hf_sliding_window(hf: _HFConfig) -> dict[str, Any]:
     a 5.x `layer_types` list other than the pattern lowmem runs for the other families.
     """
     d, model_type = hf.d, hf.model_type
+    if model_type == "qwen3_moe" and d.get("use_sliding_window"):
+        hf.refuse("use_sliding_window", "false (Qwen3-MoE's sliding window is not implemented)")
     if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and \
             d.get("max_window_layers", 0) < hf.need("num_hidden_layers"):
         hf.refuse("use_sliding_window", f"false, or max_window_layers >= num_hidden_layers ({model_type}'s sliding "
@@ -594,14 +652,39 @@ def _hf_gemma_options(hf: _HFConfig) -> dict[str, Any]:
 
 
 def _hf_qk_norm_options(hf: _HFConfig) -> dict[str, Any]:
-    """The `ModelConfig` fields of the q/k-norm families: Qwen3 and Gemma 3 (per head) and OLMo 2 (whole
+    """The `ModelConfig` fields of the q/k-norm families: Qwen3, Qwen3-MoE and Gemma 3 (per head) and OLMo 2 (whole
     projection, norms on the sublayer outputs only, fp32 norm scaling and RoPE); {} otherwise."""
-    if hf.model_type in ("qwen3", "gemma3_text"):
+    if hf.model_type in ("qwen3", "gemma3_text", "qwen3_moe"):
         return {"qk_norm": "head"}
     if hf.model_type == "olmo2":
         return {"qk_norm": "projection", "pre_norms": False, "sandwich_norms": True, "norm_scale_fp32": True,
                 "rope_fp32": True}
     return {}
+
+
+def _hf_moe_options(hf: _HFConfig) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE config.json; {} for the dense families.
+
+    transformers 5 writes `num_experts` as `num_local_experts` (its attribute map); both are read.
+    """
+    if hf.model_type != "qwen3_moe":
+        return {}
+    d = hf.d
+    n_experts = d.get("num_experts", d.get("num_local_experts"))
+    if n_experts is None:
+        raise ValueError("missing key 'num_experts', needed to build a 'qwen3_moe' model")  # the caller names the file
+    if not n_experts:
+        return {}  # every layer dense (HF: `num_experts > 0` is part of the sparse-layer rule)
+    return {
+        "n_experts": n_experts,
+        "n_experts_per_token": hf.need("num_experts_per_tok"),
+        "expert_ffn_dim": hf.need("moe_intermediate_size"),
+        "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+        "moe_layer_step": d.get("decoder_sparse_step", 1),
+        "dense_mlp_layers": tuple(d.get("mlp_only_layers") or ()),
+        "router_aux_loss": bool(d.get("output_router_logits", False)),
+        "router_aux_loss_coef": float(d.get("router_aux_loss_coef", 0.001)),
+    }
 
 
 def _int_if_whole(value: float | None) -> float | int | None:
@@ -726,9 +809,12 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "attn_post_norm"] = (D,)
         if cfg.pre_norms:
             shapes[p + "mlp_norm"] = (D,)
-        shapes[p + "mlp.w1"] = (F, D)
-        shapes[p + "mlp.w2"] = (D, F)
-        shapes[p + "mlp.w3"] = (F, D)
+        if cfg.is_moe_layer(i):
+            shapes |= _moe_shapes(cfg, p)
+        else:
+            shapes[p + "mlp.w1"] = (F, D)
+            shapes[p + "mlp.w2"] = (D, F)
+            shapes[p + "mlp.w3"] = (F, D)
         if cfg.sandwich_norms:
             shapes[p + "mlp_post_norm"] = (D,)
     shapes["norm"] = (D,)
@@ -737,21 +823,35 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _moe_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A sparse layer's router (E, D) and experts, each expert's (out, in) matrix stacked along the rows:
+    w1, w3 (E * Fe, D) and w2 (E * D, Fe), so expert e's gate projection is rows e * Fe .. (e + 1) * Fe of w1.
+
+    2-D, not (E, out, in): torchao's NF4 takes at most two dimensions, and HF's per-expert tensors are then
+    row blocks of one canonical tensor. `lowmem.nn.moe` views them as (E, out, in).
+    """
+    D, E, Fe = cfg.dim, cfg.n_experts, cfg.expert_ffn_dim
+    return {prefix + "moe.router": (E, D), prefix + "moe.w1": (E * Fe, D), prefix + "moe.w2": (E * D, Fe),
+            prefix + "moe.w3": (E * Fe, D)}
+
+
 def count_params(cfg: ModelConfig) -> int:
     """Number of parameters, counted analytically (tied output counted once)."""
     D, F, V, L = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     attn = 2 * D * q_dim + 2 * D * kv_dim  # wq, wo; wk, wv
     attn += (q_dim + 2 * kv_dim) if cfg.qkv_bias else 0  # bq, bk, bv
-    mlp = 3 * D * F  # w1, w2, w3
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(L))
+    mlp = 3 * D * F  # w1, w2, w3 (a dense layer)
+    moe = cfg.n_experts * D + 3 * cfg.n_experts * D * cfg.expert_ffn_dim  # router; every expert's w1, w2, w3
     norms = (2 * cfg.pre_norms + 2 * cfg.sandwich_norms) * D  # attn_norm, mlp_norm; attn_post_norm, mlp_post_norm
     if cfg.qk_norm == "head":
         norms += 2 * cfg.head_dim  # q_norm, k_norm
     elif cfg.qk_norm == "projection":
         norms += q_dim + kv_dim
-    block = attn + mlp + norms
+    block = attn + norms
     embed = V * D * (1 if cfg.tie_embeddings else 2)
-    return embed + L * block + D
+    return embed + L * block + (L - n_moe) * mlp + n_moe * moe + D
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -760,6 +860,13 @@ def count_params(cfg: ModelConfig) -> int:
 
 def _tiny() -> ModelConfig:
     return ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=172)
+
+
+def _tiny_moe() -> ModelConfig:
+    # `_tiny` with Qwen3-MoE's sparse MLP: 8 experts of 32, 2 per token, load-balancing loss on
+    return ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=172, family="qwen3_moe",
+                       qk_norm="head", n_experts=8, n_experts_per_token=2, expert_ffn_dim=32, norm_topk_prob=True,
+                       router_aux_loss=True, router_aux_loss_coef=0.01)
 
 
 def _quickstart_5m() -> ModelConfig:
@@ -846,6 +953,17 @@ def _qwen3(dim: int, ffn_dim: int, n_layers: int, n_heads: int, tie: bool) -> Mo
                        head_dim_override=None if 128 * n_heads == dim else 128)
 
 
+def _qwen3_30b_a3b() -> ModelConfig:
+    # Qwen/Qwen3-30B-A3B config.json: hidden_size 2048, 48 layers, 32 heads of head_dim 128, 4 kv heads,
+    # 128 experts of moe_intermediate_size 768, 8 per token, norm_topk_prob true, decoder_sparse_step 1, no
+    # mlp_only_layers (so intermediate_size 6144 is unused), vocab 151936, untied, rms_norm_eps 1e-6,
+    # rope_theta 1000000, max_position_embeddings 40960, output_router_logits false, router_aux_loss_coef 0.001.
+    return ModelConfig(vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, ffn_dim=6144,
+                       norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, family="qwen3_moe", qk_norm="head",
+                       head_dim_override=128, n_experts=128, n_experts_per_token=8, expert_ffn_dim=768,
+                       norm_topk_prob=True, router_aux_loss_coef=0.001)
+
+
 def _olmo2_1b() -> ModelConfig:
     # allenai/OLMo-2-0425-1B config.json: hidden_size 2048, intermediate_size 8192, 16 layers, 16 heads (no
     # GQA), vocab_size 100352, rms_norm_eps 1e-6, rope_theta 500000, max_position_embeddings 4096, untied.
@@ -894,6 +1012,7 @@ def _tinyllama_1b() -> ModelConfig:  # TinyLlama/TinyLlama-1.1B-intermediate-ste
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": _tiny,
+    "tiny-moe": _tiny_moe,
     "quickstart-5m": _quickstart_5m,
     "llama3.2-1b": _llama32_1b,
     "llama3.2-3b": _llama32_3b,
@@ -910,6 +1029,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "qwen3-1.7b": lambda: _qwen3(dim=2048, ffn_dim=6144, n_layers=28, n_heads=16, tie=True),
     "qwen3-4b": lambda: _qwen3(dim=2560, ffn_dim=9728, n_layers=36, n_heads=32, tie=True),
     "qwen3-8b": lambda: _qwen3(dim=4096, ffn_dim=12288, n_layers=36, n_heads=32, tie=False),
+    "qwen3-30b-a3b": _qwen3_30b_a3b,
     "olmo2-1b": _olmo2_1b,
     "gemma3-1b": lambda: _gemma3(vocab_size=262144, dim=1152, ffn_dim=6912, n_layers=26, n_heads=4, n_kv_heads=1,
                                  window=512, max_seq_len=32768, scaling=None),

@@ -165,10 +165,9 @@ def _forward_with_cache(params: Params, tokens: torch.Tensor, cfg: ModelConfig, 
         raise ValueError(f"{start} cached + {T} new tokens exceed the cache's {cache.max_len} positions")
     positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
     ropes = layer_rope_tables(cfg, positions)  # per layer: (B, T, rotary_dim) cos, sin, or None, None
-    names = block_param_names(cfg)
     h = embed(params, tokens, cfg)  # (B, T, D)
     for i in range(cfg.n_layers):
-        layer = {n: _weight(params, f"layers.{i}.{n}", adapters, False) for n in names}
+        layer = {n: _weight(params, f"layers.{i}.{n}", adapters, False) for n in block_param_names(cfg, i)}
         h = block_with_cache(h, layer, *ropes[i], cache.keys[i], cache.values[i], start, cache.windows[i],
                              cfg=cfg)
     cache.length = start + T

@@ -5,7 +5,10 @@ Gemma 2 has four norms per layer (`post_attention_layernorm` is the norm *after*
 pre-MLP norm is `pre_feedforward_layernorm`); Qwen3 and OLMo 2 add `self_attn.{q,k}_norm`, and OLMo 2 keeps
 only Gemma 2's two norms after the sublayers (no `input_layernorm`); Gemma 3 has Gemma 2's four norms and the
 q/k norms; SmolLM3 is Llama's layout; Phi-3 stores q, k, v fused as `self_attn.qkv_proj` and the
-gate and up projections as `mlp.gate_up_proj`, which are split on load and fused again on save.
+gate and up projections as `mlp.gate_up_proj`, which are split on load and fused again on save. Qwen3-MoE's
+sparse layers store the router as `mlp.gate.weight` and each expert as `mlp.experts.{e}.{gate,up,down}_proj.weight`
+(what transformers 5's `save_pretrained` writes, though its modules hold them fused), which are row blocks of
+lowmem's stacked `moe.w1`, `moe.w3`, `moe.w2` (`expert_rows`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from safetensors.torch import save_file
 
 from lowmem.nn.config import TEXT_TOWERS, ModelConfig, param_shapes
 
-__all__ = ["from_hf_name", "hf_layout", "load_hf", "read_hf_config", "save_hf", "to_hf_name"]
+__all__ = ["expert_rows", "from_hf_name", "hf_layout", "load_hf", "read_hf_config", "save_hf", "to_hf_name"]
 
 Params = dict[str, torch.Tensor]
 
@@ -64,6 +67,9 @@ _QK_NORM_TO_HF = {
     "attn.q_norm": "self_attn.q_norm.weight",
     "attn.k_norm": "self_attn.k_norm.weight",
 }
+_MOE_ROUTER_TO_HF = {"moe.router": "mlp.gate.weight"}
+# A sparse layer's stacked experts → the HF name of one expert's tensor, and which size its rows have.
+_MOE_EXPERTS_TO_HF = {"moe.w1": "gate_proj", "moe.w3": "up_proj", "moe.w2": "down_proj"}
 # Phi-3's fused tensors: HF layer name → the canonical layer names stacked along dim 0, in order.
 _PHI3_FUSED = {
     "self_attn.qkv_proj.weight": ("attn.wq", "attn.wk", "attn.wv"),
@@ -98,6 +104,8 @@ def _layer_to_hf(cfg: ModelConfig | None) -> dict[str, str]:
         del names["attn_norm"], names["mlp_norm"]
     if cfg is not None and cfg.qk_norm is not None:
         names |= _QK_NORM_TO_HF
+    if cfg is not None and cfg.n_experts:
+        names |= _MOE_ROUTER_TO_HF
     return names
 
 
@@ -138,6 +146,8 @@ def hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     fused_parts = {part for parts in _PHI3_FUSED.values() for part in parts} if cfg.family == "phi3" else set()
     for name in param_shapes(cfg):
         m = _CANON_LAYER.fullmatch(name)
+        if m and m.group(2) in _MOE_EXPERTS_TO_HF:
+            continue  # one canonical tensor, many HF ones: `expert_rows`
         if m and m.group(2) in fused_parts:
             for hf_suffix, parts in _PHI3_FUSED.items():
                 if m.group(2) == parts[0]:
@@ -145,6 +155,31 @@ def hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
             continue
         layout[to_hf_name(name, cfg)] = (name,)
     return layout
+
+
+class ExpertRows(NamedTuple):
+    """Where one HF expert tensor lies in lowmem's stacked experts: rows first..first + n_rows of `name`."""
+
+    name: str
+    first: int
+    n_rows: int
+
+
+def expert_rows(cfg: ModelConfig) -> dict[str, ExpertRows]:
+    """HF per-expert tensor name → its rows in the canonical stacked tensor, in checkpoint order (empty for a
+    dense model): `model.layers.{i}.mlp.experts.{e}.gate_proj.weight` is rows e * Fe .. (e + 1) * Fe of
+    `layers.{i}.moe.w1` (up_proj: `moe.w3`; down_proj: rows e * D .. of `moe.w2`)."""
+    rows: dict[str, ExpertRows] = {}
+    shapes = param_shapes(cfg)
+    for name in shapes:
+        m = _CANON_LAYER.fullmatch(name)
+        if not (m and m.group(2) in _MOE_EXPERTS_TO_HF):
+            continue
+        n_rows = shapes[name][0] // cfg.n_experts
+        for e in range(cfg.n_experts):
+            hf = f"model.layers.{m.group(1)}.mlp.experts.{e}.{_MOE_EXPERTS_TO_HF[m.group(2)]}.weight"
+            rows[hf] = ExpertRows(name, e * n_rows, n_rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,6 +212,8 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike[str], *
     dtype_name = str(params["tok_embeddings"].dtype).removeprefix("torch.")
     tensors = {hf: torch.cat([params[n].detach().to("cpu") for n in parts]).contiguous()
                for hf, parts in hf_layout(cfg).items()}
+    tensors |= {hf: params[r.name].detach()[r.first:r.first + r.n_rows].to("cpu").contiguous()
+                for hf, r in expert_rows(cfg).items()}
     json_files: dict[str, Any] = {CONFIG_FILE: cfg.to_hf_config(dtype=dtype_name)}
     if max_shard_bytes is None:
         return write_dir_atomic(out, json_files, {WEIGHTS_FILE: tensors})
@@ -328,6 +365,7 @@ def load_hf(model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float3
         _read_params(root, cfg, expected, layout, _stored_to_layout_name(root), params, buffer, device, dtype,
                      convert)
     missing = [hf for hf, parts in layout.items() if parts[0] not in params]
+    missing += [hf for hf, r in expert_rows(cfg).items() if r.name not in params]
     if missing:
         raise ValueError(
             f"{root}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
@@ -346,12 +384,16 @@ def _read_params(root: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ..
     (`_stored_to_layout_name`).
     """
     config_path = root / CONFIG_FILE
+    experts = _ExpertReader(cfg, expert_rows(cfg), expected, params, dtype, device, convert)
     for file, names in _weight_files(root).items():
         entries = _safetensors_entries(file)
         with open(file, "rb", buffering=0) as fh:
             for hf_name in names:
                 name_in_layout = layout_name(hf_name)
                 if name_in_layout is None or _IGNORED_HF.fullmatch(name_in_layout):
+                    continue
+                if name_in_layout in experts.rows:
+                    experts.read(fh, file, name_in_layout, entries[hf_name], buffer)
                     continue
                 if cfg.tie_embeddings and name_in_layout == _GLOBAL_TO_HF["output"]:
                     continue  # tied: the output is tok_embeddings; a stored copy is redundant
@@ -382,6 +424,36 @@ def _read_params(root: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ..
                     params[name] = tensor
                     del tensor  # before the next read: one full-precision tensor alive at a time
                     row += n_rows
+
+
+class _ExpertReader:
+    """Reads HF per-expert tensors into lowmem's stacked ones (`expert_rows`) for `_read_params`.
+
+    A stacked tensor is allocated at its first expert and kept, in `dtype` on the CPU, until its last expert
+    is read; then it is moved to `device`, converted (NF4 for QLoRA) and put in `params`. With the per-layer
+    checkpoint order HF writes, a layer's three stacked projections are what is pending at once.
+    """
+
+    def __init__(self, cfg, rows: dict[str, ExpertRows], expected, params: Params, dtype, device, convert):
+        self.rows, self.expected, self.params = rows, expected, params
+        self.dtype, self.device, self.convert, self.n_experts = dtype, device, convert, cfg.n_experts
+        self.pending: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, set[int]] = {}
+
+    def read(self, fh: BinaryIO, file: Path, hf_name: str, entry: _Entry, buffer: torch.Tensor) -> None:
+        r = self.rows[hf_name]
+        want = (r.n_rows, self.expected[r.name][1])
+        if entry.shape != want:
+            raise ValueError(f"{file}: tensor {hf_name!r} has shape {entry.shape}, expected {want}")
+        seen = self.seen.setdefault(r.name, set())
+        if r.first in seen:
+            raise ValueError(f"{file}: tensor {hf_name!r} appears in more than one shard")
+        tensor = self.pending.setdefault(r.name, torch.empty(self.expected[r.name], dtype=self.dtype))
+        _read_rows(fh, file, hf_name, entry, 0, tensor[r.first:r.first + r.n_rows], buffer)
+        seen.add(r.first)
+        if len(seen) == self.n_experts:
+            tensor = self.pending.pop(r.name).to(self.device)
+            self.params[r.name] = tensor if self.convert is None else self.convert(r.name, tensor)
 
 
 # glibc mallopt parameter (malloc.h): allocations at least this large are served by mmap

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lowmem.nn.config import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, ModelConfig, param_shapes
+from lowmem.nn.moe import moe_mlp, router_loss, router_stats
 
 if TYPE_CHECKING:
     from lowmem.nn.lora_settings import LoraSettings
@@ -50,6 +51,7 @@ __all__ = [
     "efficient_bias",
     "embed",
     "forward",
+    "forward_with_router_loss",
     "init_params",
     "is_nf4",
     "layer_attention_inputs",
@@ -63,6 +65,7 @@ __all__ = [
     "qk_norm_of",
     "qkv",
     "residual_block",
+    "residual_block_with_stats",
     "rms_norm",
     "rope_cache",
     "softcap",
@@ -75,6 +78,9 @@ BLOCK_PARAM_NAMES = (
     "attn_norm", "attn.wq", "attn.wk", "attn.wv", "attn.wo",
     "mlp_norm", "mlp.w1", "mlp.w2", "mlp.w3",
 )
+
+# A sparse (mixture-of-experts) layer's MLP weights in place of mlp.w1, w2, w3 (`lowmem.nn.moe`).
+MOE_PARAM_NAMES = ("moe.router", "moe.w1", "moe.w2", "moe.w3")
 
 INIT_STD = 0.02
 
@@ -102,7 +108,7 @@ def init_params(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
         elif len(shape) == 1:
             t = torch.ones(shape)
         else:
-            std = out_std if name.endswith(("attn.wo", "mlp.w2")) else INIT_STD
+            std = out_std if name.endswith(("attn.wo", "mlp.w2", "moe.w2")) else INIT_STD
             t = torch.empty(shape).normal_(0.0, std, generator=gen)
         params[name] = t.to(device=device, dtype=dtype)
     return params
@@ -684,13 +690,21 @@ def mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, act: str = "silu") 
     return linear(gate * linear(x, w3), w2)
 
 
-def block_param_names(cfg: ModelConfig) -> tuple[str, ...]:
+def block_param_names(cfg: ModelConfig, layer: int | None = None) -> tuple[str, ...]:
     """Per-layer parameter names in the order `block` takes them (after `h`), without `layers.{i}.`.
 
     The first is always a norm, never adapted or quantized: the activation-checkpointing and FSDP seams
-    recognise a block by that tensor. Without pre-norms (OLMo 2) it is `attn_post_norm`.
+    recognise a block by that tensor. Without pre-norms (OLMo 2) it is `attn_post_norm`. A sparse layer
+    (`cfg.is_moe_layer(layer)`) has `MOE_PARAM_NAMES` in place of mlp.w1, w2, w3; `layer` may be left out
+    where every layer is alike.
     """
+    kinds = {cfg.is_moe_layer(i) for i in range(cfg.n_layers)}
+    if layer is None and len(kinds) > 1:
+        raise ValueError("this config mixes dense and sparse MLP layers: pass the layer to block_param_names")
+    sparse = cfg.is_moe_layer(0 if layer is None else layer)
     names = BLOCK_PARAM_NAMES
+    if sparse:
+        names = (*names[:-3], *MOE_PARAM_NAMES)
     if not cfg.pre_norms:
         names = ("attn_post_norm", *(n for n in names if n not in ("attn_norm", "mlp_norm")), "mlp_post_norm")
     if cfg.qkv_bias:
@@ -707,29 +721,50 @@ def residual_block(h: torch.Tensor, w: dict[str, Weight], attn_fn: Callable[[tor
     """Residual block around `attn_fn` (B, T, D) → (B, T, D); w maps `block_param_names` to weights.
 
     Pre-norm; with sandwich norms (Gemma 2) each sublayer's output is normed again before it joins the
-    residual; without pre-norms (OLMo 2) that output norm is the only one.
+    residual; without pre-norms (OLMo 2) that output norm is the only one. A sparse layer's router statistics
+    are dropped (see `residual_block_with_stats`).
     """
+    return residual_block_with_stats(h, w, attn_fn, cfg)[0]
+
+
+def residual_block_with_stats(h: torch.Tensor, w: dict[str, Weight],
+                              attn_fn: Callable[[torch.Tensor], torch.Tensor],
+                              cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`residual_block`, and for a sparse layer (w holds `moe.router`) its `router_stats` (2, E), else None."""
     a = attn_fn(_norm(h, w["attn_norm"], cfg) if cfg.pre_norms else h)
     if cfg.sandwich_norms:
         a = _norm(a, w["attn_post_norm"], cfg)
     h = h + a
-    m = mlp(_norm(h, w["mlp_norm"], cfg) if cfg.pre_norms else h, w["mlp.w1"], w["mlp.w2"], w["mlp.w3"],
-            cfg.mlp_act)
+    x = _norm(h, w["mlp_norm"], cfg) if cfg.pre_norms else h
+    stats = None
+    if "moe.router" in w:
+        m, router_logits = moe_mlp(x, *_moe_weights(w), top_k=cfg.n_experts_per_token,
+                                   norm_topk_prob=cfg.norm_topk_prob)
+        stats = router_stats(router_logits, cfg.n_experts_per_token)
+    else:
+        m = mlp(x, w["mlp.w1"], w["mlp.w2"], w["mlp.w3"], cfg.mlp_act)
     if cfg.sandwich_norms:
         m = _norm(m, w["mlp_post_norm"], cfg)
-    return h + m
+    return h + m, stats
 
 
-def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig,
-          attention_kernel: str = "sdpa") -> torch.Tensor:
-    """One pre-norm transformer block. h (B, T, D) → (B, T, D).
+def _moe_weights(w: dict[str, Weight]) -> tuple[Weight, ...]:
+    """The router and experts of a sparse layer (experts plain, NF4 or `AdaptedWeight`; the router plain)."""
+    weights = tuple(w[n] for n in MOE_PARAM_NAMES)
+    assert not isinstance(weights[0], AdaptedWeight), "the router is never a LoRA target"
+    return weights
 
-    tensors: the layer's weights in `block_param_names(cfg)` order (for Llama: attn_norm, wq, wk, wv, wo,
+
+def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig, attention_kernel: str = "sdpa",
+          layer: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm transformer block. h (B, T, D) → (B, T, D); a sparse layer returns (h, router_stats (2, E)).
+
+    tensors: the layer's weights in `block_param_names(cfg, layer)` order (for Llama: attn_norm, wq, wk, wv, wo,
     mlp_norm, w1, w2, w3), then cos, sin (B, T, hd) and mask (the layer's `layer_attention_inputs` entry:
     for "sdpa" None or bool (B|1, 1, T, T)). attention_kernel: see `forward`.
     """
     *weights, cos, sin, mask = tensors
-    w = dict(zip(block_param_names(cfg), weights, strict=True))
+    w = dict(zip(block_param_names(cfg, layer), weights, strict=True))
 
     def attn_fn(x: torch.Tensor) -> torch.Tensor:
         return attention(x, w["attn.wq"], w["attn.wk"], w["attn.wv"], w["attn.wo"], cos, sin, mask,
@@ -737,7 +772,8 @@ def block(h: torch.Tensor, *tensors: Weight | None, cfg: ModelConfig,
                          bv=w.get("attn.bv"), scale=attention_scale(cfg), logit_softcap=cfg.attn_logit_softcap,
                          kernel=attention_kernel, qk_norm=qk_norm_of(w, cfg), rope_fp32=cfg.rope_fp32)
 
-    return residual_block(h, w, attn_fn, cfg)
+    h, stats = residual_block_with_stats(h, w, attn_fn, cfg)
+    return h if stats is None else (h, stats)
 
 
 def embed(params: Params, tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -795,20 +831,53 @@ def forward(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
     Returns:
         (B, T, D) hidden states in the params' dtype.
     """
+    return _forward_with_stats(params, tokens, cfg, positions, doc_ids, run_block, adapters, training,
+                               attention_kernel)[0]
+
+
+def forward_with_router_loss(params: Params, tokens: torch.Tensor, cfg: ModelConfig, *,
+                             positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                             run_block: Callable[..., torch.Tensor] | None = None,
+                             adapters: LoraSettings | None = None, training: bool = False,
+                             attention_kernel: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`forward`'s hidden states (B, T, D) and the mixture-of-experts load-balancing loss (0-d fp32) over every
+    sparse layer (`lowmem.nn.moe.router_loss`, transformers' `aux_loss`), or None for a dense model.
+
+    A sparse block returns (h, router_stats), so `run_block` passes a tuple through (checkpointing does).
+    """
+    hidden, stats = _forward_with_stats(params, tokens, cfg, positions, doc_ids, run_block, adapters, training,
+                                        attention_kernel)
+    return hidden, (router_loss(stats, cfg.n_experts_per_token) if stats else None)
+
+
+def _forward_with_stats(params: Params, tokens: torch.Tensor, cfg: ModelConfig, positions: torch.Tensor | None,
+                        doc_ids: torch.Tensor | None, run_block: Callable[..., torch.Tensor] | None,
+                        adapters: LoraSettings | None, training: bool,
+                        attention_kernel: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`forward`, and the `router_stats` (2, E) of each sparse layer (an empty list for a dense model)."""
     B, T = tokens.shape
     _check_forward_inputs(cfg, tokens, positions, doc_ids, attention_kernel)
     if positions is None:
         positions = torch.arange(T, device=tokens.device).expand(B, T)
     run_block = run_block or _call
     ropes = layer_rope_tables(cfg, positions)  # per layer: (B, T, rotary_dim) cos, sin; None, None for NoPE
-    block_fn = partial(block, cfg=cfg, attention_kernel=attention_kernel)
-    names = block_param_names(cfg)
+    # layers of one kind share one block function (one compiled graph); mixed dense and sparse layers each say theirs
+    mixed = len({cfg.is_moe_layer(i) for i in range(cfg.n_layers)}) > 1
+    block_fns = {None: partial(block, cfg=cfg, attention_kernel=attention_kernel)}
     h = embed(params, tokens, cfg)  # (B, T, D)
     masks = layer_attention_inputs(cfg, attention_kernel, B, T, doc_ids, tokens.device, h.dtype)  # per layer
+    stats = []
     for i in range(cfg.n_layers):
-        layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in names]
-        h = run_block(block_fn, h, *layer, *ropes[i], masks[i])
-    return _norm(h, params["norm"], cfg)
+        key = i if mixed else None
+        block_fn = block_fns.get(key) or partial(block, cfg=cfg, attention_kernel=attention_kernel, layer=key)
+        layer = [_weight(params, f"layers.{i}.{n}", adapters, training) for n in block_param_names(cfg, key)]
+        out = run_block(block_fn, h, *layer, *ropes[i], masks[i])
+        if isinstance(out, tuple):
+            h, layer_stats = out
+            stats.append(layer_stats)
+        else:
+            h = out
+    return _norm(h, params["norm"], cfg), stats
 
 
 def _check_forward_inputs(cfg: ModelConfig, tokens: torch.Tensor, positions: torch.Tensor | None,

@@ -20,13 +20,14 @@ import torch
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import ADAPTER_SUFFIXES, dense_weight, dora_row_norm
-from lowmem.nn.lora_settings import TARGETS, LoraSettings
+from lowmem.nn.lora_settings import TARGETS, LoraSettings, target_names
 
 __all__ = [
     "TARGETS",
     "LoraSettings",
     "add_adapters",
     "adapted_names",
+    "lora_delta",
     "merge_adapters",
     "trainable_names",
 ]
@@ -36,8 +37,7 @@ Params = dict[str, torch.Tensor]
 
 def adapted_names(cfg: ModelConfig, settings: LoraSettings) -> list[str]:
     """Canonical names of the weights `settings` adapts, layer by layer in param order."""
-    suffixes = [TARGETS[t] for t in TARGETS if t in settings.targets]
-    return [f"layers.{i}.{s}" for i in range(cfg.n_layers) for s in suffixes]
+    return target_names(cfg, settings.targets)
 
 
 def add_adapters(params: Params, cfg: ModelConfig, settings: LoraSettings, *, seed: int,
@@ -59,14 +59,30 @@ def add_adapters(params: Params, cfg: ModelConfig, settings: LoraSettings, *, se
         w = params[name]
         n_out, n_in = w.shape
         t_dtype = dtype or w.dtype
-        a = torch.empty(settings.rank, n_in)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        # stacked experts get one adapter per expert, stacked as their weights are: A (E * r, in), B (E * out, r)
+        n_experts = cfg.n_experts if ".moe." in name else 1
+        if n_experts > 1 and settings.dora:
+            raise ValueError(f"DoRA on a mixture-of-experts layer's experts ({name}) is not supported; use LoRA "
+                             "there, or DoRA on the attention projections only")
+        a = torch.empty(n_experts * settings.rank, n_in)
+        for block in a.view(n_experts, settings.rank, n_in):
+            torch.nn.init.kaiming_uniform_(block, a=math.sqrt(5), generator=gen)
         out[name + ".lora_a"] = a.to(device=w.device, dtype=t_dtype)
         out[name + ".lora_b"] = torch.zeros(n_out, settings.rank, device=w.device, dtype=t_dtype)
         if settings.dora:
             m = torch.linalg.norm(dense_weight(w).detach().float(), dim=1)  # (out,); NF4: dequantized
             out[name + ".dora_m"] = m.to(device=w.device, dtype=t_dtype)
     return out
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B @ A (out, in) of an adapter; for stacked experts (A (E * r, in), B (E * out, r): rows of A are E times
+    B's columns) the block of each expert, B_e @ A_e, stacked along the rows as the weights are."""
+    n_experts = a.shape[0] // b.shape[1]
+    if n_experts == 1:
+        return b @ a
+    r = b.shape[1]
+    return torch.bmm(b.view(n_experts, -1, r), a.view(n_experts, r, -1)).reshape(b.shape[0], a.shape[1])
 
 
 def trainable_names(params: Params) -> list[str]:
@@ -92,7 +108,7 @@ def merge_adapters(params: Params, settings: LoraSettings) -> Params:
         w = params[base]
         with torch.no_grad():
             wf, a, b = dense_weight(w).float(), params[name].float(), params[base + ".lora_b"].float()
-            merged = wf + settings.scale * (b @ a)  # (out, in)
+            merged = wf + settings.scale * lora_delta(a, b)  # (out, in)
             m = params.get(base + ".dora_m")
             if m is not None:
                 merged = (m.float() / dora_row_norm(wf, a, b, settings.scale))[:, None] * merged

@@ -7,15 +7,30 @@ model's `linear` math) can import it without importing each other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
-__all__ = ["TARGETS", "LoraSettings"]
+__all__ = ["EXPERT_TARGETS", "TARGETS", "LoraSettings", "target_names"]
 
 # Short target name → the per-layer canonical name it adapts.
 TARGETS = {
     "wq": "attn.wq", "wk": "attn.wk", "wv": "attn.wv", "wo": "attn.wo",
     "w1": "mlp.w1", "w2": "mlp.w2", "w3": "mlp.w3",
 }
+# In a mixture-of-experts layer the MLP targets select its stacked experts (`lowmem.nn.moe`); the router is
+# never a target.
+EXPERT_TARGETS = {"w1": "moe.w1", "w2": "moe.w2", "w3": "moe.w3"}
+
+
+def target_names(cfg: Any, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """Canonical names of the weights the short `targets` select in `cfg` (a `ModelConfig`), layer by layer in
+    `TARGETS` order: a sparse layer's w1, w2, w3 are its experts (`EXPERT_TARGETS`)."""
+    names = []
+    for i in range(cfg.n_layers):
+        per_layer = EXPERT_TARGETS if cfg.is_moe_layer(i) else {}
+        names += [f"layers.{i}.{per_layer.get(t, TARGETS[t])}" for t in TARGETS if t in targets]
+    return names
 
 
 class LoraSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -137,6 +137,7 @@ def save_peft(params: Params, cfg: ModelConfig, settings: LoraSettings, out_dir:
         ValueError when params' adapters are not exactly those `settings` describes for `cfg`.
     """
     out = Path(out_dir)
+    _refuse_expert_adapters(cfg, settings)
     expected = _expected_shapes(params, cfg, settings)
     names = trainable_names(params)
     _check_adapters(set(names), expected, where="params passed to save_peft")
@@ -152,6 +153,17 @@ def save_peft(params: Params, cfg: ModelConfig, settings: LoraSettings, out_dir:
         tensors = _fuse_adapters(tensors, params, cfg, settings)
     return write_dir_atomic(out, {ADAPTER_CONFIG_FILE: _peft_config(settings, cfg, base_model_name_or_path)},
                             {ADAPTER_WEIGHTS_FILE: tensors})
+
+
+def _refuse_expert_adapters(cfg: ModelConfig, settings: LoraSettings) -> None:
+    """PEFT has no counterpart of lowmem's per-expert adapters: transformers 5 holds Qwen3-MoE's experts as fused
+    3-D parameters (gate and up in one `gate_up_proj`), which PEFT adapts through `target_parameters` with one
+    adapter over gate and up together, not one per projection as lowmem trains them."""
+    experts = [n for n in adapted_names(cfg, settings) if ".moe." in n]
+    if experts:
+        raise ValueError(f"adapters on mixture-of-experts experts ({experts[0]}, ...) cannot be written in PEFT "
+                         "format: PEFT adapts transformers' fused expert tensors differently. Export them merged "
+                         "(lowmem export --merge), or adapt only the attention (targets wq, wk, wv, wo)")
 
 
 def _fused_prefix(layer: int, module: str) -> str:

@@ -27,7 +27,7 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
 
 from lowmem.nn.config import ModelConfig
 from lowmem.nn.llama import _NF4_MODULE, dense_weight, is_nf4
-from lowmem.nn.lora_settings import TARGETS
+from lowmem.nn.lora_settings import TARGETS, target_names
 
 __all__ = ["NF4_LEVELS", "dequantize_nf4", "nf4_bytes", "nf4_converter", "quantize_nf4", "quantized_names"]
 
@@ -54,8 +54,7 @@ def quantized_names(cfg: ModelConfig, targets: Iterable[str]) -> list[str]:
             )
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets = {list(targets)}: each target may appear once")
-    suffixes = [TARGETS[t] for t in TARGETS if t in targets]
-    return [f"layers.{i}.{s}" for i in range(cfg.n_layers) for s in suffixes]
+    return target_names(cfg, targets)
 
 
 def quantize_nf4(params: Params, cfg: ModelConfig, *, targets: Iterable[str] = tuple(TARGETS),

@@ -23,7 +23,9 @@ import msgspec
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes
 from lowmem.nn.lora import TARGETS
+from lowmem.nn.lora_settings import target_names
 from lowmem.nn.loss import loss_peak_bytes, standard_peak_terms
+from lowmem.nn.moe import NF4_DEQUANT_CHUNK_ELEMENTS
 from lowmem.plan.hardware import HardwareProfile
 from lowmem.plan.structs import Component, MemoryReport, Strategies
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
@@ -182,10 +184,9 @@ def cast_copy_bytes(cfg: ModelConfig, precision: str, trainable: "Trainable") ->
     shapes = param_shapes(cfg)
     if trainable.full:
         return sum(_numel(s) for n, s in shapes.items() if n.startswith("layers.0.")) * a
-    total = 0
-    for name in trainable.adapted:
-        d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
-        total += trainable.rank * (d_in + d_out) + (d_out if trainable.dora else 0)
+    layer = _sample_layer(cfg)
+    total = sum(_numel(s) for name in trainable.adapted
+                for s in adapter_shapes(cfg, name, layer, trainable.rank, trainable.dora))
     return total * a
 
 
@@ -274,6 +275,70 @@ class Trainable(msgspec.Struct, frozen=True, kw_only=True):
 FULL = Trainable(full=True)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Mixture of experts (Qwen3-MoE, `lowmem.nn.moe`). The expert weights are in `param_shapes` (router (E, D),
+# experts stacked as (E * Fe, D) and (E * D, Fe)), so parameters, gradients, optimizer states and NF4 count
+# them like any weight. Activations are per routed row: N tokens x top-k rows go through the experts.
+
+# How many routed rows the experts hold per (token, chosen expert): 1.0, i.e. the planner assumes load
+# imbalance costs no memory. Reason: `lowmem.nn.moe` sorts the routed rows by expert and each expert computes
+# exactly the rows it got, with no capacity buffer, padding or dropped tokens (unlike Switch / GShard's
+# capacity factor of 1.25-2), so an unbalanced router moves rows between experts and leaves their sum at
+# N x k; measured equal for a balanced and a collapsed router (tests/plan/test_moe_estimate.py). Imbalance
+# does cost time on a GPU (the busiest expert's GEMM is the longest), which this estimate does not model.
+MOE_LOAD_IMBALANCE = 1.0
+INDEX_BYTES = 8  # int64 indices autograd keeps for a gather / scatter
+
+
+def _sample_layer(cfg: ModelConfig) -> int:
+    """The layer the per-block estimates describe: the first sparse one where there is one (its routed
+    activations are what the block formulas add), else layer 0. Mixed models are estimated as all sparse."""
+    return next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
+
+
+def adapter_dims(cfg: ModelConfig, target: str, layer: int | None = None) -> tuple[int, int, int]:
+    """(d_out, d_in, rows_per_token) of the projection `target` adapts in `layer` (default `_sample_layer`):
+    for a sparse layer's experts d_out is one expert's and each token passes top-k rows, else 1."""
+    layer = _sample_layer(cfg) if layer is None else layer
+    name = target_names(cfg, (target,))[layer]
+    d_out, d_in = param_shapes(cfg)[name]
+    if ".moe." in name:
+        return d_out // cfg.n_experts, d_in, cfg.n_experts_per_token
+    return d_out, d_in, 1
+
+
+def adapter_shapes(cfg: ModelConfig, target: str, layer: int, rank: int, dora: bool) -> list[tuple[int, ...]]:
+    """The adapter tensors' shapes on `target` of `layer`: A (r, in), B (out, r) (and DoRA's m (out,)); for a
+    sparse layer's experts one adapter per expert, stacked: A (E * r, in), B (E * out, r)."""
+    d_out, d_in, rows = adapter_dims(cfg, target, layer)
+    if rows > 1:
+        E = cfg.n_experts
+        return [(E * rank, d_in), (E * d_out, rank)]
+    return [(rank, d_in), (d_out, rank)] + ([(d_out,)] if dora else [])
+
+
+def mlp_token_bytes(cfg: ModelConfig, a: int, t: Trainable) -> int:
+    """Bytes per token the MLP sublayer's autograd keeps (without its norm), for `_sample_layer`.
+
+    Dense: silu's input and output and the up projection (3 F), the normed input if w1 or w3 trains (D), the
+    gated product if w2 trains (F). Sparse: the router's fp32 probabilities (softmax) and the aux loss's own
+    softmax in the compute dtype (E each), the top-k indices and weights; then per routed row
+    (k x `MOE_LOAD_IMBALANCE`): 3 Fe as dense, the expert output and its routing weight (the weighted sum)
+    and the weighted output (index_add keeps it),
+    the sort order and token index; the gathered input if w1 or w3 trains (D), the product if w2 trains (Fe),
+    and the normed input once if the router trains (full fine-tuning). A frozen expert's grouped GEMM keeps
+    only its weight (measured: `torch._grouped_mm` saves its input only for the weight's gradient).
+    """
+    D, F = cfg.dim, cfg.ffn_dim
+    w13, w2 = t.trains("w1") or t.trains("w3"), t.trains("w2")
+    if not cfg.is_moe_layer(_sample_layer(cfg)):
+        return 3 * F * a + (D * a if w13 else 0) + (F * a if w2 else 0)
+    k, E, Fe = cfg.n_experts_per_token, cfg.n_experts, cfg.expert_ffn_dim
+    router = E * (FP32 + a) + k * (INDEX_BYTES + FP32) + (D * a if t.full else 0)
+    per_row = 3 * Fe * a + 2 * D * a + a + 2 * INDEX_BYTES + (D * a if w13 else 0) + (Fe * a if w2 else 0)
+    return router + int(k * MOE_LOAD_IMBALANCE * per_row)
+
+
 def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision: str, packed: bool,
                            trainable: Trainable = FULL, kernel: str = "sdpa") -> int:
     """Bytes autograd saves for one transformer block without checkpointing (input included).
@@ -294,7 +359,7 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     layers share, except under mixed precision, where each layer keeps its own copy in the compute dtype.
     """
     a = DTYPE_BYTES[precision]
-    D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
+    D, Q, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_heads
     t = trainable
     upcast = D * FP32 if a != FP32 else 0
     norm_out = D * a if t.full else 0
@@ -304,15 +369,13 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
     residuals = 2 * D * a if a == FP32 else 4 * cfg.rotary_dim * a
     cuda_kernel = kernel != "sdpa"
     attention = 0 if cuda_kernel else 3 * Q * a + H * FP32 + (Q * a if t.trains("wo") else 0)
-    per_token = residuals + attention + 3 * F * a + 2 * FP32
+    per_token = residuals + attention + 2 * FP32
     per_token += upcast + norm_out + (D * a if any(t.trains(n) for n in ("wq", "wk", "wv")) else 0)
-    per_token += upcast + norm_out + (D * a if t.trains("w1") or t.trains("w3") else 0)
-    per_token += F * a if t.trains("w2") else 0
+    per_token += upcast + norm_out + mlp_token_bytes(cfg, a, t)
     per_token += qk_norm_bytes_per_token(cfg, a, t)
-    shapes = param_shapes(cfg)
     for name in t.adapted:
-        d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
-        per_token += t.rank * a + (d_in * (a + 1) if t.dropout else 0) + (2 * d_out * a if t.dora else 0)
+        d_out, d_in, rows = adapter_dims(cfg, name)  # rows: top-k routed rows per token on experts
+        per_token += rows * (t.rank * a + (d_in * (a + 1) if t.dropout else 0) + (2 * d_out * a if t.dora else 0))
     seq_len = n_tokens // batch
     if cuda_kernel:
         from lowmem.nn.llama import attention_mask_bytes, attention_saved_bytes
@@ -325,7 +388,7 @@ def block_activation_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precisio
 
 
 def qk_norm_bytes_per_token(cfg: ModelConfig, a: int, trainable: Trainable = FULL) -> int:
-    """Bytes per token the q and k RMSNorms save in one block (Qwen3, Gemma 3: per head; OLMo 2: whole projection).
+    """Bytes per token the q and k RMSNorms save in one block (Qwen3, Qwen3-MoE, Gemma 3: per head; OLMo 2: whole projection).
 
     Each saves its input (the projection's output, as itself in fp32, else its fp32 upcast), its normalized
     output when its weight trains (in the compute dtype; in fp32 where the weight multiplies in fp32: OLMo 2,
@@ -354,13 +417,14 @@ def selective_block_bytes(cfg: ModelConfig, n_tokens: int, batch: int, precision
     D, Q, F, H = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
     KV = cfg.n_kv_heads * cfg.head_dim
     per_token = D * a  # the input
-    per_token += (Q + 2 * KV + D + 2 * F + D) * a  # wq wk wv wo w1 w3 w2
+    per_token += (Q + 2 * KV + D) * a  # wq wk wv wo
+    # w1 w3 w2; a sparse layer's router (its experts' grouped GEMMs are no mm: recomputed)
+    per_token += cfg.n_experts * a if cfg.is_moe_layer(_sample_layer(cfg)) else (2 * F + D) * a
     per_token += Q * a + H * FP32  # SDPA output and logsumexp
-    shapes = param_shapes(cfg)
     weight_sized = 0
     for name in trainable.adapted:
-        d_out, d_in = shapes[f"layers.0.{TARGETS[name]}"]
-        per_token += (trainable.rank + d_out) * a
+        d_out, d_in, rows = adapter_dims(cfg, name)
+        per_token += 0 if rows > 1 else (trainable.rank + d_out) * a  # expert adapters: grouped, recomputed
         weight_sized += d_out * d_in * a if trainable.dora else 0
     return n_tokens * per_token + weight_sized
 
@@ -762,13 +826,17 @@ def _parameter_bytes(cfg: ModelConfig, strategies: Strategies, trainable: Traina
     from lowmem.nn.quant import nf4_bytes, quantized_names  # imports torchao: only when planning QLoRA
 
     shapes = param_shapes(cfg)
-    quantized = [_numel(shapes[name]) for name in quantized_names(cfg, TARGETS)]
+    names = quantized_names(cfg, TARGETS)
+    quantized = [_numel(shapes[name]) for name in names]
     params -= sum(quantized) * base_b
     params += sum(nf4_bytes(n, strategies.nf4_block_size, strategies.nf4_scaler_block_size, param_bytes=base_b)
                   for n in quantized)
     # torchao dequantizes one NF4 weight at a time through int64 codes: about 4.8x the fp32 weight for the
-    # length of one op (measured in tests/nn/test_quant.py)
-    dequant_scratch = int(max(quantized) * 4 * 4.8)
+    # length of one op (measured in tests/nn/test_quant.py); stacked experts are dequantized piece by piece into
+    # one buffer in the compute dtype (`lowmem.nn.moe.dequantize_experts`)
+    dequant_scratch = int(max(n * 4 * 4.8 if ".moe." not in name else
+                              n * base_b + min(n, NF4_DEQUANT_CHUNK_ELEMENTS) * 4 * 4.8
+                              for name, n in zip(names, quantized, strict=True)))
     # the projections (most of the parameters) are NF4, about half a byte each
     note = f"{n_params:,}: {sum(quantized):,} in NF4 (~0.5 B), the rest x {base_b} B"
     return params, note, dequant_scratch
@@ -948,7 +1016,10 @@ def flops_per_token(cfg: ModelConfig, strategies: Strategies, seq_len: int) -> f
     """Training FLOPs per token: 6 per matmul weight (forward + backward), causal attention, recompute."""
     D, Q, F, L = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_layers
     kv = cfg.n_kv_heads * cfg.head_dim
-    block_weights = 2 * D * Q + 2 * D * kv + 3 * D * F
+    mlp = 3 * D * F
+    if cfg.is_moe_layer(_sample_layer(cfg)):  # the active weights: the router and each token's top-k experts
+        mlp = cfg.n_experts * D + cfg.n_experts_per_token * 3 * D * cfg.expert_ffn_dim
+    block_weights = 2 * D * Q + 2 * D * kv + mlp
     attn = 2 * seq_len * Q  # QK^T and AV, 2 FLOPs per MAC, half of them masked by causality
     forward = 2 * L * block_weights + L * attn + 2 * cfg.vocab_size * D
     total = 3 * forward

@@ -32,6 +32,7 @@ from lowmem.plan.estimate import (
     HOST_PINNED_SHARE,
     OFFLOAD_MIN_BYTES,
     Trainable,
+    adapter_shapes,
     estimate_memory,
     estimate_tokens_per_s,
     fsdp_offload_seconds,
@@ -229,8 +230,7 @@ def trainable_shapes(spec: RunSpec, cfg: ModelConfig) -> tuple[list[tuple[int, .
     out = []
     for i in range(cfg.n_layers):
         for target in method.targets:
-            d_out, d_in = shapes[f"layers.{i}.{TARGETS[target]}"]
-            out += [(method.rank, d_in), (d_out, method.rank)] + ([(d_out,)] if isinstance(method, Dora) else [])
+            out += adapter_shapes(cfg, target, i, method.rank, isinstance(method, Dora))
     return out, Trainable(full=False, adapted=tuple(method.targets), rank=method.rank,
                           dropout=method.dropout > 0, dora=isinstance(method, Dora))
 

@@ -221,8 +221,9 @@ def block_runner(shell: ParamShell, cfg: ModelConfig, inner: Callable[..., torch
         out = module(call, h, *tensors[len(names):])
         if after_reshard is not None:
             after_reshard()
-            if out.requires_grad:  # runs after FSDP's own hook on the output (block i's pre-backward)
-                out.register_hook(lambda grad: after_reshard())
+            h_out = out[0] if isinstance(out, tuple) else out  # a sparse block also returns its router stats
+            if h_out.requires_grad:  # runs after FSDP's own hook on the output (block i's pre-backward)
+                h_out.register_hook(lambda grad: after_reshard())
         return out
 
     return run_block

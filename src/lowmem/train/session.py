@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from lowmem.data import BatchLoader, PackedDataset
 from lowmem.nn import forward, init_params, load_hf, output_weight
 from lowmem.nn.hub import resolve_model_dir
-from lowmem.nn.llama import is_nf4
+from lowmem.nn.llama import forward_with_router_loss, is_nf4
 from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
 from lowmem.plan import Plan
 from lowmem.plan.structs import run_optimizer
@@ -73,16 +73,36 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
 
     def loss_of(batch, training: bool = True):
         with offload:  # the model's saved tensors only: backward needs the loss's first
-            hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"],
-                             doc_ids=batch["doc_ids"], run_block=run_block, adapters=adapters, training=training,
-                             attention_kernel=p.strategies.attention_kernel)
+            hidden, aux = model_forward(p, params, batch, run_block, adapters, training)
         with tracker.category("logits"):  # its backward too, as the plan counts it
-            loss, n_kept = loss_fn(hidden, output_weight(params, p.model), batch["labels"],
-                                   softcap=p.model.final_logit_softcap)
+            loss, n_kept = with_router_loss(loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                                                    softcap=p.model.final_logit_softcap), aux, p)
         tracker.backward_category(loss, hidden, "logits")
         return loss, n_kept
 
     return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, tokens_per_piece(p)))
+
+
+def model_forward(p: Plan, params: dict[str, torch.Tensor], batch: dict, run_block, adapters: LoraSettings | None,
+                  training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's hidden states for `batch`, and in training the mixture-of-experts load-balancing loss where
+    the model adds one (`router_aux_loss`, HF's `output_router_logits`), else None."""
+    kwargs = dict(positions=batch["positions"], doc_ids=batch["doc_ids"], run_block=run_block, adapters=adapters,
+                  training=training, attention_kernel=p.strategies.attention_kernel)
+    if training and p.model.router_aux_loss:
+        return forward_with_router_loss(params, batch["tokens"], p.model, **kwargs)
+    return forward(params, batch["tokens"], p.model, **kwargs), None
+
+
+def with_router_loss(loss: tuple[torch.Tensor, torch.Tensor], aux: torch.Tensor | None,
+                     p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, n_tokens) with `router_aux_loss_coef * aux` added per token, so that the step's mean over its
+    tokens is cross-entropy + coef * aux as transformers' Qwen3MoeForCausalLM computes it (over one micro-batch;
+    across several, the aux losses are averaged weighted by their token counts)."""
+    if aux is None:
+        return loss
+    loss_sum, n_tokens = loss
+    return loss_sum + p.model.router_aux_loss_coef * aux * n_tokens, n_tokens
 
 
 def planned_loss(p: Plan):
@@ -138,12 +158,10 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
 
     def loss_in_shell(module, batch, training: bool):
         params = distributed.named_params(module)  # the root's weights full (FSDP gathered them), blocks sharded
-        hidden = forward(params, batch["tokens"], p.model, positions=batch["positions"], doc_ids=batch["doc_ids"],
-                         run_block=run_block, adapters=adapters, training=training,
-                             attention_kernel=p.strategies.attention_kernel)
+        hidden, aux = model_forward(p, params, batch, run_block, adapters, training)
         with tracker.category("logits"):  # its backward too, as the plan counts it
-            loss, n_kept = loss_fn(hidden, output_weight(params, p.model), batch["labels"],
-                                   softcap=p.model.final_logit_softcap)
+            loss, n_kept = with_router_loss(loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                                                    softcap=p.model.final_logit_softcap), aux, p)
         tracker.backward_category(loss, hidden, "logits")
         return loss, n_kept
 
