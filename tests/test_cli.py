@@ -384,3 +384,20 @@ def test_plan_nproc_plans_per_process(runner):
         p["spec"]["train"]["seq_len"]
     shown = runner.invoke(app, ["plan", "examples/quickstart.toml", "--set", "model.preset=tiny", "--nproc", "2"])
     assert "per process, 2 processes" in shown.stdout
+
+
+def test_plan_maximize_batch_is_capped_by_the_rows_of_the_data(tmp_path, runner):
+    # 40 one-line records, each longer than half a row of 64 tokens: at most one per packed row, so few rows
+    records = [{"instruction": f"Name the number {i} " + "and say it again " * 4, "output": f"It is {i}."}
+               for i in range(40)]
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = ["--set", f"data.source={source}", "--set", "data.format=instruct", "--set",
+                 f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.tokenizer.vocab_size=400", "--set",
+                 "train.seq_len=64", "--set", "data.eval_rows=2", "--set", "model.preset=tiny",
+                 "--set", "memory.budget=2GiB", "--set", "train.grad_accum=2"]
+    result = runner.invoke(app, ["plan", "examples/quickstart.toml", *overrides, "--maximize", "batch"])
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("  train.micro_batch"))
+    rows = int(re.search(r"its ([\d,]+) training rows", line).group(1).replace(",", ""))
+    assert "capped by the data" in line and line.split()[1] == str(rows // 2)

@@ -96,7 +96,12 @@ def plan_cmd(
     if trace and nproc > 1:
         raise _UserError("--trace runs one process's step on fake tensors, unsharded; use it without --nproc")
     run = load_spec(spec, set_ or [])
-    p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
+    if maximize == "batch":  # the data caps the micro-batch: one step takes at most its rows
+        from lowmem.train.inputs import training_rows
+
+        p = maximize_plan(run, maximize, hardware, nproc, data_rows=training_rows(run))
+    else:
+        p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
     if png is not None:
         from lowmem.plan.chart import write_memory_chart
 

@@ -239,15 +239,53 @@ def test_optimizer_in_backward_chosen_when_the_optimizer_step_is_the_peak(tiny_s
 def test_maximize_finds_the_largest_value_that_fits(tiny_spec, what, field):
     from lowmem.plan.planner import maximize
 
-    spec = tiny_spec("memory.budget=64MiB", "train.seq_len=64")
-    best = maximize(spec, what, "cpu")
+    spec = tiny_spec("memory.budget=16MiB", "train.seq_len=64")
+    best = maximize(spec, what, "cpu", data_rows=10**6)
     value = getattr(best.spec.train, field)
     assert best.memory.peak_bytes <= best.usable_bytes
     step = 1 if field == "micro_batch" else 64
-    bigger = tiny_spec("memory.budget=64MiB", "train.seq_len=64", f"train.{field}={value + step}")
-    if value + step <= (best.model.max_seq_len if field == "seq_len" else 1 << 16):
-        with pytest.raises(PlanError, match="nothing fits"):
-            plan(bigger, "cpu")
+    # one more does not fit (a micro-batch whole: split, it is accumulation, which --maximize batch does not count)
+    whole = ("memory.strategies.micro_batch_split=off",) if field == "micro_batch" else ()
+    bigger = tiny_spec("memory.budget=16MiB", "train.seq_len=64", f"train.{field}={value + step}", *whole)
+    with pytest.raises(PlanError, match="nothing fits"):
+        plan(bigger, "cpu")
+    decision = best.decisions[-1]
+    assert decision.strategy == f"train.{field}" and decision.value == str(value)
+    assert f"at {value + step:,} the smallest plan needs" in decision.reason
+
+
+def test_maximize_batch_is_not_a_search_cap_of_split_micro_batches(tiny_spec):
+    from lowmem.plan.planner import maximize
+
+    # with splits allowed, a 64 MiB budget "fits" any micro-batch in enough pieces: the old answer was the cap
+    spec = tiny_spec("memory.budget=64MiB", "train.seq_len=64")
+    best = maximize(spec, "batch", "cpu")
+    assert best.spec.train.micro_batch < 1000
+    split = next(d for d in best.decisions if d.strategy == "micro_batch_split")
+    assert split.source == "fixed" and "accumulation" in split.reason
+    with pytest.raises(PlanError, match="micro_batch_split = 'on'"):
+        maximize(tiny_spec("memory.budget=64MiB", "memory.strategies.micro_batch_split=on", "train.micro_batch=2"),
+                 "batch", "cpu")
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_maximize_batch_is_capped_by_the_data(tiny_spec, accum):
+    from lowmem.plan.planner import maximize
+
+    spec = tiny_spec("memory.budget=1GiB", "train.seq_len=64", f"train.grad_accum={accum}")
+    best = maximize(spec, "batch", "cpu", data_rows=40)
+    assert best.spec.train.micro_batch == 40 // accum
+    assert "capped by the data" in best.decisions[-1].reason and "40 training rows" in best.decisions[-1].reason
+    # without the data's count the search runs on to the budget
+    assert maximize(spec, "batch", "cpu").spec.train.micro_batch > 40
+
+
+def test_maximize_seq_len_says_it_stopped_at_the_models_max_seq_len(tiny_spec):
+    from lowmem.plan.planner import maximize
+
+    best = maximize(tiny_spec("memory.budget=4GiB"), "seq_len", "cpu")
+    assert best.spec.train.seq_len == best.model.max_seq_len
+    assert "max_seq_len" in best.decisions[-1].reason and "not by the budget" in best.decisions[-1].reason
 
 
 def test_png_chart_is_written(tiny_spec, tmp_path):

@@ -65,6 +65,14 @@ class PlanError(ValueError):
     """The spec cannot be planned: the message names the spec fields involved and what would work."""
 
 
+class NothingFits(PlanError):
+    """No candidate fits the budget: `need_bytes` is the smallest one's (the device view the fit compares)."""
+
+    def __init__(self, message: str, need_bytes: int):
+        super().__init__(message)
+        self.need_bytes = need_bytes
+
+
 def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_size: int = 1) -> Plan:
     """Compile a spec into a Plan for `hardware` (a profile, a profile name, or None for this machine).
 
@@ -166,7 +174,8 @@ def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
     """The fastest candidate that fits (see `_run_rate`), or PlanError naming the smallest when none does."""
     fitting = [c for c in candidates if c[1].device_bytes <= usable]
     if not fitting:
-        raise PlanError(_nothing_fits(spec, budget, usable, candidates, sharing=sharing))
+        raise NothingFits(_nothing_fits(spec, budget, usable, candidates, sharing=sharing),
+                          min(c[1].device_bytes for c in candidates))
     # where pure bf16 would round away the updates (a small learning rate) or the weight decay, auto prefers any
     # other precision that fits, then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
     kept = fitting
@@ -999,39 +1008,45 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 MAXIMIZABLE = {"batch": "micro_batch", "seq_len": "seq_len"}
+# --maximize batch without the data's row count (data_rows=None): the search stops here and says so
+MAX_MICRO_BATCH_SEARCHED = 1 << 16
 
 
-def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None, world_size: int = 1) -> Plan:
+def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None, world_size: int = 1,
+             data_rows: int | None = None) -> Plan:
     """The plan with the largest micro-batch (`what="batch"`) or sequence length (`"seq_len"`) that fits.
 
-    Searches by doubling, then bisection, over values that plan without error (the budget is the limit;
-    sequence lengths are multiples of 64, capped by the model's max_seq_len). The other fields of the spec are
-    kept, and the strategies are chosen afresh for each candidate.
+    Searches by doubling, then bisection, over values that plan without error; the other fields of the spec are
+    kept, and the strategies are chosen afresh for each candidate. A micro-batch is searched whole
+    (micro_batch_split held at 1): split into k pieces it runs as k passes of 1/k of its rows, which is gradient
+    accumulation under another name. It is capped by the data: one step (micro_batch x grad_accum x processes
+    rows) takes at most `data_rows`, the training rows of the packed dataset (None: unknown, capped at
+    MAX_MICRO_BATCH_SEARCHED). Sequence lengths are multiples of 64 up to the model's max_seq_len. The plan's
+    last decision says which limit stopped the search.
     """
     if what not in MAXIMIZABLE:
         raise PlanError(f"--maximize {what!r}: choose one of {', '.join(MAXIMIZABLE)}")
-    field = MAXIMIZABLE[what]
     hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
+    field = MAXIMIZABLE[what]
+    spec = _whole_micro_batches(spec) if field == "micro_batch" else spec
     step = 64 if field == "seq_len" else 1
-    limit = resolve_model(spec).max_seq_len if field == "seq_len" else 1 << 16
+    limit, limit_reason = _maximize_limit(spec, field, world_size, data_rows)
+    refused: dict[int, int] = {}  # value -> the smallest plan's need, for the ones that did not fit
 
     def attempt(value: int) -> Plan | None:
-        train = msgspec.structs.replace(spec.train, **{field: value * step})
         try:
-            return plan(msgspec.structs.replace(spec, train=train), hw, world_size)
-        except PlanError as err:
-            if "nothing fits" in str(err) or "max_seq_len" in str(err):
-                return None
-            raise
+            return plan(_with_train(spec, **{field: value * step}), hw, world_size)
+        except NothingFits as err:
+            refused[value] = err.need_bytes
+            return None
 
     best = attempt(1)
     if best is None:
-        return plan(msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **{field: step})), hw,
-                    world_size)
+        return plan(_with_train(spec, **{field: step}), hw, world_size)
     low, high = 1, 2
-    while high * step <= limit and (p := attempt(high)) is not None:
+    while high <= limit and (p := attempt(high)) is not None:
         best, low, high = p, high, high * 2
-    high = min(high, limit // step + 1)
+    high = min(high, limit + 1)
     while high - low > 1:  # low fits, high does not (or is past the limit)
         mid = (low + high) // 2
         p = attempt(mid)
@@ -1039,4 +1054,49 @@ def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = 
             high = mid
         else:
             best, low = p, mid
-    return best
+    if low == limit:
+        reason = limit_reason
+    else:
+        need = refused[low + 1]
+        reason = (f"the largest that fits: at {(low + 1) * step:,} the smallest plan needs {format_bytes(need)}, "
+                  f"{format_bytes(need - best.usable_bytes)} more than the {format_bytes(best.usable_bytes)} usable")
+    decisions = tuple(WHOLE_MICRO_BATCHES if d.strategy == "micro_batch_split" and field == "micro_batch" else d
+                      for d in best.decisions)
+    decision = Decision(strategy=f"train.{field}", value=str(low * step), source="auto",
+                        reason=f"--maximize {what}: {reason}")
+    return msgspec.structs.replace(best, decisions=decisions + (decision,))
+
+
+WHOLE_MICRO_BATCHES = Decision(
+    strategy="micro_batch_split", value="1", source="fixed",
+    reason="--maximize batch searches whole micro-batches: k pieces of a micro-batch are k passes of 1/k of its "
+           "rows, gradient accumulation under another name")
+
+
+def _with_train(spec: RunSpec, **fields) -> RunSpec:
+    return msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **fields))
+
+
+def _whole_micro_batches(spec: RunSpec) -> RunSpec:
+    """The spec with micro_batch_split off (`maximize`), refusing a spec that forces it on."""
+    if spec.memory.strategies.micro_batch_split == "on":
+        raise PlanError("--maximize batch with memory.strategies.micro_batch_split = 'on': a micro-batch split into "
+                        "pieces is gradient accumulation under another name, so there is no largest one; set "
+                        "micro_batch_split to 'auto' (the search holds it at 1) or raise train.grad_accum instead")
+    toggles = msgspec.structs.replace(spec.memory.strategies, micro_batch_split="off")
+    return msgspec.structs.replace(spec, memory=msgspec.structs.replace(spec.memory, strategies=toggles))
+
+
+def _maximize_limit(spec: RunSpec, field: str, world_size: int, data_rows: int | None) -> tuple[int, str]:
+    """The largest value (in steps of 64 for seq_len) `maximize` may try, and what to say when it stops there."""
+    if field == "seq_len":
+        cap = resolve_model(spec).max_seq_len
+        return cap // 64, f"stopped at the model's max_seq_len ({cap:,}), not by the budget"
+    if data_rows is None:
+        return MAX_MICRO_BATCH_SEARCHED, (f"stopped at the search's cap of {MAX_MICRO_BATCH_SEARCHED:,} rows (the "
+                                          "data's row count was not known: `lowmem data prepare SPEC` says why), not by the budget")
+    per_row = spec.train.grad_accum * world_size
+    cap = max(1, data_rows // per_row)
+    return cap, (f"capped by the data, not by the budget: its {data_rows:,} training rows of {spec.train.seq_len:,} "
+                 f"tokens (packed, less data.eval_rows) make one step of at most {cap:,} rows x "
+                 f"{spec.train.grad_accum} accumulation" + (f" x {world_size} processes" if world_size > 1 else ""))
