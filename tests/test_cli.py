@@ -75,7 +75,7 @@ def test_no_arguments_shows_help(runner):
     ("command", "options"),
     [
         ("validate", {"--set", "-s", "--help"}),
-        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--nproc", "--help"}),
+        ("plan", {"--set", "-s", "--hardware", "--host-ram", "--json", "--maximize", "--png", "--trace", "--nproc", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--overwrite", "--cap-memory", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
         ("export", {"--out", "--merge", "--help"}),

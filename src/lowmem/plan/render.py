@@ -1,5 +1,6 @@
 """A plan as people read it: decisions, a per-component memory table and a stacked bar."""
 
+from lowmem.plan.estimate import HOST_PINNED_SHARE
 from lowmem.plan.structs import Plan
 from lowmem.spec.units import format_bytes
 
@@ -30,7 +31,8 @@ def render_plan(p: Plan) -> str:
         + (f"x {p.world_size} processes " if p.world_size > 1 else "")
         + f"= {p.tokens_per_step:,} tokens/step, "
         + (f"{p.total_steps} steps" if p.total_steps else f"{spec.train.epochs} epochs"),
-        f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)})",
+        f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)}), host RAM "
+        f"{format_bytes(hw.host_ram_bytes)} (--host-ram), at most {HOST_PINNED_SHARE:.0%} of it pinned",
         f"  budget     {format_bytes(p.budget_bytes)}, {format_bytes(p.usable_bytes)} usable "
         f"({spec.memory.safety_margin:.0%} margin)" + _per_process(p),
         "",
