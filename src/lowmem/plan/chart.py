@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lowmem.plan.estimate import estimate_memory, with_cuda_overheads
+from lowmem.plan.estimate import estimate_memory, with_overheads
 from lowmem.plan.planner import trainable_shapes
 from lowmem.plan.structs import Plan
 
@@ -10,7 +10,7 @@ COLORS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer_state": "#
           "logits": "#8172b3", "batch": "#937860", "temporaries": "#da8bc3",
           # what the CUDA runtime adds beside the tensors (MemoryReport.overheads), in greys
           "cublas_workspace": "#8c8c8c", "allocator_slack": "#b0b0b0", "cuda_context": "#606060",
-          "nccl_buffers": "#d0d0d0"}
+          "nccl_buffers": "#d0d0d0", "runtime": "#707070", "heap_retained": "#a0a0a0"}
 MAX_ALTERNATIVES = 5
 
 
@@ -32,7 +32,7 @@ def write_memory_chart(p: Plan, path: str | Path) -> None:
     biggest = max([p.memory.device_bytes] + [a.device_bytes or a.peak_bytes for a in rivals])
     unit, scale = ("GiB", 1024**3) if biggest >= 1024**3 else ("MiB", 1024**2)
     for y, (tag, strategies, tps) in enumerate(reversed(rows)):
-        report = with_cuda_overheads(estimate_memory(cfg, strategies, p.spec.train, p.spec.optimizer, shapes, trains,
+        report = with_overheads(estimate_memory(cfg, strategies, p.spec.train, p.spec.optimizer, shapes, trains,
                                                      world_size=p.world_size, device=p.hardware.device),
                                      p.hardware, p.world_size)
         left = 0.0

@@ -38,7 +38,7 @@ from lowmem.plan.estimate import (
     host_optimizer_components,
     host_optimizer_seconds,
     weight_bytes,
-    with_cuda_overheads,
+    with_overheads,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
 from lowmem.plan.structs import Alternative, Decision, Plan, Strategies, run_optimizer
@@ -153,8 +153,8 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
     if world_size > 1 and not _shardable(strategies):
         return None
     optimizer = run_optimizer(spec.optimizer, strategies)
-    # on CUDA with what the runtime adds beside the tensors: the fit is the nvidia-smi view (`device_bytes`)
-    memory = with_cuda_overheads(estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
+    # with what the runtime adds beside the tensors: the fit is nvidia-smi's view, or the CPU process's RSS
+    memory = with_overheads(estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
                                                  world_size=world_size, device=hw.device), hw, world_size)
     if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
         return None  # every process of the node pins its shards in the same host RAM
@@ -747,7 +747,9 @@ def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates, sharing: 
     memory, s = smallest[1], smallest[0]
     need = int(memory.device_bytes * sharing / (1 - spec.memory.safety_margin)) + 1
     # on CUDA the need is nvidia-smi's view: say how much of it is the tensors
-    beside = (f"; {format_bytes(memory.peak_bytes)} of tensors, the rest what the CUDA runtime adds"
+    runtime = ("the process's runtime and glibc's heap" if any(c.name == "runtime" for c in memory.overheads)
+               else "the CUDA runtime")
+    beside = (f"; {format_bytes(memory.peak_bytes)} of tensors, the rest what {runtime} adds"
               if memory.overheads else "")
     return (
         f"nothing fits memory.budget = {format_bytes(budget)} ({format_bytes(usable)} usable after the "

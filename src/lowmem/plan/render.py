@@ -8,16 +8,10 @@ BAR_WIDTH = 60
 # one fill character per component, so the stacked bar reads without colour
 FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activations": "A", "logits": "L",
         "batch": "b", "temporaries": "t", "cublas_workspace": "w", "allocator_slack": "s", "cuda_context": "x",
-        "nccl_buffers": "n"}
+        "nccl_buffers": "n", "runtime": "r", "heap_retained": "h"}
 
 
 MAX_ALTERNATIVES_SHOWN = 12
-
-# What a CPU process holds beyond the live tensors the budget bounds, measured by benchmarks/host_overhead.py
-# (results/host_overhead.md): a runtime share in every run, and what glibc keeps after large frees.
-CPU_BEYOND_TENSORS = ("  note: the budget bounds tensors; the process also holds about 110-150 MiB of runtime and up "
-                      "to 180 MiB the allocator keeps (measured on a development CPU: benchmarks/host_overhead.py)")
-
 
 def render_plan(p: Plan) -> str:
     """The plan as a terminal report."""
@@ -78,17 +72,19 @@ def _memory_lines(p: Plan) -> list[str]:
     for c in m.components:
         share = c.bytes / m.peak_bytes if m.peak_bytes else 0
         lines.append(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  {c.note}")
-    if m.overheads:  # what the CUDA runtime holds beside the tensors, each line with its source
+    if m.overheads:  # what the runtime holds beside the tensors, each line with its source
         lines.append(f"  {'tensors':<16} {format_bytes(m.peak_bytes):>12}  {'':6}  live at the peak")
         lines += [f"  {c.name:<16} {format_bytes(c.bytes):>12}  {'':6}  {c.note}" for c in m.overheads]
     lines.append(f"  {'total':<16} {format_bytes(m.device_bytes):>12}  {m.device_bytes / p.usable_bytes:6.1%} of "
-                 "usable budget" + (", as nvidia-smi shows the process" if m.overheads else ""))
-    if m.overheads:
+                 "usable budget" + (_total_view(p) if m.overheads else ""))
+    if m.overheads and p.hardware.device == "cuda":
         lines.append(f"  torch's view: max_memory_allocated {format_bytes(m.allocated_bytes)}, max_memory_reserved "
                      f"{format_bytes(m.reserved_bytes)}")
-    if p.hardware.device == "cpu":
-        lines.append(CPU_BEYOND_TENSORS)
     return lines
+
+
+def _total_view(p: Plan) -> str:
+    return ", as nvidia-smi shows the process" if p.hardware.device == "cuda" else ", the process's peak RSS"
 
 
 def _per_process(p: Plan) -> str:
