@@ -69,6 +69,7 @@ def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> di
         result = execute(p, out, progress=False)
     peak = _status("VmHWM")
     return {"planned_tensor_bytes": p.memory.peak_bytes, "tensor_peak_bytes": result.measured_peak_bytes,
+            "planned_rss_bytes": p.memory.device_bytes,
             "rss_peak_extra_bytes": peak - before, "beyond_tensors_bytes": peak - before - result.measured_peak_bytes,
             "tokens_per_s": result.tokens_per_s, "threads": threads, "torch": torch.__version__}
 
@@ -118,12 +119,13 @@ def main() -> None:
     (args.out / "host_overhead.json").write_text(json.dumps(rows, indent=2))
     lines = ["# RSS beyond the planned tensors on CPU", "",
              f"`python benchmarks/host_overhead.py{' --smoke' if args.smoke else ''}`; see the script's docstring.", "",
-             "| torch, threads | config | allocator | tensor peak (planned / measured) | RSS peak - baseline | beyond tensors "
-             "| tokens/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| torch, threads | config | allocator | tensor peak (planned / measured) | RSS peak - baseline (planned / "
+             "measured) | beyond tensors | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['torch']}, {r['threads']} | {r['config']} | {r['allocator']} | "
                      f"{r['planned_tensor_bytes'] / MiB:.1f} / "
-                     f"{r['tensor_peak_bytes'] / MiB:.1f} MiB | {r['rss_peak_extra_bytes'] / MiB:.1f} MiB | "
+                     f"{r['tensor_peak_bytes'] / MiB:.1f} MiB | {r.get('planned_rss_bytes', 0) / MiB:.1f} / "
+                     f"{r['rss_peak_extra_bytes'] / MiB:.1f} MiB | "
                      f"{r['beyond_tensors_bytes'] / MiB:.1f} MiB | {r['tokens_per_s']:,.0f} |")
     (args.out / "host_overhead.md").write_text("\n".join(lines) + "\n")
 

@@ -92,7 +92,7 @@ class MemoryReport(msgspec.Struct, **_STRUCT):
     torch's and the driver's views: `allocated_bytes` (torch.cuda.max_memory_allocated), `reserved_bytes`
     (max_memory_reserved) and `device_bytes` (what nvidia-smi shows for the process, which the planner fits to the
     budget). On a CPU the overheads are the runtime and glibc's retained heap (`estimate.cpu_overheads`), and
-    `device_bytes` is the process's peak RSS as planned. Without overheads (a plan written before them) all three
+    `device_bytes` is the peak RSS the run adds to the process once its libraries are imported. Without overheads (a plan written before them) all three
     are `peak_bytes`.
 
     `host` is pinned host memory the plan fills beside the device's (offloaded activations, a host optimizer's
