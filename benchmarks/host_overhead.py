@@ -13,10 +13,14 @@ thread-pool and kernel workspaces, Python objects.
 
 "returned" sets glibc's M_MMAP_THRESHOLD to 1 MiB for the run (mallopt): every tensor of 1 MiB or more is its
 own mapping, unmapped when freed, and RSS follows the live tensors more closely, at the price of a page fault
-per fresh page on every step.
+per fresh page on every step. "trimmed" keeps glibc's defaults and calls malloc_trim(0) after every step (free
+heap pages go back to the system between steps; the peak inside a step is what it would be without).
+
+    python benchmarks/host_overhead.py --threads 1 2   # the same rows under torch.set_num_threads(1) and (2)
 """
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -34,14 +38,20 @@ CONFIGS = {
     "LoRA": ["method.kind=lora"],
     "LoRA, fused CE": ["method.kind=lora", "memory.strategies.fused_cross_entropy=on"],
 }
-ALLOCATORS = ("glibc default", "returned")
+ALLOCATORS = ("glibc default", "returned", "trimmed")
 
 
-def child(allocator: str, overrides: list[str], smoke: bool) -> dict:
+def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> dict:
     import ctypes
 
+    import torch
+
+    torch.set_num_threads(threads)
+    libc = ctypes.CDLL("libc.so.6")
     if allocator == "returned":
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MiB)
+        libc.mallopt(M_MMAP_THRESHOLD, MiB)
+    if allocator == "trimmed":
+        _trim_after_each_step(libc)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _spec import spec_text
 
@@ -59,8 +69,23 @@ def child(allocator: str, overrides: list[str], smoke: bool) -> dict:
         result = execute(p, out, progress=False)
     peak = _status("VmHWM")
     return {"planned_tensor_bytes": p.memory.peak_bytes, "tensor_peak_bytes": result.measured_peak_bytes,
+            "planned_rss_bytes": p.memory.device_bytes,
             "rss_peak_extra_bytes": peak - before, "beyond_tensors_bytes": peak - before - result.measured_peak_bytes,
-            "tokens_per_s": result.tokens_per_s}
+            "tokens_per_s": result.tokens_per_s, "threads": threads, "torch": torch.__version__}
+
+
+def _trim_after_each_step(libc) -> None:
+    """Wrap the training loop's step so that glibc returns its free heap pages after each one (malloc_trim)."""
+    from lowmem.train import loop
+
+    step = loop._guarded_step
+
+    def trimmed(*args, **kwargs):
+        out = step(*args, **kwargs)
+        libc.malloc_trim(0)
+        return out
+
+    loop._guarded_step = trimmed
 
 
 def _status(key: str) -> int:
@@ -74,28 +99,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where host_overhead.md/.json go")
-    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "ALLOCATOR"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads, one set of rows each")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
+                        help="a subset of the rows")
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS))
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "ALLOCATOR", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child[1], CONFIGS[args.child[0]], args.smoke)))
+        print("RESULT " + json.dumps(child(args.child[1], CONFIGS[args.child[0]], args.smoke, int(args.child[2]))))
         return
     rows = []
-    for name in CONFIGS:
-        for allocator in ALLOCATORS:
-            cmd = [sys.executable, __file__, "--child", name, allocator] + (["--smoke"] if args.smoke else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
-            rows.append({"config": name, "allocator": allocator, **json.loads(line.removeprefix("RESULT "))})
-            print(rows[-1], flush=True)
+    for threads, name, allocator in itertools.product(args.threads, args.configs, args.allocators):
+        cmd = [sys.executable, __file__, "--child", name, allocator, str(threads)] + (["--smoke"] if args.smoke else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+        rows.append({"config": name, "allocator": allocator, **json.loads(line.removeprefix("RESULT "))})
+        print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_overhead.json").write_text(json.dumps(rows, indent=2))
     lines = ["# RSS beyond the planned tensors on CPU", "",
              f"`python benchmarks/host_overhead.py{' --smoke' if args.smoke else ''}`; see the script's docstring.", "",
-             "| config | allocator | tensor peak (planned / measured) | RSS peak - baseline | beyond tensors | tokens/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| torch, threads | config | allocator | tensor peak (planned / measured) | RSS peak - baseline (planned / "
+             "measured) | beyond tensors | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['allocator']} | {r['planned_tensor_bytes'] / MiB:.1f} / "
-                     f"{r['tensor_peak_bytes'] / MiB:.1f} MiB | {r['rss_peak_extra_bytes'] / MiB:.1f} MiB | "
+        lines.append(f"| {r['torch']}, {r['threads']} | {r['config']} | {r['allocator']} | "
+                     f"{r['planned_tensor_bytes'] / MiB:.1f} / "
+                     f"{r['tensor_peak_bytes'] / MiB:.1f} MiB | {r.get('planned_rss_bytes', 0) / MiB:.1f} / "
+                     f"{r['rss_peak_extra_bytes'] / MiB:.1f} MiB | "
                      f"{r['beyond_tensors_bytes'] / MiB:.1f} MiB | {r['tokens_per_s']:,.0f} |")
     (args.out / "host_overhead.md").write_text("\n".join(lines) + "\n")
 

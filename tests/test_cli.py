@@ -75,7 +75,7 @@ def test_no_arguments_shows_help(runner):
     ("command", "options"),
     [
         ("validate", {"--set", "-s", "--help"}),
-        ("plan", {"--set", "-s", "--hardware", "--json", "--maximize", "--png", "--trace", "--nproc", "--explain", "--help"}),
+        ("plan", {"--set", "-s", "--hardware", "--host-ram", "--json", "--maximize", "--png", "--trace", "--nproc", "--explain", "--help"}),
         ("execute", {"--set", "-s", "--out", "--quiet", "-q", "--resume", "--overwrite", "--cap-memory", "--help"}),
         ("generate", {"--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--help"}),
         ("export", {"--out", "--merge", "--help"}),
@@ -149,7 +149,9 @@ def test_validate_unreadable_spec_is_one_clean_error(runner, tmp_path, name, par
 
 
 def test_plan_prints_strategies_and_memory_table(runner):
-    result = runner.invoke(app, ["plan", str(QUICKSTART)])
+    # standard CE: the peak is backward's start, where every component (the logits too) is a line
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--set", "memory.strategies.fused_cross_entropy=off",
+                                 "--set", "memory.strategies.chunked_cross_entropy=off"])
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "lowmem plan · quickstart" in out
@@ -387,3 +389,33 @@ def test_plan_nproc_plans_per_process(runner):
         p["spec"]["train"]["seq_len"]
     shown = runner.invoke(app, ["plan", "examples/quickstart.toml", "--set", "model.preset=tiny", "--nproc", "2"])
     assert "per process, 2 processes" in shown.stdout
+
+
+def _continuation(lines: list[str]) -> list[str]:
+    """The lines that continue a wrapped decision: indented past the strategy column, up to the next decision."""
+    out = []
+    for ln in lines:
+        if not ln.startswith(" " * 10):
+            break
+        out.append(ln)
+    return out
+
+
+def test_plan_maximize_batch_is_capped_by_the_rows_of_the_data(tmp_path, runner):
+    # 40 one-line records, each longer than half a row of 64 tokens: at most one per packed row, so few rows
+    records = [{"instruction": f"Name the number {i} " + "and say it again " * 4, "output": f"It is {i}."}
+               for i in range(40)]
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = ["--set", f"data.source={source}", "--set", "data.format=instruct", "--set",
+                 f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.tokenizer.vocab_size=400", "--set",
+                 "train.seq_len=64", "--set", "data.eval_rows=2", "--set", "model.preset=tiny",
+                 "--set", "memory.budget=2GiB", "--set", "train.grad_accum=2"]
+    result = runner.invoke(app, ["plan", "examples/quickstart.toml", *overrides, "--maximize", "batch"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("  train.micro_batch"))
+    # the decision and its reason's continuation lines (wrapped at 100 columns), as one line
+    line = " ".join([lines[start]] + [ln.strip() for ln in _continuation(lines[start + 1:])])
+    rows = int(re.search(r"its ([\d,]+) training rows", line).group(1).replace(",", ""))
+    assert "capped by the data" in line and line.split()[1] == str(rows // 2)

@@ -31,7 +31,13 @@ SetOpt = Annotated[
 HardwareOpt = Annotated[
     str | None,
     typer.Option("--hardware", help="Plan for a named profile (h100-80gb, a100-40gb, a100-80gb, rtx4090-24gb, "
-                 "a6000-48gb, cpu) instead of this machine.", show_default=False),
+                 "a6000-48gb, cpu) or a profile file (my-box.toml: name, memory, host_ram, bf16_tflops, "
+                 "fp32_tflops, memory_bandwidth_gbps, ...) instead of this machine.", show_default=False),
+]
+HostRamOpt = Annotated[
+    str | None,
+    typer.Option("--host-ram", help="The host RAM to plan with (e.g. 64GiB) instead of the profile's; at most half "
+                 "of it is planned as pinned memory.", show_default=False),
 ]
 
 
@@ -76,6 +82,7 @@ def plan_cmd(
     spec: SpecArg,
     set_: SetOpt = None,
     hardware: HardwareOpt = None,
+    host_ram: HostRamOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (execute accepts it back).")] = False,
     maximize: Annotated[str | None, typer.Option(
         "--maximize", help="Find the largest train.micro_batch ('batch') or train.seq_len ('seq_len') that fits "
@@ -99,8 +106,16 @@ def plan_cmd(
 
     if trace and nproc > 1:
         raise _UserError("--trace runs one process's step on fake tensors, unsharded; use it without --nproc")
+    from lowmem.plan.hardware import resolve_hardware
+
     run = load_spec(spec, set_ or [])
-    p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
+    hardware = resolve_hardware(hardware, host_ram)
+    if maximize == "batch":  # the data caps the micro-batch: one step takes at most its rows
+        from lowmem.train.inputs import training_rows
+
+        p = maximize_plan(run, maximize, hardware, nproc, data_rows=training_rows(run))
+    else:
+        p = maximize_plan(run, maximize, hardware, nproc) if maximize else plan(run, hardware, nproc)
     if png is not None and _can_chart("--png"):
         from lowmem.plan.chart import write_memory_chart
 

@@ -5,9 +5,10 @@ that total to the budget; a CPU plan has none of it."""
 import types
 
 import msgspec
+import pytest
 import torch
 
-from lowmem.plan import PROFILES, Plan, plan, render_plan
+from lowmem.plan import PROFILES, Plan, PlanError, plan, render_plan
 from lowmem.plan import hardware as hardware_module
 
 MiB = 1 << 20
@@ -45,11 +46,20 @@ def test_nccl_buffers_only_under_torchrun_on_cuda(tiny_spec):
     assert _overheads(plan(tiny_spec(), "h100-80gb", world_size=4))["nccl_buffers"] == 32 * 12 * MiB  # 2 peers
 
 
-def test_a_cpu_plan_has_no_overhead_lines(tiny_spec):
+def test_a_cpu_plan_counts_the_process_rss_beyond_its_tensors(tiny_spec):
+    from lowmem.plan.estimate import CPU_RUNTIME_BYTES, HEAP_RETAINED_MAX
+
     for world_size in (1, 2):
         m = plan(tiny_spec(), "cpu", world_size=world_size).memory
-        assert m.overheads == ()
-        assert m.allocated_bytes == m.reserved_bytes == m.device_bytes == m.peak_bytes
+        lines = {c.name: c.bytes for c in m.overheads}
+        assert set(lines) == {"runtime", "heap_retained"}
+        assert lines["runtime"] == max(CPU_RUNTIME_BYTES.values()) and 0 < lines["heap_retained"] <= HEAP_RETAINED_MAX
+        # the executor compares the tracked tensors with peak_bytes; the budget is fitted with the RSS view
+        assert m.device_bytes == m.peak_bytes + sum(lines.values())
+    # a budget that holds the tensors but not the runtime no longer fits
+    roomy = plan(tiny_spec(), "cpu")
+    with pytest.raises(PlanError, match="nothing fits"):
+        plan(tiny_spec(f"memory.budget={int(roomy.memory.peak_bytes * 2 / 0.9)}B"), "cpu")
 
 
 def test_a_plan_that_fitted_by_the_thin_margin_now_picks_a_leaner_one(tiny_spec):

@@ -143,7 +143,8 @@ def test_host_optimizer_counts_its_state_and_copies_in_host_memory(tiny_spec):
 
 
 def test_offloaded_gradients_leave_the_device_before_the_optimizer_step(tiny_spec):
-    shape = ("train.micro_batch=1", "train.seq_len=16", "memory.precision=fp32")
+    shape = ("train.micro_batch=1", "train.seq_len=16", "memory.precision=fp32",
+             "memory.strategies.activation_checkpointing=off")  # no recompute phase to take the peak
     kept = plan(tiny_spec(*shape, "optimizer.offload=true"), "h100-80gb")
     freed = plan(tiny_spec(*shape, "optimizer.offload=true", "optimizer.offload_gradients=true"), "h100-80gb")
     # kept, every gradient is on the device at the step; freed, only those of the small tensors the device steps,
@@ -192,3 +193,18 @@ def test_trace_runs_an_offloading_plan_with_everything_on_the_device(tiny_spec):
     traced = trace_memory(p)
     assert traced.by_name()["optimizer_state"] > p.memory.by_name()["optimizer_state"]
     assert not traced.host
+
+
+@pytest.mark.parametrize("host_gib", [4, 16, 64])
+def test_pinned_host_memory_is_never_more_than_half_the_host_ram(tiny_spec, host_gib):
+    from lowmem.plan.estimate import HOST_PINNED_SHARE
+    from lowmem.plan.hardware import resolve_hardware
+
+    spec = tiny_spec("model.preset=llama3.1-8b", "data.tokenizer.vocab_size=128256", "method.kind=qlora",
+                     "method.rank=16", "train.micro_batch=2", "train.grad_accum=8", "train.seq_len=2048",
+                     "memory.budget=20GiB", "optimizer.lr=1e-4", "memory.precision=auto")
+    p = plan(spec, resolve_hardware("rtx4090-24gb", f"{host_gib}GiB"))
+    assert p.hardware.host_ram_bytes == host_gib * 1024**3
+    assert p.strategies.activation_offloading  # so the host share is what limits it
+    assert sum(c.bytes for c in p.memory.host) <= HOST_PINNED_SHARE * p.hardware.host_ram_bytes
+    assert p.strategies.offload_max_host_bytes <= HOST_PINNED_SHARE * p.hardware.host_ram_bytes

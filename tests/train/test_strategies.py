@@ -317,8 +317,8 @@ def test_micro_batch_split_changes_no_numbers_and_lowers_the_peak_as_planned(tin
 def test_auto_splits_only_when_no_whole_micro_batch_fits(tiny_spec):
     whole = plan(tiny_spec(*SPLIT_BASE[:-2]), "cpu")
     assert whole.strategies.micro_batch_split == 1
-    split_peak = plan(tiny_spec(*SPLIT_BASE, "memory.strategies.micro_batch_split=on"), "cpu").memory.peak_bytes
-    budget = (split_peak + whole.memory.peak_bytes) // 2  # the split plan fits, no whole one does
+    split_peak = plan(tiny_spec(*SPLIT_BASE, "memory.strategies.micro_batch_split=on"), "cpu").memory.device_bytes
+    budget = (split_peak + whole.memory.device_bytes) // 2  # the split plan fits, no whole one does
     p = plan(tiny_spec(*SPLIT_BASE[:-2], f"memory.budget={budget}B", "memory.safety_margin=0"), "cpu")
     assert p.strategies.micro_batch_split == 2
     decision = next(d for d in p.decisions if d.strategy == "micro_batch_split")
@@ -329,11 +329,11 @@ def test_auto_splits_only_when_no_whole_micro_batch_fits(tiny_spec):
 
 def test_auto_uses_8bit_adamw_states_only_when_nothing_exact_fits(tiny_spec, tmp_path):
     off = tiny_spec(*SPLIT_BASE[:4], "memory.strategies.low_bit_optimizer=off", "memory.strategies.micro_batch_split=off")
-    smallest_exact = min(a.peak_bytes for a in plan(off, "cpu").alternatives)
+    smallest_exact = min(a.device_bytes for a in plan(off, "cpu").alternatives)
     on = plan(tiny_spec(*SPLIT_BASE[:4], "memory.strategies.low_bit_optimizer=on",
                         "memory.strategies.micro_batch_split=off"), "cpu")
     assert on.strategies.optimizer_state == "8bit"
-    smallest_8bit = min(a.peak_bytes for a in on.alternatives)
+    smallest_8bit = min(a.device_bytes for a in on.alternatives)
     assert smallest_8bit < smallest_exact
     budget = (smallest_8bit + smallest_exact) // 2
     p = plan(tiny_spec(*SPLIT_BASE[:4], "memory.strategies.micro_batch_split=off", f"memory.budget={budget}B",

@@ -725,6 +725,58 @@ def with_cuda_overheads(report: MemoryReport, hw: HardwareProfile, world_size: i
     return msgspec.structs.replace(report, overheads=cuda_overheads(report.peak_bytes, hw, world_size))
 
 
+# What a CPU process holds in RSS beyond its live tensors: the lines of `MemoryReport.overheads` for a CPU plan, so
+# that the budget bounds the process's RSS (issue #16). benchmarks/host_overhead.py (results/host_overhead.md)
+# measured VmHWM - RSS before the run - the tracked tensor peak for quickstart-5m, five configurations, torch
+# 2.13.0+cpu at 1 and at 2 threads. With every allocation of 1 MiB or more returned to the system, 121-149 MiB
+# stayed (thread pools, kernel workspaces, Python objects, the data loader): the runtime line, by torch version
+# (1 and 2 threads measured within 4 MiB of each other; more threads not measured).
+CPU_RUNTIME_BYTES = {"2.13": 150 * MiB}
+# With glibc's defaults (which lowmem keeps) its heap held 9-176 MiB more: after a large free, glibc's dynamic
+# mmap threshold rises (to 32 MiB at most), so later step tensors come from the heap, which keeps what it frees.
+# It grew with the step's transient tensors (everything but parameters, gradients and optimizer states): at most
+# 1.25x of them (full, checkpointing: 103-117 MiB of 94) and never past 176 MiB. malloc_trim(0) after every step
+# took 0-45 MiB off the peak (it falls inside a step) and returning every large free cost 25-50% of the speed, so
+# lowmem keeps glibc's behaviour and plans for it.
+HEAP_RETAINED_SHARE = 1.25
+HEAP_RETAINED_MAX = 180 * MiB
+PERSISTENT = ("parameters", "gradients", "optimizer_state")
+
+
+def cpu_overheads(report: MemoryReport) -> tuple[Component, ...]:
+    """What a CPU process holds in RSS beside `report`'s live tensors: the runtime and glibc's retained heap."""
+    version, measured = _torch_minor(), max(CPU_RUNTIME_BYTES)
+    runtime = CPU_RUNTIME_BYTES.get(version, CPU_RUNTIME_BYTES[measured])
+    source = f"torch {version}" if version in CPU_RUNTIME_BYTES else f"measured for torch {measured}, not {version}"
+    transient = report.peak_bytes - sum(c.bytes for c in report.components if c.name in PERSISTENT)
+    heap = min(int(HEAP_RETAINED_SHARE * max(transient, 0)), HEAP_RETAINED_MAX)
+    return (
+        Component(name="runtime", bytes=runtime,
+                  note=f"threads, kernel workspaces, Python ({source}, 1-2 threads: benchmarks/host_overhead.py)"),
+        Component(name="heap_retained", bytes=heap,
+                  note=f"glibc's heap keeps freed step tensors: {HEAP_RETAINED_SHARE:g}x the transient ones, at most "
+                       f"{format_bytes(HEAP_RETAINED_MAX)}"),
+    )
+
+
+def _torch_minor() -> str:
+    """The installed torch's major.minor, read from its package metadata (no import of torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return ".".join(version("torch").split(".")[:2])
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def with_overheads(report: MemoryReport, hw: HardwareProfile, world_size: int = 1) -> MemoryReport:
+    """`report` with what the process holds beyond its tensors: CUDA's lines (`cuda_overheads`) or the CPU's
+    (`cpu_overheads`), so that `device_bytes` is what nvidia-smi or the process's RSS shows."""
+    if hw.device == "cuda":
+        return with_cuda_overheads(report, hw, world_size)
+    return msgspec.structs.replace(report, overheads=cpu_overheads(report))
+
+
 class StepBytes(NamedTuple):
     """One process's bytes per component in a training step, which the phases of `estimate_memory` add up."""
 

@@ -29,6 +29,8 @@ class HardwareProfile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     bf16_compute: bool  # bf16 matmuls run at (at least) fp32 speed
     pcie_bytes_per_s: float = 0.0
     compute_capability: str | None = None
+    # device memory bandwidth (spec sheet); 0: not given. Recorded for the speed model, which does not use it yet
+    memory_bytes_per_s: float = 0.0
 
 
 def _gpu(name, memory_gib, fp32_tflops, bf16_tflops, pcie_gbps, cc, host_gib=256) -> HardwareProfile:
@@ -69,13 +71,105 @@ CPU_BF16_OVER_FP32_NATIVE = 1.42
 CPU_FLOPS_PER_CORE_BF16_EMULATED = 0.15e9
 
 
-def resolve_hardware(name: str | None) -> HardwareProfile:
-    """A named profile, or the local machine for None / "local"."""
+def resolve_hardware(name: str | None, host_ram: str | int | None = None) -> HardwareProfile:
+    """A named profile, a profile file (`*.toml`, `load_hardware_file`), or the local machine for None / "local";
+    with `host_ram` (a size: "64GiB") as its host RAM (on a CPU also the memory the run may use)."""
     if name is None or name == "local":
-        return detect_local()
-    if name not in PROFILES:
-        raise ValueError(f"unknown hardware profile {name!r}; known: local, {', '.join(PROFILES)}")
-    return PROFILES[name]
+        hw = detect_local()
+    elif name.endswith(".toml"):
+        hw = load_hardware_file(name)
+    elif name not in PROFILES:
+        raise ValueError(f"unknown hardware profile {name!r}; known: local, {', '.join(PROFILES)}, or a profile "
+                         "file (my-box.toml: see lowmem.plan.hardware.HardwareFile)")
+    else:
+        hw = PROFILES[name]
+    if host_ram is None:
+        return hw
+    from lowmem.spec.units import parse_bytes
+
+    try:
+        ram = parse_bytes(host_ram)
+    except ValueError as err:
+        raise ValueError(f"--host-ram {host_ram!r}: {err}") from None
+    return msgspec.structs.replace(hw, host_ram_bytes=ram, **({"memory_bytes": ram} if hw.device == "cpu" else {}))
+
+
+class HardwareFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A machine without a named profile, as a TOML file for `--hardware my-box.toml`. Sizes are strings
+    ("24GiB", "64GB"); speeds are the spec sheet's dense figures."""
+
+    name: str
+    device: Literal["cpu", "cuda"] = "cuda"
+    memory: str  # what the device gives torch (a CPU: the RAM the run may use)
+    host_ram: str
+    bf16_tflops: float
+    fp32_tflops: float
+    memory_bandwidth_gbps: float = 0.0  # GB/s
+    pcie_gbps: float = 0.0  # GB/s, one direction (CUDA: activation offloading, a host optimizer)
+    n_cores: int = 16
+    compute_capability: str | None = None  # "8.9": picks cuBLAS's workspace size
+    bf16_compute: bool = True  # bf16 matmuls at least as fast as fp32
+
+
+# what each field of a profile file holds, for the one-line error a bad one gets
+HARDWARE_FIELD_HELP = {
+    "name": 'a name for the plan, e.g. "my-box"', "device": '"cuda" or "cpu"',
+    "memory": 'a size such as "24GiB"', "host_ram": 'a size such as "64GiB"',
+    "bf16_tflops": "a number of TFLOP/s, e.g. 165", "fp32_tflops": "a number of TFLOP/s, e.g. 82.6",
+    "memory_bandwidth_gbps": "GB/s, e.g. 1008", "pcie_gbps": "GB/s, e.g. 32", "n_cores": "an integer",
+    "compute_capability": 'a string such as "8.9"', "bf16_compute": "true or false",
+}
+
+
+def load_hardware_file(path: str | Path) -> HardwareProfile:
+    """The HardwareProfile a TOML file describes (`HardwareFile`); a bad file is one ValueError naming the file,
+    the field, its value and what to write instead."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--hardware {str(path)!r}: no such profile file (looked at {path.resolve()})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    try:
+        f = msgspec.convert(raw, HardwareFile)
+        memory, host_ram = _file_size(path, "memory", f.memory), _file_size(path, "host_ram", f.host_ram)
+    except msgspec.ValidationError as err:
+        raise ValueError(_file_error(path, raw, str(err))) from None
+    return HardwareProfile(
+        name=f.name, device=f.device, memory_bytes=memory, host_ram_bytes=host_ram, n_cores=f.n_cores,
+        peak_flops_fp32=f.fp32_tflops * 1e12, peak_flops_bf16=f.bf16_tflops * 1e12, bf16_compute=f.bf16_compute,
+        pcie_bytes_per_s=f.pcie_gbps * 1e9, compute_capability=f.compute_capability,
+        memory_bytes_per_s=f.memory_bandwidth_gbps * 1e9,
+    )
+
+
+def _file_size(path: Path, field: str, text: str) -> int:
+    from lowmem.spec.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise msgspec.ValidationError(f"not a size - at `$.{field}`") from None
+
+
+def _file_error(path: Path, raw: dict, message: str) -> str:
+    """`file: field = value: what is wrong; write ...` from msgspec's `... - at `$.field`` message."""
+    match = re.search(r"`\$\.(\w+)`", message)
+    what = message.split(" - at ")[0]
+    if match is None:  # a missing or unknown field: msgspec names it in the message
+        unknown = re.search(r"unknown field `(\w+)`", message)
+        if unknown:
+            field = unknown.group(1)
+            return (f"{path}: {field} = {raw.get(field)!r}: no such field; the fields are "
+                    f"{', '.join(HARDWARE_FIELD_HELP)}")
+        missing = re.search(r"missing required field `(\w+)`", message)
+        field = missing.group(1) if missing else "?"
+        return f"{path}: {field} is missing; add {field} = {HARDWARE_FIELD_HELP.get(field, '...')}"
+    field = match.group(1)
+    return f"{path}: {field} = {raw.get(field)!r}: {what}; write {field} = {HARDWARE_FIELD_HELP[field]}"
 
 
 def detect_local() -> HardwareProfile:

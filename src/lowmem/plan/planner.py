@@ -40,7 +40,7 @@ from lowmem.plan.estimate import (
     host_optimizer_seconds,
     step_floor_seconds,
     weight_bytes,
-    with_cuda_overheads,
+    with_overheads,
     with_step_floor,
 )
 from lowmem.plan.hardware import HardwareProfile, resolve_hardware
@@ -66,6 +66,14 @@ SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit, AdamW4bit)
 
 class PlanError(ValueError):
     """The spec cannot be planned: the message names the spec fields involved and what would work."""
+
+
+class NothingFits(PlanError):
+    """No candidate fits the budget: `need_bytes` is the smallest one's (the device view the fit compares)."""
+
+    def __init__(self, message: str, need_bytes: int):
+        super().__init__(message)
+        self.need_bytes = need_bytes
 
 
 def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_size: int = 1) -> Plan:
@@ -148,8 +156,8 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
     if world_size > 1 and not _shardable(strategies):
         return None
     optimizer = run_optimizer(spec.optimizer, strategies)
-    # on CUDA with what the runtime adds beside the tensors: the fit is the nvidia-smi view (`device_bytes`)
-    memory = with_cuda_overheads(estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
+    # with what the runtime adds beside the tensors: the fit is nvidia-smi's view, or the CPU process's RSS
+    memory = with_overheads(estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
                                                  world_size=world_size, device=hw.device), hw, world_size)
     if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
         return None  # every process of the node pins its shards in the same host RAM
@@ -172,7 +180,8 @@ def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
     """The fastest candidate that fits (see `_run_rate`), or PlanError naming the smallest when none does."""
     fitting = [c for c in candidates if c[1].device_bytes <= usable]
     if not fitting:
-        raise PlanError(_nothing_fits(spec, budget, usable, candidates, sharing=sharing))
+        raise NothingFits(_nothing_fits(spec, budget, usable, candidates, sharing=sharing),
+                          min(c[1].device_bytes for c in candidates))
     # where pure bf16 would round away the updates (a small learning rate) or the weight decay, auto prefers any
     # other precision that fits, then bf16 with stochastic rounding, and plain bf16 only when nothing else fits
     kept = fitting
@@ -180,7 +189,29 @@ def _choose(spec: RunSpec, candidates, budget: int, usable: int, sharing: int):
         kept = ([c for c in fitting if c[0].precision != "bf16"]
                 or [c for c in fitting if c[0].bf16_stochastic_rounding] or fitting)
     # fastest over the whole run (compile time counted) first; among equals the smaller peak
-    return max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].device_bytes))
+    fastest = max(kept, key=lambda c: (_run_rate(spec, c[0], c[2]), -c[1].device_bytes))
+    return min(_as_fast(spec, kept, fastest), key=lambda c: (c[1].device_bytes, -_run_rate(spec, c[0], c[2])))
+
+
+# How far apart two estimated speeds must be before the planner believes the faster one. The speed model's
+# strategy factors missed what the development CPU measured by 2-10% (SPLIT_EFFICIENCY's comment: the fused loss
+# modelled 0.97x, measured median 0.986x; the chunked loss modelled about 0.94x, measured 1.002x; 2 and 4 pieces
+# modelled 0.97x / 0.94x, measured 1.068x / 1.007x), and its GPU factors are not measured at all. Within this
+# share of the fastest plan's speed, the plan with the most headroom is chosen (issue #16: standard CE's 7.9 GiB of
+# logits for a 2% estimated gain over chunked CE is memory left on the table).
+SPEED_MODEL_ERROR = 0.05
+
+
+def _as_fast(spec: RunSpec, fitting, fastest) -> list:
+    """The fitting plans within SPEED_MODEL_ERROR of `fastest` that differ from it only in strategies whose cost
+    is speed alone (checkpointing, the loss, optimizer in backward): not in precision (numbers), offloading (host
+    memory), compile (compile time) or the last resorts."""
+    def kind(s: Strategies):
+        return (s.precision, s.compile, s.activation_offloading, s.micro_batch_split, s.optimizer_state,
+                s.fsdp_cpu_offload, s.bf16_stochastic_rounding)
+
+    floor = (1 - SPEED_MODEL_ERROR) * _run_rate(spec, fastest[0], fastest[2])
+    return [c for c in fitting if kind(c[0]) == kind(fastest[0]) and _run_rate(spec, c[0], c[2]) >= floor]
 
 
 def why_not_chosen(spec: RunSpec, strategies: Strategies, tokens_per_s: float, chosen: Strategies,
@@ -735,7 +766,9 @@ def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates, sharing: 
     memory, s = smallest[1], smallest[0]
     need = int(memory.device_bytes * sharing / (1 - spec.memory.safety_margin)) + 1
     # on CUDA the need is nvidia-smi's view: say how much of it is the tensors
-    beside = (f"; {format_bytes(memory.peak_bytes)} of tensors, the rest what the CUDA runtime adds"
+    runtime = ("the process's runtime and glibc's heap" if any(c.name == "runtime" for c in memory.overheads)
+               else "the CUDA runtime")
+    beside = (f"; {format_bytes(memory.peak_bytes)} of tensors, the rest what {runtime} adds"
               if memory.overheads else "")
     return (
         f"nothing fits memory.budget = {format_bytes(budget)} ({format_bytes(usable)} usable after the "
@@ -767,7 +800,7 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
     strategies = chosen[0]
 
     def others(field: str):
-        return [c for c in candidates if getattr(c[0], field) != getattr(strategies, field)]
+        return Rivals([c for c in candidates if getattr(c[0], field) != getattr(strategies, field)], chosen)
 
     ckpt_forced = spec.memory.strategies.activation_checkpointing != "auto"
     decisions = [
@@ -800,7 +833,7 @@ def _explain_precision(spec: RunSpec, hw: HardwareProfile, strategies: Strategie
                         reason="forced by memory.precision")
     dropped = strategies.precision != "bf16" and _bf16_lossy(spec) and any(c[0].precision == "bf16" for c in rivals)
     if dropped:
-        rivals = [c for c in rivals if c[0].precision != "bf16"]
+        rivals = Rivals([c for c in rivals if c[0].precision != "bf16"], getattr(rivals, "chosen", None))
     reason = _why(strategies, "precision", rivals, usable, hw, spec)
     if dropped:
         why = (f"at optimizer.lr = {spec.optimizer.lr:g} (below {BF16_MIN_LR:.1e}): {BF16_LOST_UPDATES_REASON}"
@@ -981,8 +1014,18 @@ def _explain_last_resorts(spec: RunSpec, strategies: Strategies, candidates, usa
     return decisions
 
 
+class Rivals(list):
+    """The candidates whose value of one strategy differs from the chosen plan's, with the chosen plan (`_why`)."""
+
+    def __init__(self, items, chosen):
+        super().__init__(items)
+        self.chosen = chosen
+
+
 def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwareProfile, spec: RunSpec) -> str:
     value = getattr(strategies, field)
+    chosen = getattr(rivals, "chosen", None)
+    chosen_rate = _run_rate(spec, chosen[0], chosen[2]) if chosen else math.inf
     reasons = []
     for alt in dict.fromkeys(getattr(s, field) for s, _, _ in rivals):
         group = [r for r in rivals if getattr(r[0], field) == alt]
@@ -990,6 +1033,12 @@ def _why(strategies: Strategies, field: str, rivals, usable: int, hw: HardwarePr
         if fitting:
             best = max(fitting, key=lambda r: (_run_rate(spec, r[0], r[2]), r[2]))
             rate = _run_rate(spec, best[0], best[2])
+            if rate > chosen_rate:  # the headroom rule of `_choose` kept a plan this close
+                reasons.append(f"{_shown(field, alt)} is est. {rate / chosen_rate - 1:.0%} faster ({rate:,.0f} "
+                               f"tokens/s), inside the speed model's {SPEED_MODEL_ERROR:.0%} error: the plan that "
+                               f"close with the most headroom is kept ({format_bytes(chosen[1].device_bytes)} "
+                               f"against {format_bytes(best[1].device_bytes)})")
+                continue
             if best[0].compile and spec.train.steps is None:  # no run length to spread the compile time over
                 reasons.append(f"{_shown(field, alt)} is not chosen (best that fits: est. {best[2]:,.0f} "
                                "tokens/s once compiled, before its compile time)")
@@ -1022,39 +1071,45 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 MAXIMIZABLE = {"batch": "micro_batch", "seq_len": "seq_len"}
+# --maximize batch without the data's row count (data_rows=None): the search stops here and says so
+MAX_MICRO_BATCH_SEARCHED = 1 << 16
 
 
-def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None, world_size: int = 1) -> Plan:
+def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = None, world_size: int = 1,
+             data_rows: int | None = None) -> Plan:
     """The plan with the largest micro-batch (`what="batch"`) or sequence length (`"seq_len"`) that fits.
 
-    Searches by doubling, then bisection, over values that plan without error (the budget is the limit;
-    sequence lengths are multiples of 64, capped by the model's max_seq_len). The other fields of the spec are
-    kept, and the strategies are chosen afresh for each candidate.
+    Searches by doubling, then bisection, over values that plan without error; the other fields of the spec are
+    kept, and the strategies are chosen afresh for each candidate. A micro-batch is searched whole
+    (micro_batch_split held at 1): split into k pieces it runs as k passes of 1/k of its rows, which is gradient
+    accumulation under another name. It is capped by the data: one step (micro_batch x grad_accum x processes
+    rows) takes at most `data_rows`, the training rows of the packed dataset (None: unknown, capped at
+    MAX_MICRO_BATCH_SEARCHED). Sequence lengths are multiples of 64 up to the model's max_seq_len. The plan's
+    last decision says which limit stopped the search.
     """
     if what not in MAXIMIZABLE:
         raise PlanError(f"--maximize {what!r}: choose one of {', '.join(MAXIMIZABLE)}")
-    field = MAXIMIZABLE[what]
     hw = hardware if isinstance(hardware, HardwareProfile) else resolve_hardware(hardware)
+    field = MAXIMIZABLE[what]
+    spec = _whole_micro_batches(spec) if field == "micro_batch" else spec
     step = 64 if field == "seq_len" else 1
-    limit = resolve_model(spec).max_seq_len if field == "seq_len" else 1 << 16
+    limit, limit_reason = _maximize_limit(spec, field, world_size, data_rows)
+    refused: dict[int, int] = {}  # value -> the smallest plan's need, for the ones that did not fit
 
     def attempt(value: int) -> Plan | None:
-        train = msgspec.structs.replace(spec.train, **{field: value * step})
         try:
-            return plan(msgspec.structs.replace(spec, train=train), hw, world_size)
-        except PlanError as err:
-            if "nothing fits" in str(err) or "max_seq_len" in str(err):
-                return None
-            raise
+            return plan(_with_train(spec, **{field: value * step}), hw, world_size)
+        except NothingFits as err:
+            refused[value] = err.need_bytes
+            return None
 
     best = attempt(1)
     if best is None:
-        return plan(msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **{field: step})), hw,
-                    world_size)
+        return plan(_with_train(spec, **{field: step}), hw, world_size)
     low, high = 1, 2
-    while high * step <= limit and (p := attempt(high)) is not None:
+    while high <= limit and (p := attempt(high)) is not None:
         best, low, high = p, high, high * 2
-    high = min(high, limit // step + 1)
+    high = min(high, limit + 1)
     while high - low > 1:  # low fits, high does not (or is past the limit)
         mid = (low + high) // 2
         p = attempt(mid)
@@ -1062,4 +1117,49 @@ def maximize(spec: RunSpec, what: str, hardware: HardwareProfile | str | None = 
             high = mid
         else:
             best, low = p, mid
-    return best
+    if low == limit:
+        reason = limit_reason
+    else:
+        need = refused[low + 1]
+        reason = (f"the largest that fits: at {(low + 1) * step:,} the smallest plan needs {format_bytes(need)}, "
+                  f"{format_bytes(need - best.usable_bytes)} more than the {format_bytes(best.usable_bytes)} usable")
+    decisions = tuple(WHOLE_MICRO_BATCHES if d.strategy == "micro_batch_split" and field == "micro_batch" else d
+                      for d in best.decisions)
+    decision = Decision(strategy=f"train.{field}", value=str(low * step), source="auto",
+                        reason=f"--maximize {what}: {reason}")
+    return msgspec.structs.replace(best, decisions=decisions + (decision,))
+
+
+WHOLE_MICRO_BATCHES = Decision(
+    strategy="micro_batch_split", value="1", source="fixed",
+    reason="--maximize batch searches whole micro-batches: k pieces of a micro-batch are k passes of 1/k of its "
+           "rows, gradient accumulation under another name")
+
+
+def _with_train(spec: RunSpec, **fields) -> RunSpec:
+    return msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, **fields))
+
+
+def _whole_micro_batches(spec: RunSpec) -> RunSpec:
+    """The spec with micro_batch_split off (`maximize`), refusing a spec that forces it on."""
+    if spec.memory.strategies.micro_batch_split == "on":
+        raise PlanError("--maximize batch with memory.strategies.micro_batch_split = 'on': a micro-batch split into "
+                        "pieces is gradient accumulation under another name, so there is no largest one; set "
+                        "micro_batch_split to 'auto' (the search holds it at 1) or raise train.grad_accum instead")
+    toggles = msgspec.structs.replace(spec.memory.strategies, micro_batch_split="off")
+    return msgspec.structs.replace(spec, memory=msgspec.structs.replace(spec.memory, strategies=toggles))
+
+
+def _maximize_limit(spec: RunSpec, field: str, world_size: int, data_rows: int | None) -> tuple[int, str]:
+    """The largest value (in steps of 64 for seq_len) `maximize` may try, and what to say when it stops there."""
+    if field == "seq_len":
+        cap = resolve_model(spec).max_seq_len
+        return cap // 64, f"stopped at the model's max_seq_len ({cap:,}), not by the budget"
+    if data_rows is None:
+        return MAX_MICRO_BATCH_SEARCHED, (f"stopped at the search's cap of {MAX_MICRO_BATCH_SEARCHED:,} rows (the "
+                                          "data's row count was not known: `lowmem data prepare SPEC` says why), not by the budget")
+    per_row = spec.train.grad_accum * world_size
+    cap = max(1, data_rows // per_row)
+    return cap, (f"capped by the data, not by the budget: its {data_rows:,} training rows of {spec.train.seq_len:,} "
+                 f"tokens (packed, less data.eval_rows) make one step of at most {cap:,} rows x "
+                 f"{spec.train.grad_accum} accumulation" + (f" x {world_size} processes" if world_size > 1 else ""))

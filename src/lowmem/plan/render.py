@@ -4,7 +4,7 @@ import textwrap
 
 import msgspec
 
-from lowmem.plan.estimate import COMPILE_SECONDS_PER_BLOCK
+from lowmem.plan.estimate import COMPILE_SECONDS_PER_BLOCK, HOST_PINNED_SHARE
 from lowmem.plan.planner import why_not_chosen
 from lowmem.plan.structs import Plan
 from lowmem.spec.units import format_bytes
@@ -18,16 +18,10 @@ NOTES_LEGEND = ("  notes: 'bf16: loses decay/updates': pure bf16 would round the
 # one fill character per component, so the stacked bar reads without colour
 FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activations": "A", "logits": "L",
         "batch": "b", "temporaries": "t", "cublas_workspace": "w", "allocator_slack": "s", "cuda_context": "x",
-        "nccl_buffers": "n"}
+        "nccl_buffers": "n", "runtime": "r", "heap_retained": "h"}
 
 
 MAX_ALTERNATIVES_SHOWN = 12
-
-# What a CPU process holds beyond the live tensors the budget bounds, measured by benchmarks/host_overhead.py
-# (results/host_overhead.md): a runtime share in every run, and what glibc keeps after large frees.
-CPU_BEYOND_TENSORS = ("  note: the budget bounds tensors; the process also holds about 110-150 MiB of runtime and up "
-                      "to 180 MiB the allocator keeps (measured on a development CPU: benchmarks/host_overhead.py)")
-
 
 def render_plan(p: Plan, explain: bool = False) -> str:
     """The plan as a terminal report, every line within WIDTH columns. `explain`: every reason in full and what the
@@ -57,7 +51,8 @@ def _header(p: Plan) -> list[str]:
         + (f"x {p.world_size} processes " if p.world_size > 1 else "")
         + f"= {p.tokens_per_step:,} tokens/step, "
         + (f"{p.total_steps} steps" if p.total_steps else f"{spec.train.epochs} epochs"),
-        f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)})",
+        f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)}), host RAM "
+        f"{format_bytes(hw.host_ram_bytes)} (--host-ram), at most {HOST_PINNED_SHARE:.0%} of it pinned",
         f"  budget     {format_bytes(p.budget_bytes)}, {format_bytes(p.usable_bytes)} usable "
         f"({spec.memory.safety_margin:.0%} margin)" + _per_process(p),
     ]
@@ -222,18 +217,21 @@ def _memory_lines(p: Plan) -> list[str]:
     for c in m.components:
         share = c.bytes / m.peak_bytes if m.peak_bytes else 0
         lines += _noted(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {share:6.1%}  ", c.note)
-    if m.overheads:  # what the CUDA runtime holds beside the tensors, each line with its source
+    if m.overheads:  # what the runtime holds beside the tensors, each line with its source
         lines.append(f"  {'tensors':<16} {format_bytes(m.peak_bytes):>12}  {'':6}  live at the peak")
         lines += [line for c in m.overheads
                   for line in _noted(f"  {c.name:<16} {format_bytes(c.bytes):>12}  {'':6}  ", c.note)]
     lines.append(f"  {'total':<16} {format_bytes(m.device_bytes):>12}  {m.device_bytes / p.usable_bytes:6.1%} of "
-                 "usable budget" + (", as nvidia-smi shows the process" if m.overheads else ""))
-    if m.overheads:
+                 "usable budget" + (_total_view(p) if m.overheads else ""))
+    if m.overheads and p.hardware.device == "cuda":
         lines.append(f"  torch's view: max_memory_allocated {format_bytes(m.allocated_bytes)}, max_memory_reserved "
                      f"{format_bytes(m.reserved_bytes)}")
-    if p.hardware.device == "cpu":
-        lines += _wrapped(CPU_BEYOND_TENSORS, "        ")
     return lines
+
+
+def _total_view(p: Plan) -> str:
+    # on a CPU: what the run adds to RSS once torch and lowmem are imported (about 257 MiB more here, torch 2.13)
+    return ", as nvidia-smi shows the process" if p.hardware.device == "cuda" else ", the RSS the run adds to the imports'"
 
 
 def _per_process(p: Plan) -> str:

@@ -72,7 +72,7 @@ class Component(msgspec.Struct, **_STRUCT):
     """Bytes of one memory component at the predicted peak (or, for an overhead line, beside it)."""
 
     name: Literal["parameters", "gradients", "optimizer_state", "activations", "logits", "batch", "temporaries",
-                  "cublas_workspace", "allocator_slack", "cuda_context", "nccl_buffers"]
+                  "cublas_workspace", "allocator_slack", "cuda_context", "nccl_buffers", "runtime", "heap_retained"]
     bytes: int
     note: str = ""
 
@@ -91,7 +91,9 @@ class MemoryReport(msgspec.Struct, **_STRUCT):
     `overheads` names what the process holds beyond them (`estimate.cuda_overheads`), and three properties give
     torch's and the driver's views: `allocated_bytes` (torch.cuda.max_memory_allocated), `reserved_bytes`
     (max_memory_reserved) and `device_bytes` (what nvidia-smi shows for the process, which the planner fits to the
-    budget). Without overheads (a CPU plan, or a plan written before them) all three are `peak_bytes`.
+    budget). On a CPU the overheads are the runtime and glibc's retained heap (`estimate.cpu_overheads`), and
+    `device_bytes` is the peak RSS the run adds to the process once its libraries are imported. Without overheads (a plan written before them) all three
+    are `peak_bytes`.
 
     `host` is pinned host memory the plan fills beside the device's (offloaded activations, a host optimizer's
     copies and states): not part of `peak_bytes`, which is the device's.

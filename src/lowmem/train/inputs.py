@@ -63,6 +63,17 @@ def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenize
     return tokenizer, dataset
 
 
+def training_rows(spec: RunSpec) -> int | None:
+    """The packed dataset's rows less the held-out ones (preparing and caching it if needed), or None where the
+    data cannot be read or packed (the reason is `lowmem data prepare`'s to give)."""
+    one_row = msgspec.structs.replace(spec, train=msgspec.structs.replace(spec.train, micro_batch=1))
+    try:
+        _, dataset = prepare_data(one_row)
+    except (ValueError, OSError):
+        return None
+    return len(dataset) - spec.data.eval_rows
+
+
 def steps_for_epochs(spec: RunSpec, n_train_rows: int, world: int = 1) -> int:
     rows_per_step = spec.train.micro_batch * spec.train.grad_accum * world
     return max(1, math.ceil(spec.train.epochs * n_train_rows / rows_per_step))

@@ -52,11 +52,15 @@ def replan_after_oom(p: Plan, available_bytes: int | None) -> Plan:
 
     The budget is REPLAN_FRACTION of the smaller of `available_bytes` (what the device really had for this
     process) and the failed plan's predicted need as nvidia-smi would show it (`MemoryReport.device_bytes`: on a
-    GPU its CUDA overhead lines included, as the new plan's fit will be). Precision, the optimizer's state kind, optimizer in backward,
-    stochastic rounding and FSDP offload are pinned to the failed plan's values, so its checkpoint loads; what may
+    GPU its CUDA overhead lines included, as the new plan's fit will be). Precision, the optimizer's state kind,
+    optimizer in backward, stochastic rounding and FSDP offload are pinned to the failed plan's values, so its checkpoint loads; what may
     change are the strategies that only move memory (checkpointing, offloading, cross-entropy, micro-batch split).
     """
-    basis = min(b for b in (available_bytes, p.memory.device_bytes, p.budget_bytes) if b)
+    # on a CPU the cap (--cap-memory) bounds the tensors, and the plan's runtime and heap lines come on top of them:
+    # the fraction applies to the tensors' share, and those lines are added back
+    beyond = p.memory.device_bytes - p.memory.peak_bytes if p.hardware.device == "cpu" else 0
+    capped = available_bytes + beyond if available_bytes else None
+    basis = min(b for b in (capped, p.memory.device_bytes, p.budget_bytes) if b) - beyond
     s = p.strategies
     pinned = msgspec.structs.replace(
         p.spec.memory.strategies,
@@ -65,7 +69,7 @@ def replan_after_oom(p: Plan, available_bytes: int | None) -> Plan:
         bf16_stochastic_rounding="on" if s.bf16_stochastic_rounding else "off",
         fsdp_cpu_offload="on" if s.fsdp_cpu_offload else "off",
     )
-    memory = msgspec.structs.replace(p.spec.memory, budget=f"{int(basis * REPLAN_FRACTION)}B",
+    memory = msgspec.structs.replace(p.spec.memory, budget=f"{int(basis * REPLAN_FRACTION) + beyond}B",
                                      precision=s.precision, strategies=pinned)
     return plan(msgspec.structs.replace(p.spec, memory=memory), p.hardware, p.world_size)
 
