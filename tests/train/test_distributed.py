@@ -181,7 +181,8 @@ def test_every_2nd_block_checkpointed_under_fsdp(data_cache, tmp_path):
     block 0 is checkpointed, block 1 is not. Same losses as one process; the peak lies between the plan's
     off and full checkpointing ones (a seam checkpointing every block would sit at full)."""
     sharded, single = _single_and_sharded(tmp_path, lambda rows: _spec(data_cache, rows, "adamw"),
-                                          activation_checkpointing="every-2")
+                                          # standard CE: the logits keep "off" the largest of the three
+                                          activation_checkpointing="every-2", cross_entropy="standard")
     assert _losses(sharded) == pytest.approx(_losses(single), rel=REL_TOL)
     p = msgspec.json.decode((sharded / "plan.json").read_bytes(), type=Plan)
     shapes, trains = trainable_shapes(p.spec, p.model)
@@ -221,7 +222,8 @@ def test_qlora_shards_need_whole_nf4_scaler_blocks(tiny_spec):
 
 
 def test_planner_never_picks_what_fsdp_cannot_run(tiny_spec):
-    spec = tiny_spec("train.clip_grad_norm=0", "memory.budget=12MiB", "memory.safety_margin=0")
+    # tight: 2 processes x (~6 MiB of tensors + the ~150 MiB each process's runtime and heap lines add)
+    spec = tiny_spec("train.clip_grad_norm=0", "memory.budget=320MiB", "memory.safety_margin=0")
     p = plan(spec, "cpu", world_size=WORLD)
     assert all(not a.strategies.optimizer_in_backward and a.strategies.optimizer_state == "full"
                for a in p.alternatives)
