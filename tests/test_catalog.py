@@ -32,6 +32,10 @@ def test_presets_lists_every_preset_with_its_parameter_count(runner):
     assert count_params(preset("quickstart-5m")) == 5_475_584  # the README's figure, 5.48M above
     assert rows["llama3.1-8b"][2:] == ["llama", "32", "4096", "32/8", "14336", "128256", "131072"]
     assert max(len(line) for line in result.stdout.splitlines()) <= 100
+    # the columns line up whatever the family name's length (gemma3_text, qwen3_moe)
+    lines = result.stdout.splitlines()[:-1]
+    assert len({line.index(" " + line.split()[3] + " ", len(line.split()[0]) + 20) + len(line.split()[3])
+                for line in lines[1:]} | {lines[0].index("layers") + 5}) == 1
 
 
 def test_recipes_lists_each_shipped_spec_with_its_first_line(runner):

@@ -12,13 +12,14 @@ def preset_table() -> str:
     """One line per model preset: name, parameters (analytic, tied output once), family and shapes."""
     from lowmem.nn.config import PRESETS, count_params
 
-    header = (f"{'preset':<17} {'params':>8}  {'family':<8} {'layers':>6} {'dim':>5} {'heads':>7} {'ffn':>6} "
+    configs = {name: make() for name, make in PRESETS.items()}
+    fam = max(len(cfg.family) for cfg in configs.values())  # gemma3_text, the longest today, still fits 100 columns
+    header = (f"{'preset':<17} {'params':>8}  {'family':<{fam}} {'layers':>6} {'dim':>5} {'heads':>7} {'ffn':>6} "
               f"{'vocab':>7} {'max seq':>7}")
     lines = [header]
-    for name, make in PRESETS.items():
-        cfg = make()
+    for name, cfg in configs.items():
         heads = f"{cfg.n_heads}/{cfg.n_kv_heads}"
-        lines.append(f"{name:<17} {format_count(count_params(cfg)):>8}  {cfg.family:<8} {cfg.n_layers:>6} "
+        lines.append(f"{name:<17} {format_count(count_params(cfg)):>8}  {cfg.family:<{fam}} {cfg.n_layers:>6} "
                      f"{cfg.dim:>5} {heads:>7} {cfg.ffn_dim:>6} {cfg.vocab_size:>7} {cfg.max_seq_len:>7}")
     lines.append("heads: query/key-value. A spec names one as model.preset (random init from the config).")
     return "\n".join(lines)
