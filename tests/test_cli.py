@@ -66,6 +66,14 @@ def test_top_level_help_lists_the_commands(runner):
                         "presets", "recipes", "init", "data"]
 
 
+def test_version_prints_the_installed_version(runner):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"lowmem {version('lowmem')}\n"
+
+
 def test_no_arguments_shows_help(runner):
     result = runner.invoke(app, [])
     assert "validate" in result.output and "execute" in result.output
