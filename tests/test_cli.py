@@ -371,6 +371,15 @@ def test_data_prepare_and_inspect(tmp_path):
     assert bad.exit_code == 2 and "/nope.jsonl" in bad.output
 
 
+def test_plan_with_a_decimal_budget_says_once_what_it_means(runner):
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--set", "model.preset=tiny", "--set", "memory.budget=1GB"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "10^9" in line]
+    assert notes == ["warning: memory.budget = '1GB' means 1 x 10^9 bytes (953.67 MiB); write '1GiB' for 1 x 2^30"]
+    binary = runner.invoke(app, ["plan", str(QUICKSTART), "--set", "model.preset=tiny", "--set", "memory.budget=1GiB"])
+    assert binary.exit_code == 0 and "10^" not in binary.output
+
+
 def test_plan_trace_shows_analytic_and_traced_side_by_side():
     result = CliRunner().invoke(app, ["plan", "examples/quickstart.toml", "--trace", "--set", "model.preset=tiny",
                                       "--set", "data.tokenizer.vocab_size=512", "--set", "train.seq_len=64"])
