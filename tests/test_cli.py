@@ -132,6 +132,9 @@ def test_validate_applies_overrides(runner):
         (["train.stepz=3"], ["--set train.stepz", "did you mean 'steps'?"]),
         (["train.steps"], ["--set 'train.steps'", "KEY=VALUE"]),
         (["method.kind=lorax"], ["$.method.kind", "'lorax'", "'full', 'lora', 'qlora', 'dora'"]),
+        (["method.kind=lroa"], ["--set method.kind=lroa", "`$.method.kind`: 'lroa'",
+                                "allowed: one of 'full', 'lora', 'qlora', 'dora'; did you mean 'lora'?"]),
+        (["memory.precision=bf17"], ["--set memory.precision=bf17", "'bf17'", "did you mean 'bf16'?"]),
     ],
 )
 def test_validate_bad_override_is_one_clean_error(runner, overrides, parts):

@@ -453,6 +453,10 @@ def _with(section: str) -> str:
         pytest.param(_with('[method]\nkind = "lorax"'),
                      ["invalid value at `$.method.kind`: 'lorax'",
                       "allowed: one of 'full', 'lora', 'qlora', 'dora'"], id="bad-tag"),
+        pytest.param(_with('[method]\nkind = "QLORA"'),
+                     ["`$.method.kind`: 'QLORA'", "'dora'; did you mean 'qlora'?"], id="bad-tag-did-you-mean"),
+        pytest.param(_with('[memory]\nprecision = "mixed-bf61"'),
+                     ["'mixed-bf16'; did you mean 'mixed-bf16'?"], id="bad-enum-did-you-mean"),
         pytest.param(_with('[optimizer]\nkind = "adam"'),
                      ["`$.optimizer.kind`: 'adam'", "'adamw', 'sgd', 'adafactor', 'adamw8bit', 'adamw4bit'"],
                      id="bad-optimizer-tag"),
@@ -487,6 +491,11 @@ def test_validation_errors_name_the_path_the_value_and_what_is_allowed(text, exp
     assert message.startswith("s.toml: ")
     for part in expected:
         assert part in message
+
+
+def test_a_bad_choice_far_from_every_allowed_one_gets_no_guess():
+    message = spec_error(_with('[method]\nkind = "xyz"'))
+    assert "allowed: one of 'full', 'lora', 'qlora', 'dora'" in message and "did you mean" not in message
 
 
 def test_bad_schedule_kind_lists_the_allowed_kinds():

@@ -303,5 +303,17 @@ def _explain(message: str, raw: dict, source: str) -> str:
     tags = [t.tag for t in getattr(union, "types", ()) if isinstance(t, mi.StructType) and t.tag]
     allowed = "one of " + ", ".join(repr(t) for t in tags) if tags else _describe_allowed(type_)
     if allowed:
-        lines.append(f"allowed: {allowed}")
+        lines.append(f"allowed: {allowed}{_did_you_mean(node, tags or _string_choices(type_))}")
     return "; ".join(lines)
+
+
+def _string_choices(type_: mi.Type | None) -> list[str]:
+    """The strings a Literal field (or a union holding Literals) accepts; [] for any other type."""
+    types = type_.types if isinstance(type_, mi.UnionType) else (type_,)
+    return [v for t in types if isinstance(t, mi.LiteralType) for v in t.values if isinstance(v, str)]
+
+
+def _did_you_mean(found: Any, choices: list[str]) -> str:
+    """'; did you mean 'lora'?' when the bad string `found` is close to one of `choices`, else ''."""
+    close = difflib.get_close_matches(found.lower(), choices, n=1) if isinstance(found, str) else []
+    return f"; did you mean {close[0]!r}?" if close else ""
