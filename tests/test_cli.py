@@ -374,6 +374,15 @@ def test_data_prepare_and_inspect(tmp_path):
     assert bad.exit_code == 2 and "/nope.jsonl" in bad.output
 
 
+def test_a_missing_relative_data_source_says_where_it_looked(runner, tmp_path):
+    spec = tmp_path / "sub" / "q.toml"
+    spec.parent.mkdir()
+    spec.write_text(QUICKSTART.read_text().replace('"builtin:kjv"', '"data/mine.jsonl"'))
+    result = runner.invoke(app, ["data", "prepare", str(spec)])
+    assert_clean_error(result, f"data.source = '{spec.parent / 'data/mine.jsonl'}'",
+                       f"looked at {spec.parent / 'data/mine.jsonl'}", "taken from its directory")
+
+
 def test_plan_with_a_decimal_budget_says_once_what_it_means(runner):
     result = runner.invoke(app, ["plan", str(QUICKSTART), "--set", "model.preset=tiny", "--set", "memory.budget=1GB"])
     assert result.exit_code == 0, result.output

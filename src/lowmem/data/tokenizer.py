@@ -120,7 +120,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = _tokenizer_file_in(path)
     if not path.is_file():
         raise ValueError(
-            f"{path}: no such file; give a tokenizer.model, a tokenizer.json or a model directory holding one"
+            f"{path}: no such file (looked at {path.absolute()}); give a tokenizer.model, a tokenizer.json or a "
+            "model directory holding one"
         )
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
