@@ -66,6 +66,14 @@ def test_top_level_help_lists_the_commands(runner):
                         "presets", "recipes", "init", "data"]
 
 
+def test_version_prints_the_installed_version(runner):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"lowmem {version('lowmem')}\n"
+
+
 def test_no_arguments_shows_help(runner):
     result = runner.invoke(app, [])
     assert "validate" in result.output and "execute" in result.output
@@ -124,6 +132,9 @@ def test_validate_applies_overrides(runner):
         (["train.stepz=3"], ["--set train.stepz", "did you mean 'steps'?"]),
         (["train.steps"], ["--set 'train.steps'", "KEY=VALUE"]),
         (["method.kind=lorax"], ["$.method.kind", "'lorax'", "'full', 'lora', 'qlora', 'dora'"]),
+        (["method.kind=lroa"], ["--set method.kind=lroa", "`$.method.kind`: 'lroa'",
+                                "allowed: one of 'full', 'lora', 'qlora', 'dora'; did you mean 'lora'?"]),
+        (["memory.precision=bf17"], ["--set memory.precision=bf17", "'bf17'", "did you mean 'bf16'?"]),
     ],
 )
 def test_validate_bad_override_is_one_clean_error(runner, overrides, parts):
@@ -363,11 +374,43 @@ def test_data_prepare_and_inspect(tmp_path):
     assert bad.exit_code == 2 and "/nope.jsonl" in bad.output
 
 
+def test_a_missing_relative_data_source_says_where_it_looked(runner, tmp_path):
+    spec = tmp_path / "sub" / "q.toml"
+    spec.parent.mkdir()
+    spec.write_text(QUICKSTART.read_text().replace('"builtin:kjv"', '"data/mine.jsonl"'))
+    result = runner.invoke(app, ["data", "prepare", str(spec)])
+    assert_clean_error(result, f"data.source = '{spec.parent / 'data/mine.jsonl'}'",
+                       f"looked at {spec.parent / 'data/mine.jsonl'}", "taken from its directory")
+
+
+def test_plan_with_a_decimal_budget_says_once_what_it_means(runner):
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--set", "model.preset=tiny", "--set", "memory.budget=1GB"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "10^9" in line]
+    assert notes == ["warning: memory.budget = '1GB' means 1 x 10^9 bytes (953.67 MiB); write '1GiB' for 1 x 2^30"]
+    binary = runner.invoke(app, ["plan", str(QUICKSTART), "--set", "model.preset=tiny", "--set", "memory.budget=1GiB"])
+    assert binary.exit_code == 0 and "10^" not in binary.output
+
+
 def test_plan_trace_shows_analytic_and_traced_side_by_side():
     result = CliRunner().invoke(app, ["plan", "examples/quickstart.toml", "--trace", "--set", "model.preset=tiny",
                                       "--set", "data.tokenizer.vocab_size=512", "--set", "train.seq_len=64"])
     assert result.exit_code == 0, result.output
     assert "analytic" in result.output and "traced" in result.output
+
+
+def test_import_drops_torchao_and_pytree_noise_only():
+    # importing torchao (lowmem.nn.quant) logs a failed _C_mxfp8 / _C_cutlass_90a load on machines without
+    # those kernels and trips torch's _pytree Enum deprecation; other records of the same loggers still show
+    code = ("import logging, lowmem.cli, lowmem.nn.quant, lowmem.train; "
+            "logging.getLogger('torchao').warning('Failed to load the user kernel'); "
+            "logging.getLogger('torch.utils._pytree').warning('another pytree record')")
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "_C_mxfp8" not in result.stderr and "_C_cutlass" not in result.stderr
+    assert "_pytree.py" not in result.stderr and "register_constant" not in result.stderr
+    assert "Failed to load the user kernel" in result.stderr and "another pytree record" in result.stderr
 
 
 def test_validate_does_not_import_torch():

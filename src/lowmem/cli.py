@@ -41,6 +41,27 @@ HostRamOpt = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    """`--version`: the installed distribution's version (lowmem.__version__ when run from a source tree)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"lowmem {version('lowmem')}")
+    except PackageNotFoundError:
+        import lowmem
+
+        typer.echo(f"lowmem {lowmem.__version__}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print lowmem's version and exit.")] = False) -> None:
+    """Fine-tune LLMs in as little memory as the job allows, and see the cost before the run."""
+
+
 class _UserError(Exception):
     """Raised for bad input; printed as one line without a traceback."""
 

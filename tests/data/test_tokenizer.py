@@ -89,6 +89,23 @@ def test_vocab_too_small_is_explained(tmp_path: Path):
         train_tokenizer(["some text"], 100, tmp_path / "t.model")
 
 
+def test_too_little_text_for_the_vocab_names_the_spec_field_and_the_most_it_allows(tmp_path: Path):
+    text = list(itertools.islice(read_documents(shipped_corpus()), 3))  # three chapters: a few thousand pieces
+    with pytest.raises(ValueError) as err:
+        train_tokenizer(text, 20000, tmp_path / "t.model")
+    message = str(err.value)
+    assert message.startswith("data.tokenizer.vocab_size = 20000 is more than sentencepiece can train on this")
+    limit = int(message.split("at most ")[1].split(")")[0])
+    assert 0 < limit < 20000 and f"set data.tokenizer.vocab_size <= {limit}" in message
+    train_tokenizer(text, limit, tmp_path / "t.model")  # the figure it names is one that trains
+
+
+def test_a_text_too_small_for_any_vocab_asks_for_more_text(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"^data.tokenizer.vocab_size = 4096: this text \(1 pieces\) trains at most "
+                       r"\d+ pieces, fewer than the \d+ a byte-fallback tokenizer needs; give data.source more text"):
+        train_tokenizer(["hello world"], 4096, tmp_path / "t.model")
+
+
 def test_load_or_train_reuses_the_cache(kjv_slice: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     first = load_or_train_tokenizer(kjv_slice, SMALL_VOCAB, tmp_path)
     assert first.path.parent.parent == tmp_path / "tokenizers" and first.path.name == "tokenizer.model"

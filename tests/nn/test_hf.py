@@ -280,3 +280,20 @@ def test_a_damaged_weight_file_is_named_by_load_and_by_plan(tmp_path, damage):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert f"{weights}: damaged safetensors file" in done.stderr
+
+
+@pytest.mark.parametrize(("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_a_saved_model_directory_has_ordinary_permissions(tmp_path, umask, dir_mode, file_mode):
+    # not mkdtemp's 0700 nor safetensors' 0600: what mkdir and open would give under the user's umask
+    import os
+    import stat
+
+    cfg = preset("tiny")
+    previous = os.umask(umask)
+    try:
+        out = save_hf(init_params(cfg, seed=0), cfg, tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {file_mode}, modes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
@@ -56,11 +58,13 @@ def test_uncached_repo_names_the_cache_and_the_fix(hub_cache):
     with pytest.raises(ValueError) as e:
         resolve_model_dir("org/other@dev")
     msg = str(e.value)
-    assert msg.startswith("model.path = 'org/other@dev': not a local directory and not in the Hugging Face cache")
+    # it says where it looked for a directory, too
+    assert msg.startswith(f"model.path = 'org/other@dev': not a local directory ({Path.cwd() / 'org/other@dev'}) "
+                          "and not in the Hugging Face cache")
     assert str(cache) in msg and "`lowmem download org/other --revision dev` (needs network)" in msg
     with pytest.raises(ValueError, match="no revision v2|not in the Hugging Face cache"):
         resolve_model_dir("org/name@v2")
-    with pytest.raises(ValueError, match="not a Hugging Face repo id"):
+    with pytest.raises(ValueError, match=r"no such directory \(/no/such/dir/at/all\), and not a Hugging Face repo id"):
         resolve_model_dir("/no/such/dir/at/all")
     with pytest.raises(ValueError, match="nothing after '@'"):
         split_model_ref("org/name@")

@@ -166,7 +166,10 @@ def test_quickstart_example_loads():
 def test_toml_json_and_yaml_files_decode_to_equal_specs(tmp_path, suffix, text):
     path = tmp_path / f"spec{suffix}"
     path.write_text(text)
-    assert load_spec(path) == FULL_SPEC
+    # the file's relative tokenizer path is taken from the file's directory
+    tokenizer = FileTokenizer(path=str(tmp_path / "tok/spm.model"))
+    assert load_spec(path) == msgspec.structs.replace(
+        FULL_SPEC, data=msgspec.structs.replace(FULL_SPEC.data, tokenizer=tokenizer))
 
 
 @pytest.mark.parametrize(("fmt", "text"), [("toml", FULL_TOML), ("json", FULL_JSON), ("yaml", FULL_YAML)])
@@ -453,6 +456,10 @@ def _with(section: str) -> str:
         pytest.param(_with('[method]\nkind = "lorax"'),
                      ["invalid value at `$.method.kind`: 'lorax'",
                       "allowed: one of 'full', 'lora', 'qlora', 'dora'"], id="bad-tag"),
+        pytest.param(_with('[method]\nkind = "QLORA"'),
+                     ["`$.method.kind`: 'QLORA'", "'dora'; did you mean 'qlora'?"], id="bad-tag-did-you-mean"),
+        pytest.param(_with('[memory]\nprecision = "mixed-bf61"'),
+                     ["'mixed-bf16'; did you mean 'mixed-bf16'?"], id="bad-enum-did-you-mean"),
         pytest.param(_with('[optimizer]\nkind = "adam"'),
                      ["`$.optimizer.kind`: 'adam'", "'adamw', 'sgd', 'adafactor', 'adamw8bit', 'adamw4bit'"],
                      id="bad-optimizer-tag"),
@@ -487,6 +494,11 @@ def test_validation_errors_name_the_path_the_value_and_what_is_allowed(text, exp
     assert message.startswith("s.toml: ")
     for part in expected:
         assert part in message
+
+
+def test_a_bad_choice_far_from_every_allowed_one_gets_no_guess():
+    message = spec_error(_with('[method]\nkind = "xyz"'))
+    assert "allowed: one of 'full', 'lora', 'qlora', 'dora'" in message and "did you mean" not in message
 
 
 def test_bad_schedule_kind_lists_the_allowed_kinds():
@@ -544,3 +556,47 @@ def test_missing_file_is_a_spec_error(tmp_path):
 def test_spec_errors_are_value_errors():
     # the CLI catches ValueError to print one line without a traceback
     assert issubclass(SpecError, ValueError)
+
+
+def _spec_in(directory: Path, data: str, model: str = 'preset = "tiny"') -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = directory / "s.toml"
+    spec.write_text(MINIMAL_TOML.replace('preset = "tiny"', model) + data)
+    return spec
+
+
+def test_relative_inputs_in_a_spec_file_are_taken_from_its_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub" / "base").mkdir(parents=True)
+    spec = _spec_in(Path("sub"), '[data]\nsource = "data/a.jsonl"\ntokenizer = { kind = "file", path = "t.model" }\n'
+                    'cache_dir = "cache"\n', model='path = "base"')
+    loaded = load_spec(spec)
+    assert loaded.data.source == str(Path("sub/data/a.jsonl"))
+    assert loaded.data.tokenizer.path == str(Path("sub/t.model"))
+    assert loaded.model.path == str(Path("sub/base"))
+    assert loaded.data.cache_dir == "cache"  # an output: relative to the working directory
+    # a path given with --set is the user's, relative to the working directory
+    assert load_spec(spec, ["data.source=here.jsonl"]).data.source == "here.jsonl"
+
+
+def test_spec_paths_that_are_not_relative_files_stay_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "a.jsonl")
+    spec = _spec_in(Path("sub"), f'[data]\nsource = "{absolute}"\n', model='path = "org/name"')
+    loaded = load_spec(spec)
+    assert loaded.data.source == absolute and loaded.model.path == "org/name"  # no sub/org/name: a hub id
+    assert load_spec(_spec_in(Path("sub2"), '[data]\nsource = "builtin:kjv"\n')).data.source == "builtin:kjv"
+    assert load_spec(_spec_in(Path("."), '[data]\nsource = "d.jsonl"\n')).data.source == "d.jsonl"
+
+
+def test_a_linked_spec_reads_from_the_link_s_directory_not_its_target_s(tmp_path):
+    _spec_in(tmp_path / "package", '[data]\nsource = "d.jsonl"\n')
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "s.toml").symlink_to(tmp_path / "package" / "s.toml")
+    assert load_spec(tmp_path / "examples" / "s.toml").data.source == str(tmp_path / "examples" / "d.jsonl")
+
+
+def test_a_missing_spec_file_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=f"nope.toml: no such spec file \\(looked at {tmp_path}/nope.toml\\)"):
+        load_spec("nope.toml")

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowmem.spec.units import format_bytes, parse_bytes
+from lowmem.spec.units import decimal_unit_note, format_bytes, parse_bytes
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 
@@ -94,3 +94,19 @@ def test_parse_bytes_integer_counts_in_every_unit(count, unit, upper, space):
 @given(st.integers(min_value=0, max_value=2**53))  # digit strings go through a float: exact up to 2**53
 def test_parse_bytes_accepts_plain_ints_and_digit_strings_alike(n_bytes):
     assert parse_bytes(n_bytes) == parse_bytes(str(n_bytes)) == n_bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1GB", "'1GB' means 1 x 10^9 bytes (953.67 MiB); write '1GiB' for 1 x 2^30"),
+        ("512 mb", "'512 mb' means 512 x 10^6 bytes (488.28 MiB); write '512MiB' for 512 x 2^20"),
+    ],
+)
+def test_decimal_unit_note_says_what_a_decimal_size_means(text, expected):
+    assert decimal_unit_note(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1GiB", "1g", "1024", 4096, "24 TiB"])
+def test_decimal_unit_note_is_silent_for_binary_sizes(text):
+    assert decimal_unit_note(text) is None

@@ -304,3 +304,16 @@ def test_skipped_rows_are_said_in_the_output_and_the_metrics(tiny_spec, tmp_path
     assert 'data.bad_rows = "skip" skipped 2 malformed record(s)' in done.stderr and f"{source}:6" in done.stderr
     first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert first["data_skipped"] == 2 and any(f"{source}:7" in e for e in first["data_skipped_examples"])
+
+
+def test_an_adapter_names_the_run_s_own_base_relative_to_the_run(tiny_spec, tmp_path):
+    from lowmem.nn.generate import _adapter_base, find_model_files
+
+    lora = tiny_spec("train.steps=1", "method.kind=lora", "method.rank=4")
+    execute(plan(lora, "cpu"), tmp_path / "run", progress=False)
+    config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "base"
+    # the run moved elsewhere still finds its base, through the adapter's config too
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    assert _adapter_base(tmp_path / "moved/adapter") == tmp_path / "moved/base"
+    assert find_model_files(tmp_path / "moved").model_dir == tmp_path / "moved/base"

@@ -103,7 +103,8 @@ def source_files(source: str | Path) -> list[Path]:
         _file_kind(source)  # raises for an unsupported suffix
         return [source]
     if not source.is_dir():
-        raise ValueError(f"{source}: no such file or directory; give a data file or a directory of them")
+        raise ValueError(f"{source}: no such file or directory (looked at {source.absolute()}); give a data file "
+                         "or a directory of them")
     if (source / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in source.iterdir() if p.is_dir())
         raise ValueError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -120,7 +121,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = _tokenizer_file_in(path)
     if not path.is_file():
         raise ValueError(
-            f"{path}: no such file; give a tokenizer.model, a tokenizer.json or a model directory holding one"
+            f"{path}: no such file (looked at {path.absolute()}); give a tokenizer.model, a tokenizer.json or a "
+            "model directory holding one"
         )
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
@@ -193,12 +195,26 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(
-            f"sentencepiece could not train a {vocab_size}-piece model on {len(sentences)} pieces of text: {e}; "
-            "use more text or a smaller vocab_size"
-        ) from None
+        raise ValueError(_training_failure(str(e), vocab_size, len(sentences))) from None
     write_bytes_atomic(Path(out_path), model.getvalue())
     return SentencePieceTokenizer(out_path)
+
+
+def _training_failure(error: str, vocab_size: int, n_sentences: int) -> str:
+    """The message for a sentencepiece training error, naming the spec field to change (and the largest
+    vocab the text allows, when sentencepiece says it: "Vocabulary size too high (4096). ... <= 288.")."""
+    limit = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", error)
+    most = int(limit.group(1)) if limit else 0
+    if most >= MIN_VOCAB_SIZE:
+        return (f"data.tokenizer.vocab_size = {vocab_size} is more than sentencepiece can train on this text "
+                f"({n_sentences} pieces of text give at most {most}); set data.tokenizer.vocab_size <= {most} "
+                "or give data.source more text")
+    if limit:
+        return (f"data.tokenizer.vocab_size = {vocab_size}: this text ({n_sentences} pieces) trains at most "
+                f"{most} pieces, fewer than the {MIN_VOCAB_SIZE} a byte-fallback tokenizer needs; give "
+                "data.source more text")
+    return (f"sentencepiece could not train a {vocab_size}-piece model on {n_sentences} pieces of text: "
+            f"{error}; give data.source more text or lower data.tokenizer.vocab_size")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

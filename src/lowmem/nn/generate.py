@@ -355,7 +355,8 @@ def _adapter_base(adapter_dir: Path) -> Path:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     if not base:
         raise FileNotFoundError(f"{config_path}: no base_model_name_or_path and no base/ next to the adapter")
-    return Path(base)
+    # a relative base (lowmem writes "base" for a run's own base/) is relative to the run directory
+    return Path(base) if Path(base).is_absolute() else adapter_dir.parent / base
 
 
 def load_model(files: ModelFiles, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"

@@ -55,11 +55,11 @@ def resolve_model_dir(ref: str | os.PathLike[str], *, where: str = "model.path")
         # config.json is in every model repo lowmem can load; its cached copy lies in the snapshot directory.
         config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except HFValidationError:
-        raise ValueError(f"{where} = {ref!r}: no such directory, and not a Hugging Face repo id (org/name "
-                         f"or org/name@revision); point {where} at a model directory") from None
+        raise ValueError(f"{where} = {ref!r}: no such directory ({path.absolute()}), and not a Hugging Face repo "
+                         f"id (org/name or org/name@revision); point {where} at a model directory") from None
     if not isinstance(config, str):  # None: not cached; a sentinel object: cached as absent upstream
-        raise ValueError(f"{where} = {ref!r}: not a local directory and not in the Hugging Face cache "
-                         f"({constants.HF_HUB_CACHE}); {fix}")
+        raise ValueError(f"{where} = {ref!r}: not a local directory ({path.absolute()}) and not in the Hugging "
+                         f"Face cache ({constants.HF_HUB_CACHE}); {fix}")
     return Path(config).parent
 
 

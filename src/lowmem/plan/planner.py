@@ -58,7 +58,7 @@ from lowmem.spec.structs import (
     RunSpec,
     TrainTokenizer,
 )
-from lowmem.spec.units import format_bytes
+from lowmem.spec.units import decimal_unit_note, format_bytes
 
 SUPPORTED_METHODS = (Full, Lora, Dora, QLora)
 SUPPORTED_OPTIMIZERS = (AdamW, SGD, Adafactor, AdamW8bit, AdamW4bit)
@@ -245,6 +245,8 @@ def _warnings(spec: RunSpec, hw: HardwareProfile, strategies: Strategies, budget
         if _bf16_drops_decay(spec):
             warnings.append(f"{_decay_lost(spec)}. Use mixed-bf16, or memory.strategies.bf16_stochastic_rounding = "
                             f"'on' (optimizer.kind = 'adamw'){only_fit}")
+    if spec.memory.budget is not None and (note := decimal_unit_note(spec.memory.budget)):
+        warnings.append(f"memory.budget = {note}")
     if budget > hw.memory_bytes:
         warnings.append(
             f"memory.budget = {spec.memory.budget} is more than {hw.name}'s {format_bytes(hw.memory_bytes)}"

@@ -19,6 +19,8 @@ from lowmem.spec.structs import RunSpec
 
 FORMATS = {".toml": "toml", ".json": "json", ".yaml": "yaml", ".yml": "yaml"}
 _MISSING = object()
+# where a relative input path is looked for (see `rebase_inputs`), for "no such file" errors
+RELATIVE_PATHS = "a relative path in a spec file is taken from its directory, one in --set from the working directory"
 
 
 class SpecError(ValueError):
@@ -37,18 +39,47 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file") from None
-    return decode_spec(data, fmt, source=str(path), overrides=overrides)
+        raise SpecError(f"{path}: no such spec file (looked at {path.absolute()})") from None
+    return decode_spec(data, fmt, source=str(path), overrides=overrides, base_dir=path.parent)
 
 
 def decode_spec(
-    data: bytes | str, fmt: str, *, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()
+    data: bytes | str, fmt: str, *, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = (),
+    base_dir: str | Path | None = None,
 ) -> RunSpec:
-    """Decode spec text in `fmt` ("toml", "json" or "yaml") into a validated RunSpec."""
+    """Decode spec text in `fmt` ("toml", "json" or "yaml") into a validated RunSpec.
+
+    `base_dir` (the spec file's directory): the relative input paths the text names are made relative to it
+    (see `rebase_inputs`); paths given in `overrides` stay relative to the working directory.
+    """
     raw = parse_raw(data, fmt, source)
+    if base_dir is not None:
+        rebase_inputs(raw, Path(base_dir))
     for override in overrides:
         apply_override(raw, override, source)
     return convert_spec(raw, source, overrides)
+
+
+def rebase_inputs(raw: dict, base_dir: Path) -> None:
+    """Join `base_dir` onto the relative input paths of a parsed spec, in place: data.source,
+    data.tokenizer.path, and model.path when it names a directory there (else it is a hub id, `org/name`).
+
+    `base_dir` is the spec file's directory as given, not resolved: the shipped examples/*.toml are links
+    into the package, and a run should not read from (or be keyed on) the package's directory. Outputs
+    (output.dir, data.cache_dir) stay relative to the working directory, as `lowmem init` sets up a
+    directory to run in and the README's quickstart runs `examples/quickstart.toml` from the checkout.
+    """
+    if base_dir == Path("."):
+        return
+    data, model = raw.get("data"), raw.get("model")
+    tokenizer = data.get("tokenizer") if isinstance(data, dict) else None
+    for table, key in ((data, "source"), (tokenizer, "path"), (model, "path")):
+        value = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(value, str) or value.startswith("builtin:") or Path(value).expanduser().is_absolute():
+            continue
+        if table is model and not (base_dir / value).is_dir():
+            continue
+        table[key] = str(base_dir / value)
 
 
 def parse_raw(data: bytes | str, fmt: str, source: str) -> dict:
@@ -303,5 +334,17 @@ def _explain(message: str, raw: dict, source: str) -> str:
     tags = [t.tag for t in getattr(union, "types", ()) if isinstance(t, mi.StructType) and t.tag]
     allowed = "one of " + ", ".join(repr(t) for t in tags) if tags else _describe_allowed(type_)
     if allowed:
-        lines.append(f"allowed: {allowed}")
+        lines.append(f"allowed: {allowed}{_did_you_mean(node, tags or _string_choices(type_))}")
     return "; ".join(lines)
+
+
+def _string_choices(type_: mi.Type | None) -> list[str]:
+    """The strings a Literal field (or a union holding Literals) accepts; [] for any other type."""
+    types = type_.types if isinstance(type_, mi.UnionType) else (type_,)
+    return [v for t in types if isinstance(t, mi.LiteralType) for v in t.values if isinstance(v, str)]
+
+
+def _did_you_mean(found: Any, choices: list[str]) -> str:
+    """'; did you mean 'lora'?' when the bad string `found` is close to one of `choices`, else ''."""
+    close = difflib.get_close_matches(found.lower(), choices, n=1) if isinstance(found, str) else []
+    return f"; did you mean {close[0]!r}?" if close else ""

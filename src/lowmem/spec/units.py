@@ -39,6 +39,21 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def decimal_unit_note(text: str | int) -> str | None:
+    """What a size written in a decimal unit ("1GB", "512 MB") means, for a note; None for other sizes.
+
+    Cards and nvidia-smi count memory in GiB, so a user who writes "24GB" for a 24 GiB card asks for 7% less.
+    """
+    match = _PATTERN.match(text) if isinstance(text, str) else None
+    unit = match.group(2) if match else ""
+    if unit.lower() not in ("kb", "mb", "gb", "tb"):
+        return None
+    power = {"kb": 3, "mb": 6, "gb": 9, "tb": 12}[unit.lower()]
+    binary = f"{match.group(1)}{unit[0].upper()}iB"
+    return (f"{text.strip()!r} means {match.group(1)} x 10^{power} bytes ({format_bytes(parse_bytes(text))}); "
+            f"write {binary!r} for {match.group(1)} x 2^{power // 3 * 10}")
+
+
 def format_bytes(n_bytes: float) -> str:
     """Format a byte count with a binary unit: 1536 -> '1.50 KiB'."""
     sign = "-" if n_bytes < 0 else ""

@@ -17,6 +17,7 @@ from lowmem.data.corpus import source_size_bytes
 from lowmem.data.templates import resolve_chat_template
 from lowmem.data.tokenizer import Tokenizer, load_tokenizer
 from lowmem.nn.hub import resolve_model_dir
+from lowmem.spec.load import RELATIVE_PATHS
 from lowmem.spec.structs import FileTokenizer, RunSpec
 from lowmem.train.device import to_device
 
@@ -30,8 +31,9 @@ def prepare_data(spec: RunSpec, progress=None, world: int = 1) -> tuple[Tokenize
     source = spec.data.source
     corpus = shipped_corpus(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
     if not corpus.exists():
-        raise ValueError(f"data.source = {source!r}: no such file or directory; give a .jsonl, .jsonl.gz, .json, "
-                         ".parquet, .csv or .txt file, or a directory of them")
+        raise ValueError(f"data.source = {source!r}: no such file or directory (looked at {corpus.absolute()}; "
+                         f"{RELATIVE_PATHS}); give a .jsonl, .jsonl.gz, .json, .parquet, .csv or .txt file, or a "
+                         "directory of them")
     cache = Path(spec.data.cache_dir)
     model_dir = str(resolve_model_dir(spec.model.path)) if spec.model.path else None
     tok_spec = spec.data.resolved_tokenizer(model_dir)

@@ -51,8 +51,11 @@ def save_final(p: Plan, params: dict[str, torch.Tensor], adapters: LoraSettings 
         with staged(base_dir) as staging:
             save_hf(base, p.model, staging)
             copy_tokenizer(tokenizer, staging)
+    # the run's own base/ is named relative to the run directory, so the run can be moved or copied whole;
+    # a base outside the run is named by its absolute path
+    base_name = "base" if p.spec.model.path is None else str(base_dir.resolve())
     with staged(out / "adapter") as adapter_dir:
-        save_peft(detached, p.model, adapters, adapter_dir, base_model_name_or_path=str(base_dir.resolve()))
+        save_peft(detached, p.model, adapters, adapter_dir, base_model_name_or_path=base_name)
     return out / "adapter"
 
 
