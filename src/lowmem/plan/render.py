@@ -52,7 +52,7 @@ def _header(p: Plan) -> list[str]:
         + f"= {p.tokens_per_step:,} tokens/step, "
         + (f"{p.total_steps} steps" if p.total_steps else f"{spec.train.epochs} epochs"),
         f"  hardware   {hw.name} ({hw.device}, {format_bytes(hw.memory_bytes)}), host RAM "
-        f"{format_bytes(hw.host_ram_bytes)} (--host-ram), at most {HOST_PINNED_SHARE:.0%} of it pinned",
+        f"{format_bytes(hw.host_ram_bytes)} (--host-ram), at most {HOST_PINNED_SHARE:.0%} pinned",
         f"  budget     {format_bytes(p.budget_bytes)}, {format_bytes(p.usable_bytes)} usable "
         f"({spec.memory.safety_margin:.0%} margin)" + _per_process(p),
     ]
