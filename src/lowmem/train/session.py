@@ -74,11 +74,7 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
     def loss_of(batch, training: bool = True):
         with offload:  # the model's saved tensors only: backward needs the loss's first
             hidden, aux = model_forward(p, params, batch, run_block, adapters, training)
-        with tracker.category("logits"):  # its backward too, as the plan counts it
-            loss, n_kept = with_router_loss(loss_fn(hidden, output_weight(params, p.model), batch["labels"],
-                                                    softcap=p.model.final_logit_softcap), aux, p)
-        tracker.backward_category(loss, hidden, "logits")
-        return loss, n_kept
+        return head_loss(p, params, hidden, aux, batch, loss_fn, tracker)
 
     return Training(params, adapters, trainable_params, optimizer, loss_of, make_loss_scaler(p.strategies, tokens_per_piece(p)))
 
@@ -103,6 +99,17 @@ def with_router_loss(loss: tuple[torch.Tensor, torch.Tensor], aux: torch.Tensor 
         return loss
     loss_sum, n_tokens = loss
     return loss_sum + p.model.router_aux_loss_coef * aux * n_tokens, n_tokens
+
+
+def head_loss(p: Plan, params: dict[str, torch.Tensor], hidden: torch.Tensor, aux: torch.Tensor | None, batch: dict,
+              loss_fn, tracker: LiveTensorTracker) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, n_tokens) of `hidden` through the output head, the router's loss added where the model has one;
+    the tracker counts the loss's tensors, its backward's too, as logits (as the plan counts them)."""
+    with tracker.category("logits"):
+        loss, n_kept = with_router_loss(loss_fn(hidden, output_weight(params, p.model), batch["labels"],
+                                                softcap=p.model.final_logit_softcap), aux, p)
+    tracker.backward_category(loss, hidden, "logits")
+    return loss, n_kept
 
 
 def planned_loss(p: Plan):
@@ -159,11 +166,7 @@ def _build_sharded_training(p: Plan, params: dict[str, torch.Tensor], adapters: 
     def loss_in_shell(module, batch, training: bool):
         params = distributed.named_params(module)  # the root's weights full (FSDP gathered them), blocks sharded
         hidden, aux = model_forward(p, params, batch, run_block, adapters, training)
-        with tracker.category("logits"):  # its backward too, as the plan counts it
-            loss, n_kept = with_router_loss(loss_fn(hidden, output_weight(params, p.model), batch["labels"],
-                                                    softcap=p.model.final_logit_softcap), aux, p)
-        tracker.backward_category(loss, hidden, "logits")
-        return loss, n_kept
+        return head_loss(p, params, hidden, aux, batch, loss_fn, tracker)
 
     def loss_of(batch, training: bool = True):
         return shell(loss_in_shell, batch, training)
