@@ -1026,9 +1026,8 @@ def _later_block_acts(cfg: ModelConfig, strategies: Strategies, n_tokens: int, b
     later = cfg.n_layers - 1
     if strategies.activation_checkpointing == "selective":
         return later * selective_block_bytes(cfg, n_tokens, batch, strategies.precision, trainable)
-    value = strategies.activation_checkpointing
-    k = 1 if value == "full" else int(value.removeprefix("every-")) if value != "off" else 0
-    kept_inputs = sum(1 for i in range(1, cfg.n_layers) if k and i % k == 0)  # `every-k` keeps blocks 0, k, 2k...
+    # checkpointing keeps the inputs of blocks 0, k, 2k, ... (`every-k`; all for full): block 0's stays
+    kept_inputs = max(checkpointed_layers(cfg, strategies) - 1, 0)
     block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, True, trainable,
                                    strategies.attention_kernel)
     block += 0 if sharded else cast_copy_bytes(cfg, strategies.precision, trainable)
