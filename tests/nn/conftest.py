@@ -71,3 +71,47 @@ def hf_model_factory():
 @pytest.fixture(scope="session")
 def llama3_scaling():
     return dict(LLAMA3_SCALING)
+
+
+def assert_reloads_in_both(model, params: dict, cfg, out, tok: torch.Tensor):
+    """A checkpoint `save_hf` wrote at `out`: lowmem reads back the same config and tensors, and transformers loads
+    it as `model`'s class with `model`'s logits on `tok` (1e-5). Returns transformers' reloaded model."""
+    import transformers
+
+    from lowmem.nn.hf import load_hf
+
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg and all(torch.equal(params2[n], params[n]) for n in params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tok).logits, model(tok).logits, atol=1e-5, rtol=0)
+    return reloaded
+
+
+def assert_lora_loads_in_peft(model, params: dict, cfg, targets: tuple[str, ...], out, tok: torch.Tensor):
+    """LoRA adapters on `targets` with random non-zero B (so they act): `save_peft` at `out` loads in peft over a
+    copy of `model` to lowmem's logits on `tok` (1e-5), and `load_peft` gives back the same settings and tensors.
+    Returns (adapted params, settings, lowmem's logits)."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from lowmem.nn.llama import forward, logits
+    from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
+    from lowmem.nn.peft_io import load_peft, save_peft
+
+    settings = LoraSettings(rank=4, alpha=8.0, targets=targets)
+    adapted = add_adapters(params, cfg, settings, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for n in trainable_names(adapted):
+        if n.endswith(".lora_b"):
+            adapted[n] = 0.3 * torch.randn(adapted[n].shape, generator=g)
+    with torch.no_grad():
+        got = logits(adapted, forward(adapted, tok, cfg, adapters=settings), cfg)
+        assert (got - logits(params, forward(params, tok, cfg), cfg)).abs().max() > 0.1  # the adapters act
+        saved = save_peft(adapted, cfg, settings, out)
+        ref = peft.PeftModel.from_pretrained(copy.deepcopy(model), saved).eval()(tok).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    loaded_settings, loaded = load_peft(saved, params, cfg)
+    assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+    return adapted, settings, got

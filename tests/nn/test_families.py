@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from tests.nn.conftest import randomize_
+from tests.nn.conftest import assert_lora_loads_in_peft, assert_reloads_in_both, randomize_
 
 from lowmem.nn.config import LinearRopeScaling, ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.generate import generate
@@ -151,13 +151,9 @@ def test_checkpoint_names_and_save_round_trip(checkpoint, tmp_path):
     out = save_hf(params, cfg, tmp_path / "ckpt")
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == MODEL_TYPE.get(family, family)
-    cfg2, params2 = load_hf(out)
-    assert cfg2 == cfg and all(torch.equal(params2[n], params[n]) for n in params)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert type(reloaded) is type(model)
     tok = tokens(seed=1)
+    reloaded = assert_reloads_in_both(model, params, cfg, out, tok)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(tok).logits, model(tok).logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(logits(params, forward(params, tok, cfg), cfg), reloaded(tok).logits,
                                    atol=1e-5, rtol=0)
 
@@ -480,28 +476,14 @@ def test_olmo2_norm_and_rope_round_as_transformers_in_bf16():
 
 @pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma3_text", "phi4", "smollm3"])
 def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
-    peft = pytest.importorskip("peft")
-    from lowmem.nn.lora import LoraSettings, add_adapters, merge_adapters, trainable_names
-    from lowmem.nn.peft_io import load_peft, save_peft
+    from lowmem.nn.lora import merge_adapters
 
     model = make_model(family)
     model.save_pretrained(tmp_path / "base", safe_serialization=True)
     cfg, params = load_hf(tmp_path / "base")
-    settings = LoraSettings(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
-    adapted = add_adapters(params, cfg, settings, seed=0)
-    g = torch.Generator().manual_seed(1)
-    for n in trainable_names(adapted):
-        if n.endswith(".lora_b"):
-            adapted[n] = 0.3 * torch.randn(adapted[n].shape, generator=g)
     tok = tokens(seed=7)
-    with torch.no_grad():
-        got = logits(adapted, forward(adapted, tok, cfg, adapters=settings), cfg)
-        assert (got - logits(params, forward(params, tok, cfg), cfg)).abs().max() > 0.1  # the adapters act
-        out = save_peft(adapted, cfg, settings, tmp_path / "adapter")
-        ref = peft.PeftModel.from_pretrained(copy.deepcopy(model), out).eval()(tok).logits
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    loaded_settings, loaded = load_peft(out, params, cfg)
-    assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+    adapted, settings, got = assert_lora_loads_in_peft(model, params, cfg, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"),
+                                                       tmp_path / "adapter", tok)
     # what `lowmem export --merge` writes: the merged weights in the family's layout, which transformers loads
     merged = save_hf(merge_adapters(adapted, settings), cfg, tmp_path / "merged")
     with torch.no_grad():

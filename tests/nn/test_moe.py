@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from tests.nn.conftest import assert_lora_loads_in_peft, assert_reloads_in_both
 
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.hf import expert_rows, hf_layout, load_hf, save_hf
@@ -122,13 +123,7 @@ def test_checkpoint_names_and_save_round_trip(checkpoint, tmp_path):
     out = save_hf(params, cfg, tmp_path / "ckpt", max_shard_bytes=20_000)
     assert len(list(out.glob("*.safetensors"))) > 1
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_moe"
-    cfg2, params2 = load_hf(out)
-    assert cfg2 == cfg and all(torch.equal(params2[n], params[n]) for n in params)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert type(reloaded) is type(model)
-    tok = tokens(seed=1)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(tok).logits, model(tok).logits, atol=1e-5, rtol=0)
+    assert_reloads_in_both(model, params, cfg, out, tokens(seed=1))
 
 
 # Same allowance as tests/nn/test_families.py: 4 bf16 steps of the largest logit.
@@ -227,27 +222,9 @@ def test_init_params_and_generation_run_on_a_moe_config():
 
 
 def test_attention_lora_loads_in_peft_with_the_same_logits(checkpoint, tmp_path):
-    peft = pytest.importorskip("peft")
-    from lowmem.nn.lora import LoraSettings, add_adapters, trainable_names
-    from lowmem.nn.peft_io import load_peft, save_peft
-
     model, path = checkpoint
     cfg, params = load_hf(path)
-    settings = LoraSettings(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo"))
-    adapted = add_adapters(params, cfg, settings, seed=0)
-    g = torch.Generator().manual_seed(1)
-    for n in trainable_names(adapted):
-        if n.endswith(".lora_b"):
-            adapted[n] = 0.3 * torch.randn(adapted[n].shape, generator=g)
-    tok = tokens(seed=7)
-    with torch.no_grad():
-        got = logits(adapted, forward(adapted, tok, cfg, adapters=settings), cfg)
-        assert (got - logits(params, forward(params, tok, cfg), cfg)).abs().max() > 0.1  # the adapters act
-        out = save_peft(adapted, cfg, settings, tmp_path / "adapter")
-        ref = peft.PeftModel.from_pretrained(copy.deepcopy(model), out).eval()(tok).logits
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    loaded_settings, loaded = load_peft(out, params, cfg)
-    assert loaded_settings == settings and all(torch.equal(loaded[n], adapted[n]) for n in trainable_names(adapted))
+    assert_lora_loads_in_peft(model, params, cfg, ("wq", "wk", "wv", "wo"), tmp_path / "adapter", tokens(seed=7))
 
 
 def expert_lora(params, cfg, targets=("wq", "wo", "w1", "w2", "w3"), seed=1):
