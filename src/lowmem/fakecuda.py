@@ -15,9 +15,9 @@ The hooks must be registered before torch asks for them, i.e. before `import tor
 library (and the torch libraries it links to, with ctypes) into a process that has not imported torch yet. So
 fake CUDA runs in a child process: `run(target, *args)` starts `python -m lowmem.fakecuda TARGET ARGS_JSON`,
 which enables the shim, imports `module:function` (or `path/file.py:function`) and calls it with the arguments;
-the function's JSON-able return value comes back. The shim is compiled once per torch version with
-`torch.utils.cpp_extension` (a C++ compiler and ninja, a dependency, are needed; about 2 s) into
-`$LOWMEM_CACHE` or `~/.cache/lowmem`.
+the function's JSON-able return value comes back. The shim is compiled once per torch version by
+`lowmem.native` (a C++ compiler and ninja, a dependency, are needed; about 2 s) into `$LOWMEM_CACHE` or
+`~/.cache/lowmem`.
 
 On a torch built with CUDA none of this is needed: fake CUDA tensors work there already (`is_needed()`).
 """
@@ -25,7 +25,6 @@ On a torch built with CUDA none of this is needed: fake CUDA tensors work there 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -33,6 +32,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from lowmem import native
 
 __all__ = ["FakeCudaError", "enable", "is_needed", "run", "shim_library"]
 
@@ -70,10 +71,10 @@ class FakeCudaError(RuntimeError):
 
 
 def _torch_dir() -> Path:
-    found = importlib.util.find_spec("torch")
-    if found is None or found.origin is None:
-        raise FakeCudaError("fake CUDA needs torch installed: bash scripts/install.sh")
-    return Path(found.origin).parent
+    try:
+        return native.torch_dir()
+    except native.NativeBuildError as err:
+        raise FakeCudaError(str(err)) from None
 
 
 def _torch_version() -> str:
@@ -87,31 +88,12 @@ def is_needed() -> bool:
     return "+cpu" in _torch_version() or not any((_torch_dir() / "lib").glob("libtorch_cuda*"))
 
 
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("LOWMEM_CACHE", Path.home() / ".cache" / "lowmem"))
-    key = hashlib.sha256((SHIM_SOURCE + _torch_version() + sys.version).encode()).hexdigest()[:16]
-    return root / "fake_cuda" / key
-
-
 def shim_library() -> Path:
-    """The shim's shared library, compiled on first use (in a child process: building imports torch)."""
-    build = _cache_dir()
-    lib = build / f"{_NAME}.so"
-    if lib.exists():
-        return lib
-    build.mkdir(parents=True, exist_ok=True)
-    src = build / f"{_NAME}.cpp"
-    src.write_text(SHIM_SOURCE)
-    code = ("from torch.utils.cpp_extension import load; "
-            f"load(name={_NAME!r}, sources=[{str(src)!r}], build_directory={str(build)!r}, is_python_module=False)")
-    # cpp_extension builds with ninja, which it looks up on PATH: the `ninja` wheel installs it beside this python
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PATH": path})
-    if done.returncode != 0 or not lib.exists():
-        raise FakeCudaError(f"building the fake-CUDA shim in {build} failed (it needs a C++ compiler, g++ or "
-                            f"clang++, and the torch headers):\n{done.stderr[-2000:]}")
-    return lib
+    """The shim's shared library, compiled on first use (lowmem.native)."""
+    try:
+        return native.compiled_library(_NAME, SHIM_SOURCE, "the fake-CUDA shim")
+    except native.NativeBuildError as err:
+        raise FakeCudaError(str(err)) from None
 
 
 def enable() -> None:

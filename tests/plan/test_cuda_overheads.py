@@ -46,14 +46,23 @@ def test_nccl_buffers_only_under_torchrun_on_cuda(tiny_spec):
     assert _overheads(plan(tiny_spec(), "h100-80gb", world_size=4))["nccl_buffers"] == 32 * 12 * MiB  # 2 peers
 
 
-def test_a_cpu_plan_counts_the_process_rss_beyond_its_tensors(tiny_spec):
-    from lowmem.plan.estimate import CPU_RUNTIME_BYTES, HEAP_RETAINED_MAX
+@pytest.mark.parametrize("allocator", ["on", "off"])
+def test_a_cpu_plan_counts_the_process_rss_beyond_its_tensors(tiny_spec, allocator):
+    from lowmem.plan.estimate import ALLOCATOR_CACHE_SHARE, CPU_RUNTIME_BYTES, HEAP_RETAINED_MAX, PERSISTENT
 
+    kept = {"on": "allocator_cache", "off": "heap_retained"}[allocator]
     for world_size in (1, 2):
-        m = plan(tiny_spec(), "cpu", world_size=world_size).memory
+        p = plan(tiny_spec(f"memory.strategies.host_caching_allocator={allocator}"), "cpu", world_size=world_size)
+        m = p.memory
+        assert p.strategies.host_allocator == {"on": "caching", "off": "system"}[allocator]
         lines = {c.name: c.bytes for c in m.overheads}
-        assert set(lines) == {"runtime", "heap_retained"}
-        assert lines["runtime"] == max(CPU_RUNTIME_BYTES.values()) and 0 < lines["heap_retained"] <= HEAP_RETAINED_MAX
+        assert set(lines) == {"runtime", kept}
+        assert lines["runtime"] == max(CPU_RUNTIME_BYTES.values())
+        transient = m.peak_bytes - sum(c.bytes for c in m.components if c.name in PERSISTENT)
+        if allocator == "off":
+            assert 0 < lines[kept] <= HEAP_RETAINED_MAX
+        else:
+            assert lines[kept] == int(ALLOCATOR_CACHE_SHARE * transient) > 0
         # the executor compares the tracked tensors with peak_bytes; the budget is fitted with the RSS view
         assert m.device_bytes == m.peak_bytes + sum(lines.values())
     # a budget that holds the tensors but not the runtime no longer fits

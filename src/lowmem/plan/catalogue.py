@@ -120,6 +120,16 @@ CATALOGUE: dict[str, StrategyInfo] = {
         requires="memory.precision bf16, optimizer.kind = 'adamw' on the device (no optimizer.offload, no 8-bit "
                  "states), one process (not tested under FSDP2), a C++ compiler for torch.compile on a CPU",
     ),
+    "host_caching_allocator": StrategyInfo(
+        name="host_caching_allocator",
+        saves="on a CPU, RSS stays near the step's live tensors: glibc's heap grows to about twice them and keeps "
+              "it (fragmentation after its mmap threshold rises); the caching allocator keeps freed blocks of 1 "
+              "MiB or more per size class and hands them to the next tensor of that size",
+        costs="nothing measured (it was 4-13% faster than glibc: no page is faulted in again after the first "
+              "step); up to 1/8 rounding per tensor and blocks cached in classes not in use at the peak, which "
+              "the plan counts",
+        requires="Linux, a C++ compiler the first time (it is built against the installed torch, about 4 s)",
+    ),
     "low_bit_optimizer": StrategyInfo(
         name="low_bit_optimizer",
         saves="AdamW's two fp32 moments held in 8 bits with block-wise scales (bitsandbytes): about 75% of the "

@@ -15,7 +15,8 @@ COLORS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer_state": "#
           "logits": "#8172b3", "batch": "#937860", "temporaries": "#da8bc3",
           # what the CUDA runtime adds beside the tensors (MemoryReport.overheads), in greys
           "cublas_workspace": "#8c8c8c", "allocator_slack": "#b0b0b0", "cuda_context": "#606060",
-          "nccl_buffers": "#d0d0d0", "runtime": "#707070", "heap_retained": "#a0a0a0"}
+          "nccl_buffers": "#d0d0d0", "runtime": "#707070", "heap_retained": "#a0a0a0",
+          "allocator_cache": "#b8b8b8"}
 MAX_ALTERNATIVES = 5
 # the device axis runs to this much past the largest of the chosen plan, the budget and the rows drawn whole
 X_ROOM = 1.15
@@ -105,7 +106,7 @@ def _report(p: Plan, strategies: Strategies) -> MemoryReport:
     optimizer = run_optimizer(p.spec.optimizer, strategies)
     report = estimate_memory(p.model, strategies, p.spec.train, optimizer, shapes, trains, world_size=p.world_size,
                              device=p.hardware.device)
-    return with_overheads(report, p.hardware, p.world_size)
+    return with_overheads(report, p.hardware, p.world_size, strategies.host_allocator)
 
 
 def memory_figure(p: Plan):

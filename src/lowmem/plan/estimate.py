@@ -740,22 +740,34 @@ CPU_RUNTIME_BYTES = {"2.13": 150 * MiB}
 # lowmem keeps glibc's behaviour and plans for it.
 HEAP_RETAINED_SHARE = 1.25
 HEAP_RETAINED_MAX = 180 * MiB
+# lowmem's caching allocator (lowmem.hostmem, plan strategy host_allocator = "caching", the CPU default) maps
+# every tensor of 1 MiB or more rounded up to one of 8 size classes per power of two and keeps it for reuse when
+# freed: RSS holds the live tensors plus the rounding and the blocks cached in classes idle at the peak.
+# benchmarks/host_overhead.py measured that beyond the tracked tensors at ALLOCATOR_CACHE_SHARE of the transient
+# ones at most (quickstart-5m, five configurations, torch 2.13.0+cpu).
+ALLOCATOR_CACHE_SHARE = 0.4
 PERSISTENT = ("parameters", "gradients", "optimizer_state")
 
 
-def cpu_overheads(report: MemoryReport) -> tuple[Component, ...]:
-    """What a CPU process holds in RSS beside `report`'s live tensors: the runtime and glibc's retained heap."""
+def cpu_overheads(report: MemoryReport, host_allocator: str = "system") -> tuple[Component, ...]:
+    """What a CPU process holds in RSS beside `report`'s live tensors: the runtime, and what the allocator keeps
+    (glibc's retained heap, or the caching allocator's rounding and idle blocks)."""
     version, measured = _torch_minor(), max(CPU_RUNTIME_BYTES)
     runtime = CPU_RUNTIME_BYTES.get(version, CPU_RUNTIME_BYTES[measured])
     source = f"torch {version}" if version in CPU_RUNTIME_BYTES else f"measured for torch {measured}, not {version}"
-    transient = report.peak_bytes - sum(c.bytes for c in report.components if c.name in PERSISTENT)
-    heap = min(int(HEAP_RETAINED_SHARE * max(transient, 0)), HEAP_RETAINED_MAX)
+    transient = max(report.peak_bytes - sum(c.bytes for c in report.components if c.name in PERSISTENT), 0)
+    if host_allocator == "caching":
+        kept = Component(name="allocator_cache", bytes=int(ALLOCATOR_CACHE_SHARE * transient),
+                         note=f"lowmem's caching allocator: size-class rounding and idle cached blocks, "
+                              f"{ALLOCATOR_CACHE_SHARE:.0%} of the transient tensors")
+    else:
+        kept = Component(name="heap_retained", bytes=min(int(HEAP_RETAINED_SHARE * transient), HEAP_RETAINED_MAX),
+                         note=f"glibc's heap keeps freed step tensors: {HEAP_RETAINED_SHARE:g}x the transient ones, "
+                              f"at most {format_bytes(HEAP_RETAINED_MAX)}")
     return (
         Component(name="runtime", bytes=runtime,
                   note=f"threads, kernel workspaces, Python ({source}, 1-2 threads: benchmarks/host_overhead.py)"),
-        Component(name="heap_retained", bytes=heap,
-                  note=f"glibc's heap keeps freed step tensors: {HEAP_RETAINED_SHARE:g}x the transient ones, at most "
-                       f"{format_bytes(HEAP_RETAINED_MAX)}"),
+        kept,
     )
 
 
@@ -769,12 +781,14 @@ def _torch_minor() -> str:
         return "unknown"
 
 
-def with_overheads(report: MemoryReport, hw: HardwareProfile, world_size: int = 1) -> MemoryReport:
+def with_overheads(report: MemoryReport, hw: HardwareProfile, world_size: int = 1,
+                   host_allocator: str = "system") -> MemoryReport:
     """`report` with what the process holds beyond its tensors: CUDA's lines (`cuda_overheads`) or the CPU's
-    (`cpu_overheads`), so that `device_bytes` is what nvidia-smi or the process's RSS shows."""
+    (`cpu_overheads`, for the plan's `host_allocator`), so that `device_bytes` is what nvidia-smi or the
+    process's RSS shows."""
     if hw.device == "cuda":
         return with_cuda_overheads(report, hw, world_size)
-    return msgspec.structs.replace(report, overheads=cpu_overheads(report))
+    return msgspec.structs.replace(report, overheads=cpu_overheads(report, host_allocator))
 
 
 class StepBytes(NamedTuple):

@@ -12,6 +12,7 @@ import shutil
 
 import msgspec
 
+from lowmem import hostmem
 from lowmem.nn.config import ModelConfig, count_params, param_shapes, preset
 from lowmem.nn.hub import resolve_model_dir
 from lowmem.nn.lora import TARGETS
@@ -127,6 +128,7 @@ def _check_spec(spec: RunSpec, hw: HardwareProfile, world_size: int) -> None:
     _check_distributable(spec, world_size)
     _check_compile(spec, hw)
     _check_offload(spec, hw, world_size)
+    _check_host_allocator(spec, hw)
     _check_fsdp_offload(spec, hw, world_size)
     _check_stochastic_rounding(spec, hw, world_size)
 
@@ -158,7 +160,8 @@ def _evaluate(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size: 
     optimizer = run_optimizer(spec.optimizer, strategies)
     # with what the runtime adds beside the tensors: the fit is nvidia-smi's view, or the CPU process's RSS
     memory = with_overheads(estimate_memory(cfg, strategies, spec.train, optimizer, trainable, what_trains,
-                                                 world_size=world_size, device=hw.device), hw, world_size)
+                                                 world_size=world_size, device=hw.device), hw, world_size,
+                            strategies.host_allocator)
     if strategies.fsdp_cpu_offload and world_size * sum(c.bytes for c in memory.host) > HOST_PINNED_SHARE * hw.host_ram_bytes:
         return None  # every process of the node pins its shards in the same host RAM
     tps = estimate_tokens_per_s(cfg, strategies, spec.train.seq_len, hw, what_trains)
@@ -689,7 +692,7 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size
     return [
         Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
                    compile=co, **offload(of, p), **nf4, bf16_stochastic_rounding=rounding and p == "bf16",
-                   **device_kernels(p, hw, cfg))
+                   **device_kernels(p, hw, cfg), host_allocator=host_allocator(spec, hw))
         for p, c, ce, ob, co, of in itertools.product(precisions, ckpt, losses, in_backward, compile_, offloading)
         # fp16 must be able to skip a step; selective checkpointing needs the aten ops a compiled block hides
         if not (p == "fp16" and ob) and not (co and c == "selective")
@@ -712,6 +715,57 @@ def device_kernels(precision: str, hw: HardwareProfile, cfg) -> dict[str, str]:
     else:
         kernel = "varlen" if half else "sdpa-efficient"
     return {"attention_kernel": kernel, "projection_dtype": half or "fp32"}
+
+
+def host_allocator(spec: RunSpec, hw: HardwareProfile) -> str:
+    """What a plan's tensors are allocated from: lowmem's caching allocator on a CPU where it can be built
+    (lowmem.hostmem; a named profile is another machine, assumed able to, as for compile), else torch's
+    default. A forced `on` that cannot be built here is refused by `_check_host_allocator`."""
+    toggle = spec.memory.strategies.host_caching_allocator
+    if hw.device != "cpu" or toggle == "off":
+        return "system"
+    return "caching" if toggle == "on" or not _cannot_build_host_allocator(hw) else "system"
+
+
+def _cannot_build_host_allocator(hw: HardwareProfile) -> bool:
+    return hw.name.startswith("local") and not hostmem.available()
+
+
+def _check_host_allocator(spec: RunSpec, hw: HardwareProfile) -> None:
+    """A forced host_caching_allocator needs a CPU plan and a machine that can build it."""
+    if spec.memory.strategies.host_caching_allocator != "on":
+        return
+    if hw.device != "cpu":
+        raise PlanError("memory.strategies.host_caching_allocator = 'on' is for CPU runs: on CUDA torch's own "
+                        "caching allocator holds the tensors. Set it to 'auto'")
+    if _cannot_build_host_allocator(hw):
+        raise PlanError("memory.strategies.host_caching_allocator = 'on': it is built on first use and needs Linux "
+                        "and a C++ compiler (g++ or clang++, found as $CXX or c++), and none was found. Install "
+                        "one, or set it to 'auto' or 'off'")
+
+
+HOST_ALLOCATOR_REASONS = {
+    "caching": "lowmem's caching allocator (lowmem.hostmem): freed tensors of 1 MiB or more are kept per size "
+               "class and reused, so RSS stays near the live tensors and no page is faulted in twice",
+    "system": "torch's default allocator (glibc), whose heap keeps what a step frees (the heap_retained line)",
+}
+
+
+def _explain_host_allocator(spec: RunSpec, hw: HardwareProfile, strategies: Strategies) -> Decision:
+    """The host allocator a CPU plan runs with, and why (fixed on CUDA)."""
+    value = "on" if strategies.host_allocator == "caching" else "off"
+    toggle = spec.memory.strategies.host_caching_allocator
+    if hw.device != "cpu":
+        reason, source = "CUDA tensors live in torch's caching allocator", "fixed"
+    elif toggle != "auto":
+        reason, source = "forced by memory.strategies.host_caching_allocator: " + HOST_ALLOCATOR_REASONS[
+            strategies.host_allocator], "user"
+    elif value == "off":
+        reason, source = "no C++ compiler to build lowmem's caching allocator: " + HOST_ALLOCATOR_REASONS[
+            "system"], "fixed"
+    else:
+        reason, source = HOST_ALLOCATOR_REASONS["caching"], "auto"
+    return Decision(strategy="host_caching_allocator", value=value, source=source, reason=reason)
 
 
 def micro_batch_splits(micro_batch: int) -> list[int]:
@@ -768,7 +822,7 @@ def _nothing_fits(spec: RunSpec, budget: int, usable: int, candidates, sharing: 
     memory, s = smallest[1], smallest[0]
     need = int(memory.device_bytes * sharing / (1 - spec.memory.safety_margin)) + 1
     # on CUDA the need is nvidia-smi's view: say how much of it is the tensors
-    runtime = ("the process's runtime and glibc's heap" if any(c.name == "runtime" for c in memory.overheads)
+    runtime = ("the process's runtime and allocator" if any(c.name == "runtime" for c in memory.overheads)
                else "the CUDA runtime")
     beside = (f"; {format_bytes(memory.peak_bytes)} of tensors, the rest what {runtime} adds"
               if memory.overheads else "")
@@ -793,7 +847,7 @@ def _size_rounded_up(n_bytes: int) -> str:
 # strategies `_explain` gives a decision of their own; the catalogue's others are unavailable in this version
 EXPLAINED = ("precision", "activation_checkpointing", "activation_offloading", "chunked_cross_entropy",
              "fused_cross_entropy", "optimizer_in_backward", "compile", "micro_batch_split", "low_bit_optimizer",
-             "fsdp_cpu_offload", "bf16_stochastic_rounding")
+             "fsdp_cpu_offload", "bf16_stochastic_rounding", "host_caching_allocator")
 
 
 def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int,
@@ -821,6 +875,7 @@ def _explain(spec: RunSpec, hw: HardwareProfile, chosen, candidates, usable: int
         _explain_fsdp_offload(spec, hw, strategies, candidates, usable, world_size),
         _explain_stochastic_rounding(spec, hw, strategies, candidates, usable, world_size),
         _explain_attention(hw, strategies),
+        _explain_host_allocator(spec, hw, strategies),
         Decision(strategy="gradient_accumulation", value=str(spec.train.grad_accum), source="user",
                  reason=f"{spec.train.grad_accum} micro-batch(es) of {spec.train.micro_batch} x {spec.train.seq_len} "
                         "tokens per step; gradients normalized by the total count of target tokens"),

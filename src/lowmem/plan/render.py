@@ -18,7 +18,8 @@ NOTES_LEGEND = ("  notes: 'bf16: loses decay/updates': pure bf16 would round the
 # one fill character per component, so the stacked bar reads without colour
 FILL = {"parameters": "P", "gradients": "G", "optimizer_state": "O", "activations": "A", "logits": "L",
         "batch": "b", "temporaries": "t", "cublas_workspace": "w", "allocator_slack": "s", "cuda_context": "x",
-        "nccl_buffers": "n", "runtime": "r", "heap_retained": "h"}
+        "nccl_buffers": "n", "runtime": "r", "heap_retained": "h",
+        "allocator_cache": "c"}
 
 
 MAX_ALTERNATIVES_SHOWN = 12

@@ -48,6 +48,9 @@ class Strategies(msgspec.Struct, **_STRUCT):
     attention_kernel: Literal["sdpa", "sdpa-efficient", "varlen"] = "sdpa"
     # the dtype of the vocabulary projection inside the loss (logits upcast to fp32 in chunks); fp32 on the CPU
     projection_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # what a CPU run's tensors are allocated from: "caching", lowmem's caching allocator (lowmem.hostmem),
+    # or "system", torch's default (glibc); always "system" on CUDA, whose tensors torch's caching allocator holds
+    host_allocator: Literal["system", "caching"] = "system"
 
 
 def run_optimizer(optimizer: OptimizerSpec, strategies: Strategies) -> OptimizerSpec:
@@ -72,7 +75,8 @@ class Component(msgspec.Struct, **_STRUCT):
     """Bytes of one memory component at the predicted peak (or, for an overhead line, beside it)."""
 
     name: Literal["parameters", "gradients", "optimizer_state", "activations", "logits", "batch", "temporaries",
-                  "cublas_workspace", "allocator_slack", "cuda_context", "nccl_buffers", "runtime", "heap_retained"]
+                  "cublas_workspace", "allocator_slack", "cuda_context", "nccl_buffers", "runtime", "heap_retained",
+                  "allocator_cache"]
     bytes: int
     note: str = ""
 
@@ -91,7 +95,7 @@ class MemoryReport(msgspec.Struct, **_STRUCT):
     `overheads` names what the process holds beyond them (`estimate.cuda_overheads`), and three properties give
     torch's and the driver's views: `allocated_bytes` (torch.cuda.max_memory_allocated), `reserved_bytes`
     (max_memory_reserved) and `device_bytes` (what nvidia-smi shows for the process, which the planner fits to the
-    budget). On a CPU the overheads are the runtime and glibc's retained heap (`estimate.cpu_overheads`), and
+    budget). On a CPU the overheads are the runtime and what the allocator keeps (`estimate.cpu_overheads`), and
     `device_bytes` is the peak RSS the run adds to the process once its libraries are imported. Without overheads (a plan written before them) all three
     are `peak_bytes`.
 

@@ -287,6 +287,9 @@ class StrategySpec(Spec, kw_only=True):
     low_bit_optimizer: Toggle = "auto"
     fsdp_cpu_offload: Toggle = "auto"
     bf16_stochastic_rounding: Toggle = "auto"
+    # CPU runs: lowmem's caching allocator for tensors of 1 MiB or more (lowmem.hostmem); auto uses it
+    # wherever it can be built (a C++ compiler on Linux), off keeps torch's default allocator (glibc)
+    host_caching_allocator: Toggle = "auto"
 
 
 class MemorySpec(Spec, kw_only=True):

@@ -24,6 +24,7 @@ from lowmem.train.strategies import (
     InBackwardOptimizer,
     LossScaler,
     activation_offload,
+    apply_host_allocator,
     block_runner,
     compute_dtype,
     loss_function,
@@ -59,6 +60,7 @@ def build_training(p: Plan, params: dict[str, torch.Tensor], tracker: LiveTensor
     spec = p.spec
     adapters = lora_settings(spec.method)
     params = _with_adapters(p, params, adapters)
+    apply_host_allocator(p.strategies)
     if world > 1:
         return _build_sharded_training(p, params, adapters, tracker)
     trainable_params = {n: params[n] for n in (trainable_names(params) if adapters else params)}

@@ -10,6 +10,8 @@ import torch.utils.checkpoint
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from lowmem import hostmem
+from lowmem.native import NativeBuildError
 from lowmem.nn.llama import AdaptedWeight
 from lowmem.nn.loss import CE_IMPLEMENTATIONS
 from lowmem.plan.structs import Strategies
@@ -145,6 +147,20 @@ def activation_offload(strategies: Strategies, device: str, params: dict[str, to
         return contextlib.nullcontext()
     return ActivationOffload(device, min_bytes=strategies.offload_min_bytes,
                              max_host_bytes=strategies.offload_max_host_bytes, keep=params.values())
+
+
+def apply_host_allocator(strategies: Strategies) -> None:
+    """host_allocator = "caching": make lowmem's caching allocator torch's CPU allocator from here on (the tensors
+    a step allocates; the loaded weights keep glibc's). Under FakeTensorMode (a traced plan) nothing is allocated,
+    so nothing is installed."""
+    if strategies.host_allocator != "caching" or is_in_torch_dispatch_mode():
+        return
+    try:
+        hostmem.install()
+    except NativeBuildError as err:
+        raise RuntimeError(f"{err}\nThe plan runs on lowmem's caching allocator (host_caching_allocator on); "
+                           "install a C++ compiler, or plan with --set memory.strategies.host_caching_allocator="
+                           "off") from None
 
 
 def loss_function(strategies: Strategies) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
