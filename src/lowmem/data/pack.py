@@ -39,6 +39,7 @@ from lowmem.data.corpus import source_sha256
 from lowmem.data.records import SkipLog, check_columns, encode_segments, iter_segments
 from lowmem.data.templates import TEMPLATE_VERSION
 from lowmem.data.tokenizer_base import Tokenizer
+from lowmem.files import share
 from lowmem.spec.structs import DataSpec
 
 # Bump when the packing rule or the file layout changes.
@@ -612,6 +613,7 @@ def _record_batch(
 def _temp_path(path: Path, tag: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tag}.", suffix=".tmp")
     os.close(fd)
+    share(tmp)  # mkstemp's 0600 -> what the umask gives an ordinary file
     return Path(tmp)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lowmem.data.tokenizer_base import Tokenizer, files_key, read_token_config
+from lowmem.files import share
 
 # Bump when the training recipe below changes what a given (corpus, vocab_size) produces.
 TOKENIZER_FORMAT_VERSION = 1
@@ -226,6 +227,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        share(tmp)  # mkstemp's 0600 -> what the umask gives an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, NamedTuple
 import torch
 from safetensors.torch import save_file
 
+from lowmem.files import share
 from lowmem.nn.config import TEXT_TOWERS, ModelConfig, param_shapes
 
 __all__ = ["expert_rows", "from_hf_name", "hf_layout", "load_hf", "read_hf_config", "save_hf", "to_hf_name"]
@@ -248,13 +249,11 @@ def write_dir_atomic(out: Path, json_files: dict[str, Any], tensor_files: dict[s
     """
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        # mkdtemp makes it 0700, private to its creator; a model directory is shared like any other (0755)
-        os.chmod(tmp, 0o777 & ~_umask())
         for name, obj in json_files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         for name, tensors in tensor_files.items():
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes 0600
+        share(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600: a model directory is shared (0755/0644)
         for f in [*(tmp / n for n in (*json_files, *tensor_files)), tmp]:
             _fsync(f)
         _replace_dir(tmp, out)
@@ -263,13 +262,6 @@ def write_dir_atomic(out: Path, json_files: dict[str, Any], tensor_files: dict[s
         raise
     _fsync(out.parent)
     return out
-
-
-def _umask() -> int:
-    """This process's umask (os.umask only reads it by setting it, so it is set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lowmem.files import share
 from lowmem.nn.hf import _fsync as _fsync_file
 from lowmem.nn.hf import _replace_dir
 from lowmem.train import distributed
@@ -215,6 +216,7 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.Tensor], o
             trainer["digests"] = _digest_and_sync(sorted(tmp.iterdir()))
             (tmp / "trainer.json").write_text(json.dumps(trainer))
             _fsync_file(tmp / "trainer.json")
+            share(tmp)  # safetensors writes 0600: a checkpoint is shared like the run directory
             # the same step saved again (e.g. the final step after an interrupt) is moved aside, then deleted
             _replace_dir(tmp, final)
             _fsync_file(final.parent)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lowmem.data.tokenizer import Tokenizer
+from lowmem.files import share
 from lowmem.nn import save_hf
 from lowmem.nn.hf import _fsync as fsync_path
 from lowmem.nn.hf import _replace_dir as replace_dir
@@ -78,6 +79,7 @@ def staged(final: Path) -> Iterator[Path]:
         yield root / final.name
         for f in (root / final.name).iterdir():
             fsync_path(f)
+        share(root / final.name)  # what the writers made private (safetensors: 0600) is shared as the run is
         replace_dir(root / final.name, final)
         fsync_path(final.parent)
     finally:
