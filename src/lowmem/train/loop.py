@@ -33,7 +33,7 @@ from lowmem.train import distributed
 from lowmem.train.checkpoint import plan_fingerprint
 from lowmem.train.device import check_local_device
 from lowmem.train.inputs import prepare_data, steps_for_epochs
-from lowmem.train.memory import resident_bytes
+from lowmem.train.memory import ProcessPeak, resident_bytes
 from lowmem.train.oom import (
     MAX_REPLANS,
     OutOfMemoryStop,
@@ -146,6 +146,8 @@ def _execute(p: Plan, run_dir: RunDir, *, progress: bool, resume: bool, overwrit
     """
     world, rank = distributed.world_size(), distributed.rank()
     check_distributable(p, world)
+    process_peak = ProcessPeak()
+    process_peak.start()  # the CPU plan's device_bytes: the RSS the run adds to the process it starts in
     start = run_dir.start(p, world, resume, overwrite)
     distributed.barrier()  # every rank judged the directory before rank 0 changes it
     torch.manual_seed(p.spec.train.seed)
@@ -161,7 +163,7 @@ def _execute(p: Plan, run_dir: RunDir, *, progress: bool, resume: bool, overwrit
     total_steps = p.total_steps or steps_for_epochs(p.spec, len(train_rows), world)
     ran = _train(session, run_dir, fingerprint, first_step, total_steps, (dataset, eval_rows), skipped,
                  progress=progress, cap_memory_bytes=cap_memory_bytes)
-    report = memory_report(p, ran.measured, ran.cuda_measured)
+    report = memory_report(p, ran.measured, ran.cuda_measured, process_peak.read())
     if rank == 0:
         run_dir.write_json("memory.json", report)
     model_dir = None

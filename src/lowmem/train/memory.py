@@ -33,6 +33,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 
 from lowmem.spec.units import format_bytes
 
-__all__ = ["LiveTensorTracker", "measure_cuda_peak", "resident_bytes"]
+__all__ = ["LiveTensorTracker", "ProcessPeak", "measure_cuda_peak", "resident_bytes"]
 
 DEFAULT_CATEGORY = "activations"
 
@@ -395,6 +396,39 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * _PAGE_BYTES
     except (OSError, ValueError, IndexError):
         return None
+
+
+class ProcessPeak:
+    """What a run adds to this process's peak RSS, the CPU plan's `device_bytes` view (Linux /proc only).
+
+    `start()` resets the kernel's peak mark (VmHWM, through /proc/self/clear_refs) and takes the RSS then as the
+    baseline; `read()` gives the peak since, less the baseline, or None where /proc cannot say.
+    """
+
+    def __init__(self) -> None:
+        self.baseline: int | None = None
+
+    def start(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.baseline = _status_bytes("VmRSS")
+        except OSError:
+            self.baseline = None
+
+    def read(self) -> int | None:
+        peak = _status_bytes("VmHWM") if self.baseline is not None else None
+        return None if peak is None else peak - self.baseline
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

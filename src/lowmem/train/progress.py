@@ -41,8 +41,11 @@ def _clock(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
-def memory_report(p: Plan, measured: dict | None, cuda: dict | None = None) -> dict:
+def memory_report(p: Plan, measured: dict | None, cuda: dict | None = None, rss_added: int | None = None) -> dict:
     """Planned versus measured peak bytes, per component and in total.
+
+    On a CPU `rss_added` (what the run added to the process's peak RSS, `ProcessPeak`) goes into a `process`
+    block beside the plan's RSS view (`device_bytes`, what the budget bounds) and the host allocator's figures.
 
     On a GPU (`cuda`: the measured steps' `max_memory_allocated`, `max_memory_reserved`, `num_alloc_retries`)
     the measured peak is the allocator's `max_memory_allocated`, set against the plan's allocated view (tensors and
@@ -68,10 +71,23 @@ def memory_report(p: Plan, measured: dict | None, cuda: dict | None = None) -> d
                           "planned_device_bytes": p.memory.device_bytes},
                  "tracked_peak_bytes": measured["peak_bytes"] if measured else 0,
                  "planned_tensor_peak_bytes": p.memory.peak_bytes}
+    if cuda is None and rss_added is not None:
+        extra = {"process": {"rss_added_bytes": rss_added, "planned_rss_bytes": p.memory.device_bytes,
+                             "host_allocator": p.strategies.host_allocator, **_allocator_figures(p)}}
     error = (planned_peak - measured_peak) / measured_peak if measured_peak else None
     return {"device": p.hardware.name, "method": method,
             "planned_peak_bytes": planned_peak, "planned_phase": p.memory.peak_phase,
             "measured_peak_bytes": measured_peak, "error": error, "components": rows, **extra}
+
+
+def _allocator_figures(p: Plan) -> dict:
+    """The caching allocator's peak of mapped blocks and its mappings, where the plan ran on it."""
+    from lowmem import hostmem
+
+    if p.strategies.host_allocator != "caching" or not hostmem.installed():
+        return {}
+    s = hostmem.stats()
+    return {"allocator_peak_bytes": s.peak_bytes, "allocator_maps": s.maps, "allocator_hits": s.hits}
 
 
 def max_stats(a: dict | None, b: dict | None) -> dict | None:
@@ -91,6 +107,11 @@ def describe_memory(report: dict) -> str:
                  f"{format_bytes(report['measured_peak_bytes']):>12}")
     if report["error"] is not None:
         lines.append(f"planned is {report['error']:+.1%} off measured ({report['method']})")
+    process = report.get("process")
+    if process:
+        lines.append(f"process RSS added {format_bytes(process['rss_added_bytes'])} (planned "
+                     f"{format_bytes(process['planned_rss_bytes'])}, the budget's view; "
+                     f"{'lowmem caching' if process['host_allocator'] == 'caching' else 'glibc'} allocator)")
     cuda = report.get("cuda")
     if cuda:
         lines.append(f"CUDA allocator: reserved {format_bytes(cuda['max_memory_reserved'])} "
