@@ -146,6 +146,7 @@ def test_a_run_on_the_caching_allocator_holds_less_rss_for_the_same_losses(tmp_p
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[toggle] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[toggle]["process"] = json.loads((out / "memory.json").read_text())["process"]
         runs[toggle]["losses"] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                                   if '"loss"' in line]
     on, off = runs["on"], runs["off"]
@@ -153,7 +154,11 @@ def test_a_run_on_the_caching_allocator_holds_less_rss_for_the_same_losses(tmp_p
     assert on["losses"] == off["losses"] and len(on["losses"]) == 6  # the same kernels: bit-identical
     # measured: 400 vs 533 MiB (1 thread, torch 2.13): glibc's heap keeps about twice the step's tensors
     assert on["rss_added"] < 0.85 * off["rss_added"], runs
-    # each plan bounds what its run added to RSS
+    # each plan bounds what its run added to RSS, and memory.json says so beside it
     for run in (on, off):
         assert run["rss_added"] <= run["planned"], runs
+        assert run["process"]["planned_rss_bytes"] == run["planned"]
+        assert abs(run["process"]["rss_added_bytes"] - run["rss_added"]) < 0.05 * run["rss_added"]  # baselines differ
+        assert run["process"]["host_allocator"] == run["allocator"]
+    assert 0 < on["process"]["allocator_peak_bytes"] < on["rss_added"] and "allocator_peak_bytes" not in off["process"]
     assert plan(decode_spec(SPEC, "toml", overrides=base)).memory.device_bytes == on["planned"]
