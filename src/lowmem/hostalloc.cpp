@@ -90,8 +90,48 @@ void* take(size_t n) {
   return p;
 }
 
+// torch.profiler's memory events (profile_memory=True), as torch's default CPU allocator reports them: the size of
+// each allocation made while profiling is kept until it is freed
+struct Profiled {
+  std::mutex mu;
+  std::unordered_map<void*, size_t> sizes;
+  size_t total = 0;
+};
+Profiled& profiled() {
+  static Profiled* p = new Profiled();
+  return *p;
+}
+
+void report_alloc(void* p, size_t n) {
+  if (p == nullptr || !c10::memoryProfilingEnabled()) return;
+  Profiled& R = profiled();
+  size_t total;
+  {
+    std::lock_guard<std::mutex> guard(R.mu);
+    R.sizes[p] = n;
+    total = R.total += n;
+  }
+  c10::reportMemoryUsageToProfiler(p, static_cast<int64_t>(n), total, 0, c10::Device(c10::DeviceType::CPU));
+}
+
+void report_free(void* p) {
+  Profiled& R = profiled();
+  size_t n, total;
+  {
+    std::lock_guard<std::mutex> guard(R.mu);
+    if (R.sizes.empty()) return;
+    auto it = R.sizes.find(p);
+    if (it == R.sizes.end()) return;
+    n = it->second;
+    R.sizes.erase(it);
+    total = R.total -= n;
+  }
+  c10::reportMemoryUsageToProfiler(p, -static_cast<int64_t>(n), total, 0, c10::Device(c10::DeviceType::CPU));
+}
+
 void give_back(void* p) {
   if (p == nullptr) return;
+  report_free(p);
   Pool& P = pool();
   {
     std::lock_guard<std::mutex> guard(P.mu);
@@ -111,6 +151,7 @@ void give_back(void* p) {
 struct HostAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     void* p = n >= kLarge ? take(n) : c10::alloc_cpu(n);
+    report_alloc(p, n);
     return {p, p, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &give_back; }

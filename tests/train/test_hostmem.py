@@ -67,6 +67,19 @@ def test_the_limit_unmaps_cached_blocks_before_mapping_more(allocator):
     assert allocator.stats().cached_bytes == 0
 
 
+def test_torch_profiler_sees_its_allocations_and_frees(allocator, tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        big = torch.empty(2 * MiB + 8, dtype=torch.uint8)  # from a cached block
+        small = torch.empty(100, dtype=torch.uint8)  # from torch's allocator
+        del big, small
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    sizes = [e["args"]["Bytes"] for e in events if e.get("name") == "[memory]"]
+    assert {2 * MiB + 8, -(2 * MiB + 8), 100, -100} <= set(sizes), sizes
+
+
 def test_tensors_outlive_an_uninstall_and_torchs_own_stay_valid():
     was = hostmem.installed()
     hostmem.uninstall()
