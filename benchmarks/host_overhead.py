@@ -1,5 +1,5 @@
-"""What a CPU run holds in RSS beyond the live tensors the planner budgets, with glibc's allocator as it is and
-with large allocations always returned to the system.
+"""What a CPU run holds in RSS beyond the live tensors the planner budgets: on lowmem's caching allocator (the
+plan's default, lowmem.hostmem), on glibc's allocator as it is, and with large allocations always returned.
 
     python benchmarks/host_overhead.py            # quickstart-5m, micro-batch 8 x 256, five configurations
     python benchmarks/host_overhead.py --smoke    # tiny sizes, to keep the script working
@@ -11,6 +11,8 @@ what neither the plan nor the tracker sees: the allocator's free-but-kept memory
 threshold rises after the first large free, so later large tensors come from the heap, which fragments),
 thread-pool and kernel workspaces, Python objects.
 
+"lowmem caching" is the plan as it comes (host_caching_allocator auto: tensors of 1 MiB or more from lowmem's
+size-class cache); the other rows plan with it off, on torch's default allocator (glibc).
 "returned" sets glibc's M_MMAP_THRESHOLD to 1 MiB for the run (mallopt): every tensor of 1 MiB or more is its
 own mapping, unmapped when freed, and RSS follows the live tensors more closely, at the price of a page fault
 per fresh page on every step. "trimmed" keeps glibc's defaults and calls malloc_trim(0) after every step (free
@@ -37,8 +39,10 @@ CONFIGS = {
     "full, micro-batch 2": ["train.micro_batch=2"],
     "LoRA": ["method.kind=lora"],
     "LoRA, fused CE": ["method.kind=lora", "memory.strategies.fused_cross_entropy=on"],
+    "LoRA, checkpointing": ["method.kind=lora", "memory.strategies.activation_checkpointing=on"],
+    "QLoRA": ["method.kind=qlora"],
 }
-ALLOCATORS = ("glibc default", "returned", "trimmed")
+ALLOCATORS = ("lowmem caching", "glibc default", "returned", "trimmed")
 
 
 def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> dict:
@@ -62,7 +66,8 @@ def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> di
     size = (dict(preset="tiny", vocab=1024, steps=3, micro_batch=2, seq_len=64) if smoke
             else dict(preset="quickstart-5m", vocab=4096, steps=6, micro_batch=8, seq_len=256))
     text = spec_text("host-overhead", size, Path(".lowmem_cache").resolve(), "fp32", schedule="constant")
-    p = plan(decode_spec(text, "toml", overrides=overrides), "cpu")
+    system = [] if allocator == "lowmem caching" else ["memory.strategies.host_caching_allocator=off"]
+    p = plan(decode_spec(text, "toml", overrides=overrides + system), "cpu")
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     with tempfile.TemporaryDirectory() as out:
@@ -71,7 +76,18 @@ def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> di
     return {"planned_tensor_bytes": p.memory.peak_bytes, "tensor_peak_bytes": result.measured_peak_bytes,
             "planned_rss_bytes": p.memory.device_bytes,
             "rss_peak_extra_bytes": peak - before, "beyond_tensors_bytes": peak - before - result.measured_peak_bytes,
-            "tokens_per_s": result.tokens_per_s, "threads": threads, "torch": torch.__version__}
+            "tokens_per_s": result.tokens_per_s, "threads": threads, "torch": torch.__version__,
+            "host_allocator": p.strategies.host_allocator, **_cache_stats(p)}
+
+
+def _cache_stats(p) -> dict:
+    """The caching allocator's peak of mapped blocks (live + cached) and its mappings, where the plan ran on it."""
+    if p.strategies.host_allocator != "caching":
+        return {}
+    from lowmem import hostmem
+
+    s = hostmem.stats()
+    return {"allocator_peak_bytes": s.peak_bytes, "allocator_maps": s.maps, "allocator_hits": s.hits}
 
 
 def _trim_after_each_step(libc) -> None:
@@ -120,12 +136,13 @@ def main() -> None:
     lines = ["# RSS beyond the planned tensors on CPU", "",
              f"`python benchmarks/host_overhead.py{' --smoke' if args.smoke else ''}`; see the script's docstring.", "",
              "| torch, threads | config | allocator | tensor peak (planned / measured) | RSS peak - baseline (planned / "
-             "measured) | beyond tensors | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "measured) | beyond tensors (planned / measured) | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['torch']}, {r['threads']} | {r['config']} | {r['allocator']} | "
                      f"{r['planned_tensor_bytes'] / MiB:.1f} / "
                      f"{r['tensor_peak_bytes'] / MiB:.1f} MiB | {r.get('planned_rss_bytes', 0) / MiB:.1f} / "
                      f"{r['rss_peak_extra_bytes'] / MiB:.1f} MiB | "
+                     f"{(r['planned_rss_bytes'] - r['planned_tensor_bytes']) / MiB:.1f} / "
                      f"{r['beyond_tensors_bytes'] / MiB:.1f} MiB | {r['tokens_per_s']:,.0f} |")
     (args.out / "host_overhead.md").write_text("\n".join(lines) + "\n")
 

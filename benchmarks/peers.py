@@ -66,6 +66,9 @@ TUNE_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "output_pr
 
 FEATURES = ("off", "best")
 TIGHT_FRACTION = 0.5  # features "best": lowmem also planned under this fraction of the best peer's memory
+# issue #16's target: under the best peer's memory as its budget, lowmem's RSS delta at most this share of that
+# peer's, at this many times its tokens/s, for every method
+TARGET_RSS_RATIO, TARGET_SPEED_RATIO = 0.7, 1.1
 # what each peer turns on in features "best" (the memory settings its docs and shipped configs use)
 PEER_FEATURES = {
     "hf": {"full": "gradient checkpointing (non-reentrant), paged_adamw_8bit",
@@ -680,7 +683,31 @@ def to_markdown(report: dict, smoke: bool) -> str:
                          f"{_ratio(r, 'rss_delta_ratio')} | {r['tokens_per_s']:,.0f} | "
                          f"{_ratio(r, 'tokens_per_s_ratio')} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | "
                          f"{_mib(r['rss_before_bytes'])} | {_tensors(r)} |")
+    target = target_rows(report)
+    if target:
+        lines += ["", "### The target: lowmem under the best peer's memory", "",
+                  f"lowmem planned with `memory.budget` = the best peer's measured memory, against that peer: its RSS "
+                  f"delta at most {TARGET_RSS_RATIO:g}x the peer's, at {TARGET_SPEED_RATIO:g}x its tokens/s or more.",
+                  "", "| method | best peer | lowmem's RSS delta / peer's | lowmem's tokens/s / peer's | target |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {t['method']} | {TOOL_NAMES[t['peer']]} | {t['rss_ratio']:.2f}x | {t['speed_ratio']:.2f}x | "
+                  f"{'met' if t['met'] else 'not met'} |" for t in target]
     return "\n".join(lines)
+
+
+def target_rows(report: dict) -> list[dict]:
+    """Per method: lowmem under the best peer's budget against that peer, and whether the target is met."""
+    rows, out = report.get("best_rows", []), []
+    for method in METHODS:
+        ours = next((r for r in rows if r["method"] == method and r["tool"] == "lowmem"
+                     and r.get("budget_kind") == "peer" and r["status"] == "ok"), None)
+        peer = ours and next((r for r in rows if r["method"] == method and r["tool"] == ours["budget_from"]), None)
+        if peer is None:
+            continue
+        rss, speed = ours["rss_delta_bytes"] / peer["rss_delta_bytes"], ours["tokens_per_s"] / peer["tokens_per_s"]
+        out.append({"method": method, "peer": peer["tool"], "rss_ratio": rss, "speed_ratio": speed,
+                    "met": rss <= TARGET_RSS_RATIO and speed >= TARGET_SPEED_RATIO})
+    return out
 
 
 BEST_NOTE = (
@@ -694,9 +721,10 @@ BEST_NOTE = (
     "recipe has no optimizer_in_bwd). lowmem: every strategy `auto` (precision kept fp32, like the others, so "
     "that only the memory features differ), planned with `memory.budget` = the smallest peak RSS delta a peer "
     "measured for that method (the question: does lowmem fit where the best peer fits, and how fast), and "
-    "again at {tight:g}x that; the plan's choice is printed. The budget is what the planner plans tensors "
-    "(weights included) against, less its 10% safety margin, while the column it is compared with counts RSS "
-    "(weights excluded, allocator and library overhead included). Ratios are row / lowmem under the best "
+    "again at {tight:g}x that; the plan's choice is printed. On a CPU the planner fits the process's RSS to the "
+    "budget, less its 10% safety margin: the tensors (weights included) plus its runtime and allocator lines, "
+    "while the column it is compared with counts the RSS added from step 1 on (weights excluded). lowmem runs on "
+    "its caching allocator (lowmem.hostmem) here, the peers on glibc's. Ratios are row / lowmem under the best "
     "peer's budget. bitsandbytes keeps the state of tensors under 4,096 elements in 32 bits, so the 8-bit "
     "optimizers change only full fine-tuning's losses (the LoRA adapters here have 2,048 elements each), and "
     "HF Trainer keeps `nn.Embedding` weights (here tied with the output head) in 32-bit state; full "
@@ -721,6 +749,8 @@ def describe_strategies(st: dict) -> str:
         out.append(f"{st['optimizer_state']} AdamW states")
     if st.get("nf4_block_size"):
         out.append(f"NF4 blocks {st['nf4_block_size']}")
+    if st.get("host_allocator") == "caching":
+        out.append("caching allocator")
     return ", ".join(out) if len(out) > 1 else out[0] + ", nothing else"
 
 
@@ -777,6 +807,7 @@ def main() -> None:
             report["versions"] = {t: {**old.get("versions", {}).get(t, {}), **tv}
                                   for t, tv in {**old.get("versions", {}), **report["versions"]}.items()}
             report.setdefault("kept_from_earlier_run", []).append(other)
+    report["target"] = target_rows(report)
     table = to_markdown(report, args.smoke)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

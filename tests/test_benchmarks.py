@@ -55,6 +55,35 @@ def test_peers_smoke(tmp_path):
     assert first["full", "hf"] == pytest.approx(first["full", "lowmem"], abs=1e-3)
 
 
+def test_host_overhead_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/host_overhead.py"), "--smoke", "--configs", "LoRA",
+                             "--allocators", "lowmem caching", "glibc default", "--out", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert [r["host_allocator"] for r in rows] == ["caching", "system"]
+    assert "allocator_peak_bytes" in rows[0] and "allocator_peak_bytes" not in rows[1]  # tiny: maybe no 1 MiB tensor
+    assert "| LoRA | lowmem caching |" in (tmp_path / "host_overhead.md").read_text()
+
+
+def test_peers_target_compares_lowmem_under_the_best_peers_budget_with_that_peer():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    row = dict(status="ok", method="lora")
+    rows = [dict(row, tool="hf", rss_delta_bytes=300, tokens_per_s=100.0),
+            dict(row, tool="torchtune", rss_delta_bytes=200, tokens_per_s=100.0),
+            dict(row, tool="lowmem", budget_kind="peer", budget_from="torchtune", rss_delta_bytes=140,
+                 tokens_per_s=111.0),
+            dict(row, tool="lowmem", budget_kind="tight", budget_from="torchtune", rss_delta_bytes=10, tokens_per_s=1.0)]
+    (t,) = peers.target_rows({"best_rows": rows})
+    assert (t["peer"], t["rss_ratio"], round(t["speed_ratio"], 2), t["met"]) == ("torchtune", 0.7, 1.11, True)
+    rows[2]["tokens_per_s"] = 109.0
+    assert not peers.target_rows({"best_rows": rows})[0]["met"]
+
+
 def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks/gpu_check.py")
     module = importlib.util.module_from_spec(spec)

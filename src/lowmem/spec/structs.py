@@ -275,6 +275,9 @@ class StrategySpec(Spec, kw_only=True):
     `bf16_stochastic_rounding` (pure bf16 with `optimizer.kind = "adamw"`, one process) computes each update in
     fp32 and rounds the new bf16 weight up or down at random (torchao), so that updates below bf16's spacing
     still move the weights on average; `auto` turns it on where the learning rate is below that spacing.
+    `host_caching_allocator` (CPU runs) allocates the step's tensors of 1 MiB or more from lowmem's size-class
+    cache (lowmem.hostmem) instead of glibc's heap, which keeps about twice the live tensors; `auto` uses it
+    wherever it can be built (Linux and a C++ compiler, once).
     """
 
     activation_checkpointing: Toggle = "auto"
@@ -287,8 +290,6 @@ class StrategySpec(Spec, kw_only=True):
     low_bit_optimizer: Toggle = "auto"
     fsdp_cpu_offload: Toggle = "auto"
     bf16_stochastic_rounding: Toggle = "auto"
-    # CPU runs: lowmem's caching allocator for tensors of 1 MiB or more (lowmem.hostmem); auto uses it
-    # wherever it can be built (a C++ compiler on Linux), off keeps torch's default allocator (glibc)
     host_caching_allocator: Toggle = "auto"
 
 
