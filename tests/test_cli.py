@@ -72,6 +72,10 @@ def test_version_prints_the_installed_version(runner):
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.stdout == f"lowmem {version('lowmem')}\n"
+    # the distribution's version is read from the package's (pyproject: dynamic version), so the two agree
+    import lowmem
+
+    assert version("lowmem") == lowmem.__version__
 
 
 def test_no_arguments_shows_help(runner):
