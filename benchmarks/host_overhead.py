@@ -4,9 +4,10 @@ plan's default, lowmem.hostmem), on glibc's allocator as it is, and with large a
     python benchmarks/host_overhead.py            # quickstart-5m, micro-batch 8 x 256, five configurations
     python benchmarks/host_overhead.py --smoke    # tiny sizes, to keep the script working
 
-Each row runs `execute` in a fresh process: the plan is made and everything imported first, the kernel's
-peak-RSS mark is reset (5 > /proc/self/clear_refs) and RSS taken as the baseline; after the run, "beyond
-tensors" = VmHWM - baseline - the measured live-tensor peak (`LiveTensorTracker`, weights included). It counts
+Each row runs `execute` in a fresh process. `execute` imports the libraries the plan needs, resets the kernel's
+peak-RSS mark (5 > /proc/self/clear_refs) and takes RSS as its baseline; memory.json's `process` block gives the
+peak since, less that baseline (the view the plan's device_bytes and the budget take); "beyond tensors" = that
+- the measured live-tensor peak (`LiveTensorTracker`, weights included). It counts
 what neither the plan nor the tracker sees: the allocator's free-but-kept memory (glibc's dynamic mmap
 threshold rises after the first large free, so later large tensors come from the heap, which fragments),
 thread-pool and kernel workspaces, Python objects.
@@ -68,14 +69,14 @@ def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> di
     text = spec_text("host-overhead", size, Path(".lowmem_cache").resolve(), "fp32", schedule="constant")
     system = [] if allocator == "lowmem caching" else ["memory.strategies.host_caching_allocator=off"]
     p = plan(decode_spec(text, "toml", overrides=overrides + system), "cpu")
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
     with tempfile.TemporaryDirectory() as out:
         result = execute(p, out, progress=False)
-    peak = _status("VmHWM")
+        # what the run added to RSS from its own start, libraries loaded (memory.json's process block): the view
+        # the plan's device_bytes and the budget take
+        added = json.loads((Path(out) / "memory.json").read_text())["process"]["rss_added_bytes"]
     return {"planned_tensor_bytes": p.memory.peak_bytes, "tensor_peak_bytes": result.measured_peak_bytes,
             "planned_rss_bytes": p.memory.device_bytes,
-            "rss_peak_extra_bytes": peak - before, "beyond_tensors_bytes": peak - before - result.measured_peak_bytes,
+            "rss_peak_extra_bytes": added, "beyond_tensors_bytes": added - result.measured_peak_bytes,
             "tokens_per_s": result.tokens_per_s, "threads": threads, "torch": torch.__version__,
             "host_allocator": p.strategies.host_allocator, **_cache_stats(p)}
 
@@ -102,13 +103,6 @@ def _trim_after_each_step(libc) -> None:
         return out
 
     loop._guarded_step = trimmed
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def main() -> None:

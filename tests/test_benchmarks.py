@@ -75,11 +75,15 @@ def test_peers_target_compares_lowmem_under_the_best_peers_budget_with_that_peer
     row = dict(status="ok", method="lora")
     rows = [dict(row, tool="hf", rss_delta_bytes=300, tokens_per_s=100.0),
             dict(row, tool="torchtune", rss_delta_bytes=200, tokens_per_s=100.0),
-            dict(row, tool="lowmem", budget_kind="peer", budget_from="torchtune", rss_delta_bytes=140,
-                 tokens_per_s=111.0),
-            dict(row, tool="lowmem", budget_kind="tight", budget_from="torchtune", rss_delta_bytes=10, tokens_per_s=1.0)]
-    (t,) = peers.target_rows({"best_rows": rows})
-    assert (t["peer"], t["rss_ratio"], round(t["speed_ratio"], 2), t["met"]) == ("torchtune", 0.7, 1.11, True)
+            dict(row, tool="lowmem", budget_kind="target", budget_from="torchtune", rss_delta_bytes=140,
+                 tokens_per_s=111.0, strategies=dict(precision="fp32", activation_checkpointing="full",
+                                                     cross_entropy="fused")),
+            dict(row, tool="lowmem", budget_kind="tight", budget_from="torchtune", rss_delta_bytes=10, tokens_per_s=1.0,
+                 strategies=dict(precision="fp32", activation_checkpointing="full", cross_entropy="standard"))]
+    target, tight = peers.target_rows({"best_rows": rows})
+    assert (target["peer"], target["rss_ratio"], round(target["speed_ratio"], 2), target["met"]) == (
+        "torchtune", 0.7, 1.11, True)
+    assert target["plan"] == "fp32, checkpointing full, fused CE" and tight["budget"] == "tight"
     rows[2]["tokens_per_s"] = 109.0
     assert not peers.target_rows({"best_rows": rows})[0]["met"]
 

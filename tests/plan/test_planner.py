@@ -273,14 +273,14 @@ def test_optimizer_in_backward_chosen_when_the_optimizer_step_is_the_peak(tiny_s
 def test_maximize_finds_the_largest_value_that_fits(tiny_spec, what, field):
     from lowmem.plan.planner import maximize
 
-    spec = tiny_spec("memory.budget=200MiB", "train.seq_len=64")
+    spec = tiny_spec("memory.budget=120MiB", "train.seq_len=64")
     best = maximize(spec, what, "cpu", data_rows=10**6)
     value = getattr(best.spec.train, field)
     assert best.memory.device_bytes <= best.usable_bytes
     step = 1 if field == "micro_batch" else 64
     # one more does not fit (a micro-batch whole: split, it is accumulation, which --maximize batch does not count)
     whole = ("memory.strategies.micro_batch_split=off",) if field == "micro_batch" else ()
-    bigger = tiny_spec("memory.budget=200MiB", "train.seq_len=64", f"train.{field}={value + step}", *whole)
+    bigger = tiny_spec("memory.budget=120MiB", "train.seq_len=64", f"train.{field}={value + step}", *whole)
     with pytest.raises(PlanError, match="nothing fits"):
         plan(bigger, "cpu")
     decision = best.decisions[-1]

@@ -726,26 +726,29 @@ def with_cuda_overheads(report: MemoryReport, hw: HardwareProfile, world_size: i
 
 
 # What a CPU process holds in RSS beyond its live tensors: the lines of `MemoryReport.overheads` for a CPU plan, so
-# that the budget bounds the process's RSS (issue #16). benchmarks/host_overhead.py (results/host_overhead.md)
-# measured VmHWM - RSS before the run - the tracked tensor peak for quickstart-5m, five configurations, torch
-# 2.13.0+cpu at 1 and at 2 threads. With every allocation of 1 MiB or more returned to the system, 121-149 MiB
-# stayed (thread pools, kernel workspaces, Python objects, the data loader): the runtime line, by torch version
-# (1 and 2 threads measured within 4 MiB of each other; more threads not measured).
-CPU_RUNTIME_BYTES = {"2.13": 150 * MiB}
-# With glibc's defaults (which lowmem keeps) its heap held 9-176 MiB more: after a large free, glibc's dynamic
-# mmap threshold rises (to 32 MiB at most), so later step tensors come from the heap, which keeps what it frees.
-# It grew with the step's transient tensors (everything but parameters, gradients and optimizer states): at most
-# 1.25x of them (full, checkpointing: 103-117 MiB of 94) and never past 176 MiB. malloc_trim(0) after every step
-# took 0-45 MiB off the peak (it falls inside a step) and returning every large free cost 25-50% of the speed, so
-# lowmem keeps glibc's behaviour and plans for it.
-HEAP_RETAINED_SHARE = 1.25
+# that the budget bounds the process's RSS (issue #16). The view is what a run adds to a process whose libraries
+# are loaded: `execute` imports what the plan needs first (lowmem.train.strategies.load_libraries: torch._dynamo,
+# which torch.optim imports, 70-90 MiB; torchao, bitsandbytes), then takes its baseline. benchmarks/host_overhead.py
+# (results/host_overhead.md) measured that baseline's peak - the tracked tensor peak for quickstart-5m, seven
+# configurations, torch 2.13.0+cpu, 1 thread. With every allocation of 1 MiB or more returned to the system
+# (glibc, M_MMAP_THRESHOLD 1 MiB), 49-75 MiB stayed: thread pools, kernel workspaces, Python objects, the data
+# loader, small tensors' heap. The runtime line, by torch version (1 and 2 threads measured within 4 MiB of each
+# other before, more threads not measured):
+CPU_RUNTIME_BYTES = {"2.13": 80 * MiB}
+# On glibc's allocator as it comes (host_allocator "system": no C++ compiler here, or the user's choice) its heap
+# held 2-178 MiB more than that: after a large free glibc's dynamic mmap threshold rises (to 32 MiB at most), so
+# later step tensors come from the heap, which fragments and keeps what it frees. Up to 2.8x the step's transient
+# tensors (everything but parameters, gradients and optimizer states: LoRA with checkpointing, 178 MiB of 63) and
+# never past 180 MiB (tensors above 32 MiB are always mapped, and returned when freed).
+HEAP_RETAINED_SHARE = 3.0
 HEAP_RETAINED_MAX = 180 * MiB
-# lowmem's caching allocator (lowmem.hostmem, plan strategy host_allocator = "caching", the CPU default) maps
-# every tensor of 1 MiB or more rounded up to one of 8 size classes per power of two and keeps it for reuse when
-# freed: RSS holds the live tensors plus the rounding and the blocks cached in classes idle at the peak.
-# benchmarks/host_overhead.py measured that beyond the tracked tensors at ALLOCATOR_CACHE_SHARE of the transient
-# ones at most (quickstart-5m, five configurations, torch 2.13.0+cpu).
-ALLOCATOR_CACHE_SHARE = 0.4
+# lowmem's caching allocator (lowmem.hostmem, host_allocator "caching", the CPU default) maps every tensor of 1 MiB
+# or more rounded up to one of 8 size classes per power of two (at most 1/8 more) and keeps it for reuse when
+# freed: RSS holds the live tensors plus the rounding and the blocks idle in classes not in use at the peak. The
+# same runs measured 9-31 MiB beyond the returned rows: the line is the worst rounding of the transient tensors, at
+# least ALLOCATOR_CACHE_MIN (the idle blocks of the small configurations).
+ALLOCATOR_CACHE_SHARE = 0.125
+ALLOCATOR_CACHE_MIN = 24 * MiB
 PERSISTENT = ("parameters", "gradients", "optimizer_state")
 
 
@@ -757,9 +760,9 @@ def cpu_overheads(report: MemoryReport, host_allocator: str = "system") -> tuple
     source = f"torch {version}" if version in CPU_RUNTIME_BYTES else f"measured for torch {measured}, not {version}"
     transient = max(report.peak_bytes - sum(c.bytes for c in report.components if c.name in PERSISTENT), 0)
     if host_allocator == "caching":
-        kept = Component(name="allocator_cache", bytes=int(ALLOCATOR_CACHE_SHARE * transient),
-                         note=f"lowmem's caching allocator: size-class rounding and idle cached blocks, "
-                              f"{ALLOCATOR_CACHE_SHARE:.0%} of the transient tensors")
+        kept = Component(name="allocator_cache", bytes=max(int(ALLOCATOR_CACHE_SHARE * transient), ALLOCATOR_CACHE_MIN),
+                         note=f"lowmem's caching allocator: size-class rounding ({ALLOCATOR_CACHE_SHARE:.1%} of the "
+                              f"transient tensors) and idle blocks, at least {format_bytes(ALLOCATOR_CACHE_MIN)}")
     else:
         kept = Component(name="heap_retained", bytes=min(int(HEAP_RETAINED_SHARE * transient), HEAP_RETAINED_MAX),
                          note=f"glibc's heap keeps freed step tensors: {HEAP_RETAINED_SHARE:g}x the transient ones, "

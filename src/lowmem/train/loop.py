@@ -51,6 +51,7 @@ from lowmem.train.saving import resume_step, save_final_model, save_step
 from lowmem.train.session import Session, open_session
 from lowmem.train.sinks import close_sinks, open_sinks
 from lowmem.train.step import evaluate, train_step
+from lowmem.train.strategies import load_libraries
 
 __all__ = ["MEASURE_STEPS", "OutOfMemoryStop", "RunResult", "check_distributable", "check_executable", "execute"]
 
@@ -146,8 +147,9 @@ def _execute(p: Plan, run_dir: RunDir, *, progress: bool, resume: bool, overwrit
     """
     world, rank = distributed.world_size(), distributed.rank()
     check_distributable(p, world)
+    load_libraries(p)
     process_peak = ProcessPeak()
-    process_peak.start()  # the CPU plan's device_bytes: the RSS the run adds to the process it starts in
+    process_peak.start()  # the CPU plan's device_bytes: the RSS the run adds to the process, libraries loaded
     start = run_dir.start(p, world, resume, overwrite)
     distributed.barrier()  # every rank judged the directory before rank 0 changes it
     torch.manual_seed(p.spec.train.seed)

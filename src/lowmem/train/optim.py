@@ -80,6 +80,15 @@ def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor], *,
     raise AssertionError(f"unhandled optimizer {type(spec).__name__}")
 
 
+def backend_module(spec: OptimizerSpec, *, stochastic_rounding: bool = False) -> str | None:
+    """The optional package `build_optimizer` imports for `spec` (None: one of torch's own optimizers)."""
+    torchao = (stochastic_rounding or isinstance(spec, AdamW4bit) or (isinstance(spec, AdamW) and spec.offload)
+               or (isinstance(spec, AdamW8bit) and spec.backend == "torchao"))
+    if torchao:
+        return "torchao.optim"
+    return "bitsandbytes.optim" if isinstance(spec, AdamW8bit) else None
+
+
 def _fused_on_cuda(params: list[torch.Tensor]) -> dict[str, bool]:
     """`fused=True` for torch's AdamW and SGD when every parameter is on a CUDA device; on a CPU, nothing.
 

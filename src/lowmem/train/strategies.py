@@ -1,6 +1,7 @@
 """The one function per strategy that applies what the plan decided. Nothing here decides anything."""
 
 import contextlib
+import importlib
 import math
 from collections.abc import Callable
 from functools import partial
@@ -14,8 +15,9 @@ from lowmem import hostmem
 from lowmem.native import NativeBuildError
 from lowmem.nn.llama import AdaptedWeight
 from lowmem.nn.loss import CE_IMPLEMENTATIONS
-from lowmem.plan.structs import Strategies
+from lowmem.plan.structs import Plan, Strategies, run_optimizer
 from lowmem.train.offload import ActivationOffload
+from lowmem.train.optim import backend_module
 
 # precision -> (dtype of the trained tensors, their gradients and optimizer states; dtype blocks compute in).
 # mixed-bf16 and fp16 keep fp32 master weights and cast them to the compute dtype inside each block.
@@ -147,6 +149,22 @@ def activation_offload(strategies: Strategies, device: str, params: dict[str, to
         return contextlib.nullcontext()
     return ActivationOffload(device, min_bytes=strategies.offload_min_bytes,
                              max_host_bytes=strategies.offload_max_host_bytes, keep=params.values())
+
+
+def load_libraries(p: Plan) -> None:
+    """Import what the plan's run will import, before its memory is measured (a CPU plan's RSS view is what the
+    run adds to a process with its libraries loaded): torch.optim's optimizers import torch._dynamo when the
+    first is built (about 90 MiB of modules, sympy among them), NF4 imports torchao, 8-bit AdamW bitsandbytes
+    (about 130 MiB). A backend that does not import is left to `build_optimizer`, which says what to do."""
+    import torch._dynamo  # noqa: F401
+
+    if p.strategies.nf4_block_size:
+        import lowmem.nn.quant  # noqa: F401
+    module = backend_module(run_optimizer(p.spec.optimizer, p.strategies),
+                            stochastic_rounding=p.strategies.bf16_stochastic_rounding)
+    if module is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 def apply_host_allocator(strategies: Strategies) -> None:
