@@ -125,9 +125,9 @@ CATALOGUE: dict[str, StrategyInfo] = {
         saves="on a CPU, RSS stays near the step's live tensors: glibc's heap grows to about twice them and keeps "
               "it (fragmentation after its mmap threshold rises); the caching allocator keeps freed blocks of 1 "
               "MiB or more per size class and hands them to the next tensor of that size",
-        costs="nothing measured (it was 4-13% faster than glibc: no page is faulted in again after the first "
-              "step); up to 1/8 rounding per tensor and blocks cached in classes not in use at the peak, which "
-              "the plan counts",
+        costs="no speed (0.98-1.12x glibc's tokens/s in benchmarks/host_overhead.py: no page is faulted in again "
+              "after the first step); up to 1/8 rounding per tensor and blocks idle in classes not in use at the "
+              "peak, which the plan counts",
         requires="Linux, a C++ compiler the first time (it is built against the installed torch, about 4 s)",
     ),
     "low_bit_optimizer": StrategyInfo(
