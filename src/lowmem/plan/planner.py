@@ -688,11 +688,12 @@ def _candidates(spec: RunSpec, cfg: ModelConfig, hw: HardwareProfile, world_size
 
     rounding = {"on": True, "off": False, "auto": _bf16_lossy(spec)}[toggles.bf16_stochastic_rounding] \
         and not _why_no_stochastic_rounding(spec, hw, world_size)
+    allocator = host_allocator(spec, hw)  # the same for every candidate (it looks for the built library once)
 
     return [
         Strategies(precision=p, activation_checkpointing=c, cross_entropy=ce, optimizer_in_backward=ob,
                    compile=co, **offload(of, p), **nf4, bf16_stochastic_rounding=rounding and p == "bf16",
-                   **device_kernels(p, hw, cfg), host_allocator=host_allocator(spec, hw))
+                   **device_kernels(p, hw, cfg), host_allocator=allocator)
         for p, c, ce, ob, co, of in itertools.product(precisions, ckpt, losses, in_backward, compile_, offloading)
         # fp16 must be able to skip a step; selective checkpointing needs the aten ops a compiled block hides
         if not (p == "fp16" and ob) and not (co and c == "selective")
