@@ -73,22 +73,15 @@ def child(allocator: str, overrides: list[str], smoke: bool, threads: int) -> di
         result = execute(p, out, progress=False)
         # what the run added to RSS from its own start, libraries loaded (memory.json's process block): the view
         # the plan's device_bytes and the budget take
-        added = json.loads((Path(out) / "memory.json").read_text())["process"]["rss_added_bytes"]
+        process = json.loads((Path(out) / "memory.json").read_text())["process"]
+    added = process["rss_added_bytes"]
+    # the caching allocator's peak of mapped blocks and its mappings, where the plan ran on it
+    cache_figures = {k: v for k, v in process.items() if k.startswith("allocator_")}
     return {"planned_tensor_bytes": p.memory.peak_bytes, "tensor_peak_bytes": result.measured_peak_bytes,
             "planned_rss_bytes": p.memory.device_bytes,
             "rss_peak_extra_bytes": added, "beyond_tensors_bytes": added - result.measured_peak_bytes,
             "tokens_per_s": result.tokens_per_s, "threads": threads, "torch": torch.__version__,
-            "host_allocator": p.strategies.host_allocator, **_cache_stats(p)}
-
-
-def _cache_stats(p) -> dict:
-    """The caching allocator's peak of mapped blocks (live + cached) and its mappings, where the plan ran on it."""
-    if p.strategies.host_allocator != "caching":
-        return {}
-    from lowmem import hostmem
-
-    s = hostmem.stats()
-    return {"allocator_peak_bytes": s.peak_bytes, "allocator_maps": s.maps, "allocator_hits": s.hits}
+            "host_allocator": p.strategies.host_allocator, **cache_figures}
 
 
 def _trim_after_each_step(libc) -> None:
