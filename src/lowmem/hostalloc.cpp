@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -32,15 +33,19 @@ struct Pool {
   uint64_t live = 0, cached = 0, peak = 0, maps = 0, unmaps = 0, mapped = 0, hits = 0;
   uint64_t limit = UINT64_MAX;                 // live + cached above this: cached blocks are unmapped first
 
-  void unmap_largest() {
-    auto it = std::prev(free.end());
+  // take one cached block of the class at `it` out of the cache: (block, its class)
+  std::pair<void*, size_t> pop(std::map<size_t, std::vector<void*>>::iterator it) {
     void* p = it->second.back();
     size_t c = it->first;
     it->second.pop_back();
     if (it->second.empty()) free.erase(it);
+    cached -= c;
+    return {p, c};
+  }
+  void unmap_largest() {
+    auto [p, c] = pop(std::prev(free.end()));
     munmap(p, c);
     blocks.erase(p);
-    cached -= c;
     unmaps++;
   }
   void trim(uint64_t more) {  // unmap cached blocks until live + cached + more fits the limit
@@ -64,11 +69,7 @@ void* take(size_t n) {
     if (up != P.free.end() && up->first <= c + c / kPerOctave) it = up;
   }
   if (it != P.free.end()) {
-    void* p = it->second.back();
-    size_t got = it->first;
-    it->second.pop_back();
-    if (it->second.empty()) P.free.erase(it);
-    P.cached -= got;
+    auto [p, got] = P.pop(it);
     P.live += got;
     P.hits++;
     P.note();
