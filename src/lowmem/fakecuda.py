@@ -13,9 +13,9 @@ a GPU run would fail. `torch.cuda.is_available()` stays False, so nothing tries 
 
 The hooks must be registered before torch asks for them, i.e. before `import torch`: `enable()` loads the shim's
 library (and the torch libraries it links to, with ctypes) into a process that has not imported torch yet. So
-fake CUDA runs in a child process: `run(target, *args)` starts `python -m lowmem.fakecuda TARGET ARGS_JSON`,
-which enables the shim, imports `module:function` (or `path/file.py:function`) and calls it with the arguments;
-the function's JSON-able return value comes back. The shim is compiled once per torch version by
+fake CUDA runs in a child process: `run(target, *args)` starts `python -m lowmem.fakecuda TARGET` with the
+arguments as JSON on stdin (or ARGS_JSON after TARGET), which enables the shim, imports `module:function` (or
+`path/file.py:function`) and calls it with the arguments; the function's JSON-able return value comes back. The shim is compiled once per torch version by
 `lowmem.native` (a C++ compiler and ninja, a dependency, are needed; about 2 s) into `$LOWMEM_CACHE` or
 `~/.cache/lowmem`.
 
@@ -133,8 +133,10 @@ def run(target: str, *args, timeout: float = 600, env: dict[str, str] | None = N
     Raises FakeCudaError with the child's stderr when it fails; its exception's type and message come first.
     """
     shim_library()  # build here, so that a compiler error is reported once and plainly
-    cmd = [sys.executable, "-m", "lowmem.fakecuda", target, json.dumps(list(args))]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    # the arguments go on stdin: Linux caps one argv string at 128 KiB, and a plan with its alternatives is more
+    cmd = [sys.executable, "-m", "lowmem.fakecuda", target]
+    done = subprocess.run(cmd, input=json.dumps(list(args)), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     marker = "\nLOWMEM_FAKECUDA_RESULT "
     if done.returncode != 0 or marker not in done.stdout:
         raise FakeCudaError(f"{target} on fake CUDA failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
@@ -142,7 +144,7 @@ def run(target: str, *args, timeout: float = 600, env: dict[str, str] | None = N
 
 
 def _main(argv: list[str]) -> int:
-    target, args = argv[0], json.loads(argv[1]) if len(argv) > 1 else []
+    target, args = argv[0], json.loads(argv[1] if len(argv) > 1 else sys.stdin.read() or "[]")
     enable()
     result = _resolve(target)(*args)
     sys.stdout.write("\nLOWMEM_FAKECUDA_RESULT " + json.dumps(result) + "\n")
