@@ -8,6 +8,7 @@ import pytest
 from lowmem.plan import plan
 from lowmem.plan.estimate import flops_per_token
 from lowmem.train import execute
+from tests.conftest import forced
 
 MATRIX = list(itertools.product(["fp32", "bf16"], ["off", "on"], [1, 2]))
 # method x loss x adapter dropout, fp32, no checkpointing
@@ -106,19 +107,6 @@ def test_qlora_base_is_measurably_smaller_and_predicted(tiny_spec, tmp_path, met
         assert params > 4 * p.n_params
 
 
-def _forced(p, **strategies):
-    """The plan with strategies the spec cannot force (selective checkpointing), re-estimated as the planner would."""
-    import msgspec
-
-    from lowmem.plan.estimate import estimate_memory
-    from lowmem.plan.planner import trainable_shapes
-
-    s = msgspec.structs.replace(p.strategies, **strategies)
-    shapes, trainable = trainable_shapes(p.spec, p.model)
-    memory = estimate_memory(p.model, s, p.spec.train, p.spec.optimizer, shapes, trainable)
-    return msgspec.structs.replace(p, strategies=s, memory=memory)
-
-
 # precision x checkpointing x method; the fused loss so that activations (not logits) dominate at 256 tokens
 MIXED_MATRIX = [("mixed-bf16", "off", "full"), ("mixed-bf16", "full", "full"), ("mixed-bf16", "selective", "full"),
                 ("mixed-bf16", "off", "lora"), ("fp16", "off", "full"), ("fp32", "selective", "full"),
@@ -131,7 +119,7 @@ def test_mixed_precision_and_selective_planned_within_5_percent(tiny_spec, tmp_p
     spec = tiny_spec("train.steps=2", "train.seq_len=256", f"memory.precision={precision}", f"method.kind={method}",
                      "memory.strategies.activation_checkpointing=off", "memory.strategies.fused_cross_entropy=on",
                      "memory.strategies.chunked_cross_entropy=off", "output.save_final=false")
-    p = _forced(plan(spec, "cpu"), activation_checkpointing=checkpointing)
+    p = forced(plan(spec, "cpu"), activation_checkpointing=checkpointing)
     execute(p, tmp_path, progress=False)
     report = json.loads((tmp_path / "memory.json").read_text())
     # full checkpointing with the fused loss at 256 tokens is planned 5.5% high in fp32 too (the fitted term for
@@ -143,7 +131,7 @@ def test_mixed_precision_and_selective_planned_within_5_percent(tiny_spec, tmp_p
 
 def test_selective_costs_fewer_flops_than_full(tiny_spec):
     p = plan(tiny_spec(), "cpu")
-    flops = {v: flops_per_token(p.model, _forced(p, activation_checkpointing=v).strategies, 128)
+    flops = {v: flops_per_token(p.model, forced(p, activation_checkpointing=v).strategies, 128)
              for v in ("off", "selective", "full")}
     assert flops["off"] < flops["selective"] < flops["full"]
 

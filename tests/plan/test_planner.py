@@ -4,7 +4,8 @@ import msgspec
 import pytest
 
 from lowmem.plan import PROFILES, Plan, PlanError, plan, render_plan
-from lowmem.plan.planner import SPEED_MODEL_ERROR
+from lowmem.plan.estimate import estimate_memory, flops_per_token
+from lowmem.plan.planner import SPEED_MODEL_ERROR, partial_checkpointing, trainable_shapes
 from lowmem.spec.units import parse_bytes
 
 
@@ -331,22 +332,45 @@ def test_png_chart_is_written(tiny_spec, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
-def test_budget_between_off_and_full_picks_every_k_checkpointing(tiny_spec):
+def test_budget_between_off_and_full_picks_first_n_checkpointing(tiny_spec):
     fixed = ("model.preset=quickstart-5m", "train.seq_len=256", "memory.strategies.chunked_cross_entropy=off",
              "memory.strategies.fused_cross_entropy=off", "memory.precision=fp32")
     p_all = plan(tiny_spec(*fixed), "cpu")
     by_value = {a.strategies.activation_checkpointing: a for a in p_all.alternatives}
-    assert by_value["full"].peak_bytes < by_value["every-2"].peak_bytes < by_value["every-4"].peak_bytes \
-        < by_value["off"].peak_bytes
-    assert by_value["every-2"].tokens_per_s > by_value["full"].tokens_per_s
-    budget = int((by_value["every-2"].device_bytes + by_value["every-4"].device_bytes) / 2 / 0.9)
+    assert partial_checkpointing(6) == ("first-2", "first-3", "first-5")  # a quarter, a half, 3/4, all but one
+    assert partial_checkpointing(32) == ("first-8", "first-16", "first-24", "first-31")
+    assert partial_checkpointing(4) == ("first-1", "first-2", "first-3") and partial_checkpointing(3) == ()
+    assert by_value["full"].peak_bytes <= by_value["first-5"].peak_bytes < by_value["first-3"].peak_bytes \
+        < by_value["first-2"].peak_bytes < by_value["off"].peak_bytes
+    assert by_value["first-5"].tokens_per_s > by_value["full"].tokens_per_s
+    budget = int((by_value["first-3"].device_bytes + by_value["first-2"].device_bytes) / 2 / 0.9)
     chosen = plan(tiny_spec(*fixed, f"memory.budget={budget}"), "cpu")
-    # every-2, or a plan within the speed model's error of it with more headroom (selective here)
-    assert chosen.strategies.activation_checkpointing in ("every-2", "selective")
-    every_2 = max((a for a in chosen.alternatives if a.fits and a.strategies.activation_checkpointing == "every-2"
+    # first-3, or a plan within the speed model's error of it with more headroom (selective here)
+    assert chosen.strategies.activation_checkpointing in ("first-3", "selective")
+    first_3 = max((a for a in chosen.alternatives if a.fits and a.strategies.activation_checkpointing == "first-3"
                    and a.strategies.compile == chosen.strategies.compile), key=lambda a: a.tokens_per_s)
-    assert chosen.tokens_per_s >= (1 - SPEED_MODEL_ERROR) * every_2.tokens_per_s
-    assert chosen.memory.device_bytes <= every_2.device_bytes
+    assert chosen.tokens_per_s >= (1 - SPEED_MODEL_ERROR) * first_3.tokens_per_s
+    assert chosen.memory.device_bytes <= first_3.device_bytes
+
+
+@pytest.mark.parametrize("method,loss", [("full", "fused"), ("lora", "fused"), ("lora", "standard")])
+def test_first_n_never_plans_more_than_every_k_of_the_same_count(tiny_spec, method, loss):
+    # the same blocks recomputed, so the same speed; backward frees the unchecked last blocks before any
+    # recompute, so the first n need no more memory than every k-th (the reason the ladder is first-n)
+    p = plan(tiny_spec("model.preset=quickstart-5m", f"method.kind={method}", "memory.precision=fp32",
+                       f"memory.strategies.fused_cross_entropy={'on' if loss == 'fused' else 'off'}",
+                       "memory.strategies.chunked_cross_entropy=off"), "cpu")
+    shapes, trainable = trainable_shapes(p.spec, p.model)
+
+    def estimated(value):
+        s = msgspec.structs.replace(p.strategies, activation_checkpointing=value)
+        return (estimate_memory(p.model, s, p.spec.train, p.spec.optimizer, shapes, trainable).peak_bytes,
+                flops_per_token(p.model, s, p.spec.train.seq_len))
+
+    for first, every in (("first-3", "every-2"), ("first-2", "every-4")):
+        (first_peak, first_flops), (every_peak, every_flops) = estimated(first), estimated(every)
+        assert first_peak <= every_peak, (first, every)
+        assert first_flops == every_flops
 
 
 def _bf16_cpu():

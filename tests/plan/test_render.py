@@ -50,7 +50,7 @@ def test_the_plan_explains_its_tags_and_explain_its_abbreviations():
     short, full = render_plan(p), render_plan(p, explain=True)
     assert "[auto] the planner's choice  [fixed] the only option  [user] set in the spec" in short
     assert "(more: --explain)" in short
-    for term in ("every-k:", "selective:", "opt-in-bwd:", "logits: N tokens = the rows run at once x train.seq_len "
+    for term in ("first-n:", "selective:", "opt-in-bwd:", "logits: N tokens = the rows run at once x train.seq_len "
                  "= 8 x 256 = 2,048"):
         assert term in full and term not in short
     # --explain gives every reason whole

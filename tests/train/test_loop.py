@@ -10,6 +10,7 @@ from lowmem.plan import plan
 from lowmem.spec.structs import ScheduleSpec
 from lowmem.train import execute
 from lowmem.train.optim import lr_at
+from tests.conftest import forced
 
 
 def _losses(run_dir):
@@ -212,19 +213,22 @@ def test_qlora_run_trains_adapters_on_nf4_and_exports_a_loadable_base(tiny_spec,
                                    model(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_every_k_checkpointing_changes_no_numbers_and_sits_between_off_and_full(tiny_spec, tmp_path):
+def test_partial_checkpointing_changes_no_numbers_and_sits_between_off_and_full(tiny_spec, tmp_path):
     shape = ("model.preset=quickstart-5m", "train.seq_len=128", "train.steps=2", "output.save_final=false",
              "memory.strategies.chunked_cross_entropy=off", "memory.strategies.fused_cross_entropy=off")
-    peaks, losses = {}, {}
-    for value in ("off", "every-2", "full"):
+    peaks, planned, losses = {}, {}, {}
+    for value in ("off", "every-2", "first-3", "first-5", "full"):
         spec = tiny_spec(*shape, "memory.strategies.activation_checkpointing=auto")
         p = plan(spec, "cpu")
-        # every-k cannot be forced from the spec (on means full): put it in the plan as the planner would
-        import msgspec
-
-        p = msgspec.structs.replace(p, strategies=msgspec.structs.replace(p.strategies, activation_checkpointing=value))
+        # partial checkpointing cannot be forced from the spec (on means full): put it in the plan as the planner
+        # would, re-estimated
+        p = forced(p, activation_checkpointing=value)
         execute(p, tmp_path / value, progress=False)
         report = json.loads((tmp_path / value / "memory.json").read_text())
-        peaks[value], losses[value] = report["measured_peak_bytes"], _losses(tmp_path / value)
-    assert losses["every-2"] == pytest.approx(losses["off"], rel=1e-6)
-    assert peaks["full"] < peaks["every-2"] < peaks["off"], peaks
+        peaks[value], planned[value] = report["measured_peak_bytes"], report["planned_peak_bytes"]
+        losses[value] = _losses(tmp_path / value)
+    for value in ("every-2", "first-3", "first-5", "full"):
+        assert losses[value] == pytest.approx(losses["off"], rel=1e-6), value
+        assert planned[value] == pytest.approx(peaks[value], rel=0.05), (value, planned[value], peaks[value])
+    assert peaks["full"] <= peaks["first-5"] < peaks["first-3"] < peaks["off"], peaks
+    assert peaks["first-3"] <= peaks["every-2"], peaks  # the same count of blocks recomputed

@@ -484,7 +484,31 @@ def test_optimizer_in_backward_sums_the_gradient_norm_on_the_device():
 # -- the newer families' per-layer RoPE through the checkpointing seam -----------------------------------
 
 
-@pytest.mark.parametrize("value", ["full", "selective", "every-2"])
+@pytest.mark.parametrize("value,blocks", [("first-1", [0]), ("first-3", [0, 1, 2]), ("every-2", [0, 2]),
+                                          ("full", [0, 1, 2, 3]), ("off", [])])
+def test_the_seam_checkpoints_exactly_the_blocks_the_value_names(value, blocks, monkeypatch):
+    from lowmem.nn.llama import forward
+    from lowmem.plan.structs import Strategies, checkpointed
+    from lowmem.train import strategies as seam
+
+    cfg = msgspec.structs.replace(preset("tiny"), n_layers=4)
+    params = init_params(cfg, seed=0)
+    layer_of = {id(t): int(n.split(".")[1]) for n, t in params.items() if n.endswith(".attn_norm")}
+    seen = []
+    real = seam._checkpointed
+
+    def spy(fn, h, *tensors):
+        seen.append(layer_of[id(tensors[0])])
+        return real(fn, h, *tensors)
+
+    monkeypatch.setattr(seam, "_checkpointed", spy)
+    strategies = Strategies(precision="fp32", activation_checkpointing=value, cross_entropy="standard")
+    tokens = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    forward(params, tokens, cfg, run_block=block_runner(strategies, params))
+    assert seen == blocks == [i for i in range(4) if checkpointed(value, i)]
+
+
+@pytest.mark.parametrize("value", ["full", "selective", "every-2", "first-3"])
 def test_checkpointing_changes_no_gradients_with_nope_local_and_partial_rope(value):
     """NoPE layers pass cos and sin as None through `run_block`; Gemma 3's local layers another table pair."""
     from lowmem.nn.llama import forward

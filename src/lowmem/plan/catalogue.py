@@ -52,9 +52,10 @@ CATALOGUE: dict[str, StrategyInfo] = {
     ),
     "activation_checkpointing": StrategyInfo(
         name="activation_checkpointing",
-        saves="full / every-k: keeps only each checkpointed block's input (every block, or every 2nd/4th: 0, k, "
-              "2k, ...); selective: every block keeps its input and its matmul and attention outputs only",
-        costs="full / every-k: one extra forward of each checkpointed block (up to about +33% FLOPs for every "
+        saves="full / first-n: keeps only each checkpointed block's input (every block, or the first n: about a "
+              "quarter, a half, three quarters, all but the last); selective: every block keeps its input and its "
+              "matmul and attention outputs only",
+        costs="full / first-n: one extra forward of each checkpointed block (up to about +33% FLOPs for every "
               "block); selective: only the elementwise ops (norms, RoPE, SiLU, gating) run again",
         requires="selective: not together with compile (the policy sees aten ops, a compiled block is one graph)",
     ),

@@ -27,7 +27,7 @@ from lowmem.nn.lora_settings import target_names
 from lowmem.nn.loss import loss_peak_bytes, standard_peak_terms
 from lowmem.nn.moe import NF4_DEQUANT_CHUNK_ELEMENTS
 from lowmem.plan.hardware import HardwareProfile
-from lowmem.plan.structs import Component, MemoryReport, Strategies
+from lowmem.plan.structs import Component, MemoryReport, Strategies, checkpointed
 from lowmem.spec.structs import SGD, Adafactor, AdamW, AdamW4bit, AdamW8bit, OptimizerSpec, TrainSpec
 from lowmem.spec.units import format_bytes
 
@@ -112,6 +112,17 @@ OFFLOAD_COPY_SECONDS = 10e-6
 # fp32 at N = 2,048, D = 256 beyond the saved activations: 3.0 and 3.6 such tensors; issue #16 item 4). Under
 # LoRA the norm's weight is frozen and one fewer is made.
 FINAL_NORM_GRADS = 3
+
+# Partial checkpointing (first-n, or every-k with the last block not checkpointed): backward runs the last blocks
+# over everything they saved before any recompute, and with fused or chunked CE the peak falls there, beside
+# every saved activation (lowmem plan --trace on quickstart-5m, N = 2,048, D = 256). Beyond the saved activations
+# it holds, in (N, D) tensors: full fine-tuning 3.8 fp32 (first-3); LoRA and QLoRA on the default targets q, k, v,
+# o 7.25 fp32 (first-3, first-5: 1.25 more than with checkpointing off, whose final norm's phase stands as fitted
+# above). The adapters' figure falls as more projections are adapted (their saved dropout inputs are freed inside
+# that backward; checkpointing off: 12 with wq alone, 6.0 with q, k, v, o, 3.2 with all seven). So: full 3.6 fp32
+# tensors, adapters 7.5 of the compute dtype, fitted on the default targets: within 0.5 MiB on quickstart-5m
+# (first-3, first-5), over-counting where more projections are adapted.
+LAST_BLOCK_BACKWARD_GRADS = {"full": 3.6, "adapters": 7.5}
 
 # activation_offloading (lowmem.train.offload). Saved tensors under OFFLOAD_MIN_BYTES stay on the device: a copy's
 # fixed cost (a launch and an event, about 10 us) is the transfer time of about 0.6 MiB at 64 GB/s, so a smaller
@@ -491,14 +502,17 @@ def movable_activation_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens:
 
 
 def checkpointed_layers(cfg: ModelConfig, strategies: Strategies) -> int:
-    """How many blocks activation checkpointing recomputes (in part, for selective): none, every k-th, or all."""
+    """How many blocks activation checkpointing recomputes (in part, for selective): none, the first n, every
+    k-th, or all."""
+    return sum(checkpointed(strategies.activation_checkpointing, i) for i in range(cfg.n_layers))
+
+
+def unchecked_after_last_checkpointed(cfg: ModelConfig, strategies: Strategies) -> int:
+    """How many blocks come after the last checkpointed one: backward runs them (and frees what they saved)
+    before it recomputes any block. L - n for first-n; 0 for full, selective and off."""
     value = strategies.activation_checkpointing
-    if value == "off":
-        return 0
-    if value in ("full", "selective"):
-        return cfg.n_layers
-    k = int(value.removeprefix("every-"))
-    return -(-cfg.n_layers // k)
+    last = max((i for i in range(cfg.n_layers) if checkpointed(value, i)), default=cfg.n_layers - 1)
+    return cfg.n_layers - 1 - last
 
 
 def recompute_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, packed: bool = True,
@@ -676,8 +690,10 @@ def estimate_memory(
 ) -> MemoryReport:
     """Predicted peak live bytes of a training step, by component, with the phase where it falls.
 
-    Three phases can hold the peak: the start of backward (all activations and the loss tensors alive), a
-    checkpointed block's recompute inside backward, and the optimizer step (all gradients alive plus the update's
+    These phases can hold the peak: the start of backward (all activations and the loss tensors alive), the final
+    norm's backward and, under partial checkpointing, the last block's (all activations and the gradients flowing
+    back), a checkpointed block's
+    recompute inside backward, and the optimizer step (all gradients alive plus the update's
     temporaries). With `world_size` > 1 the bytes are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch`
     is per process, so activations are not divided. Offloaded activations and a host optimizer's tensors are
     counted in `MemoryReport.host`, not on the device.
@@ -685,6 +701,8 @@ def estimate_memory(
     step = step_bytes(cfg, strategies, train, optimizer, trainable_shapes, trainable, world_size, device)
     phases = [_backward_start(step), _optimizer_step(step, strategies.optimizer_in_backward),
               _final_norm_backward(step)]
+    if step.last_block_grads:
+        phases.append(_last_block_backward(step))
     if step.recompute:
         phases.append(_block_recompute(step))
     # the largest; on a tie the earlier in `phases` (a recompute peak must exceed both others to be the peak)
@@ -810,7 +828,12 @@ class StepBytes(NamedTuple):
     # the gradients are full-sized already (accumulation) or freed as they are made (optimizer in backward)
     later_block_grads: int
     later_block_acts: int  # saved activations of blocks 1..L-1, freed by the time block 0 is recomputed
+    # what the blocks after the last checkpointed one saved (freed before the first recompute; 0 when offloaded,
+    # as they then wait in host memory), and the gradients their backward made by then
+    after_last_acts: int
+    after_last_grads: int
     flowing_grads: int  # the (N, D) gradients alive in the final norm's backward, once the loss's are freed
+    last_block_grads: int  # those alive in the last block's backward under partial checkpointing (else 0)
     largest_grad: int  # the largest trainable tensor's gradient (optimizer in backward keeps about one)
     opt: int
     opt_note: str
@@ -854,6 +877,8 @@ def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optim
         if acts_host else ())
     # gradients of earlier micro-batches (or pieces of one) are alive while later ones run forward
     accumulating = train.grad_accum > 1 or strategies.micro_batch_split > 1
+    later_grads = 0 if accumulating or strategies.optimizer_in_backward else int(
+        grads * _later_block_share(cfg, trainable, trainable_shapes))
     step = StepBytes(
         params=params, params_note=params_note, gathered=0, gathered_in_recompute=0, grads=grads,
         grads_note=grads_note, grads_in_backward=grads if accumulating else 0,
@@ -863,9 +888,8 @@ def step_bytes(cfg: ModelConfig, strategies: Strategies, train: TrainSpec, optim
         head_grad=cfg.vocab_size * cfg.dim * wb if trainable.full and not grads_on_host else 0,
         # a frozen final norm makes no weight-gradient product
         flowing_grads=(FINAL_NORM_GRADS if trainable.full else FINAL_NORM_GRADS - 1) * n_tokens * cfg.dim * FP32,
-        later_block_grads=0 if accumulating or strategies.optimizer_in_backward else int(
-            grads * _later_block_share(cfg, trainable, trainable_shapes)),
-        later_block_acts=_later_block_acts(cfg, strategies, n_tokens, rows, trainable, sharded),
+        later_block_grads=later_grads,
+        **_backward_order(cfg, strategies, n_tokens, rows, trainable, sharded, later_grads),
         largest_grad=max((_numel(s) for s in trainable_shapes), default=0) * wb,
         opt=optimizer_state_bytes(optimizer, device_shapes, wb), opt_note=opt_note,
         acts=acts, acts_note=_acts_note(cfg, strategies),
@@ -921,7 +945,8 @@ def _sharded_step(step: StepBytes, sharded: ShardedBytes, world_size: int, cpu_o
         gathered=sharded.gathered, gathered_in_recompute=sharded.gathered_in_recompute, params_note=params_note,
         grads_in_backward=sharded.gradients if step.grads_in_backward else 0,
         # the later blocks' gradients are reduce-scattered into shards as each block's backward ends
-        later_block_grads=step.later_block_grads * sharded.gradients // max(step.grads, 1))
+        later_block_grads=step.later_block_grads * sharded.gradients // max(step.grads, 1),
+        after_last_grads=step.after_last_grads * sharded.gradients // max(step.grads, 1))
     if not cpu_offload:
         return step
     # the shards, their gradients and the optimizer step move to the host
@@ -931,7 +956,7 @@ def _sharded_step(step: StepBytes, sharded: ShardedBytes, world_size: int, cpu_o
         Component(name="optimizer_state", bytes=step.opt, note=optimizer_name + " on the host"))
     # on the device: the units being gathered, each unit's shards in transit to its all-gather
     return step._replace(params=sharded.largest_unit_shard, grads=0, opt=0, update_temp=0, grads_in_backward=0,
-                         later_block_grads=0,
+                         later_block_grads=0, after_last_grads=0,
                          params_note="shards in host memory; one unit's in transit",
                          opt_note="on the host (fsdp_cpu_offload)", host=host)
 
@@ -977,18 +1002,59 @@ def _final_norm_backward(step: StepBytes) -> MemoryReport:
     return MemoryReport(components=components, peak_bytes=peak, peak_phase="final norm's backward", host=s.host)
 
 
+def _backward_order(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, trainable: Trainable,
+                    sharded: bool, later_grads: int) -> dict[str, int]:
+    """The `StepBytes` fields that follow from the order backward meets the blocks in: what blocks 1..L-1 saved
+    (freed before block 0's recompute), what the blocks after the last checkpointed one saved and the gradients
+    they made (freed, and made, before the first recompute), and the last block's backward gradients under
+    partial checkpointing (`LAST_BLOCK_BACKWARD_GRADS`)."""
+    after_last = unchecked_after_last_checkpointed(cfg, strategies)
+    if checkpointed(strategies.activation_checkpointing, cfg.n_layers - 1) or not checkpointed_layers(cfg, strategies):
+        last_block = 0  # the last block recomputed, or checkpointing off (the final norm's phase, fitted there)
+    elif trainable.full:
+        last_block = int(LAST_BLOCK_BACKWARD_GRADS["full"] * n_tokens * cfg.dim * FP32)
+    else:
+        last_block = int(LAST_BLOCK_BACKWARD_GRADS["adapters"] * n_tokens * cfg.dim * DTYPE_BYTES[strategies.precision])
+    return {"later_block_acts": _later_block_acts(cfg, strategies, n_tokens, batch, trainable, sharded),
+            "after_last_acts": 0 if strategies.activation_offloading else
+            after_last * _block_bytes(cfg, strategies, n_tokens, batch, trainable, sharded),
+            "after_last_grads": later_grads * after_last // max(cfg.n_layers - 1, 1),
+            "last_block_grads": last_block}
+
+
+def _last_block_backward(step: StepBytes) -> MemoryReport:
+    """Under partial checkpointing, the last block's backward (it is not checkpointed): every saved activation
+    still alive, the head's gradient, and the gradients of the block's inputs and intermediates
+    (`LAST_BLOCK_BACKWARD_GRADS`)."""
+    s = step
+    grads = max(s.grads_in_backward, s.head_grad)
+    peak = s.params + s.gathered + s.opt + grads + s.acts + s.last_block_grads + s.batch
+    components = (
+        Component(name="parameters", bytes=s.params + s.gathered,
+                  note=s.params_note + _gathered_note(s.gathered, "root and one block")),
+        Component(name="gradients", bytes=grads, note="output head and accumulated"),
+        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
+        Component(name="activations", bytes=s.acts + s.last_block_grads,
+                  note=s.acts_note + "; + the gradients of the last block's backward"),
+        Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
+    )
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase="last block's backward", host=s.host)
+
+
 def _block_recompute(step: StepBytes) -> MemoryReport:
     """A checkpointed block recomputed inside backward: its activations and gradients beside the kept inputs.
 
-    Of the blocks recomputed the peak is at one end: the first (the last block: every kept input alive, only the
-    head's gradient made) or the last (block 0: the later blocks' inputs freed, their gradients all made). In
+    Of the blocks recomputed the peak is at one end: the first (the last checkpointed block: every kept input
+    alive, the head's gradient made, and those of the blocks after it, which have freed what they saved) or the last (block 0: the later blocks' inputs freed, their gradients all made). In
     between the bytes move linearly from one to the other. Gradients win for large blocks: llama3.2-1b, full
     bf16 at 4 x 2,048 tokens, makes 116 MiB of gradient per block and frees a 32 MiB input.
     """
     s = step
-    grads = max(s.grads_in_backward, s.head_grad)
-    acts = s.acts + s.recompute
-    last_grads, last_acts = grads + s.later_block_grads, max(s.acts - s.later_block_acts, 0) + s.recompute
+    made = max(s.grads_in_backward, s.head_grad)
+    # the first block recomputed is the last checkpointed one: the blocks after it have run their backward, made
+    # their gradients and freed what they saved
+    grads, acts = made + s.after_last_grads, s.acts - s.after_last_acts + s.recompute
+    last_grads, last_acts = made + s.later_block_grads, max(s.acts - s.later_block_acts, 0) + s.recompute
     at_block_0 = last_grads + last_acts > grads + acts
     if at_block_0:
         grads, acts = last_grads, last_acts
@@ -1000,7 +1066,8 @@ def _block_recompute(step: StepBytes) -> MemoryReport:
                   "recomputed" if at_block_0 else "output head and accumulated"),
         Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
         Component(name="activations", bytes=acts, note="block 0 recomputed, the others' inputs freed" if at_block_0
-                  else s.acts_note),
+                  else s.acts_note + ("; the blocks after the last checkpointed one freed theirs"
+                                      if s.after_last_acts else "")),
         Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
     )
     return MemoryReport(components=components, peak_bytes=peak, peak_phase="block recompute in backward",
@@ -1044,12 +1111,18 @@ def _later_block_acts(cfg: ModelConfig, strategies: Strategies, n_tokens: int, b
     later = cfg.n_layers - 1
     if strategies.activation_checkpointing == "selective":
         return later * selective_block_bytes(cfg, n_tokens, batch, strategies.precision, trainable)
-    # checkpointing keeps the inputs of blocks 0, k, 2k, ... (`every-k`; all for full): block 0's stays
+    # checkpointing keeps the inputs of the blocks it recomputes (block 0 always among them): block 0's stays
     kept_inputs = max(checkpointed_layers(cfg, strategies) - 1, 0)
+    block = _block_bytes(cfg, strategies, n_tokens, batch, trainable, sharded)
+    return kept_inputs * n_tokens * cfg.dim * a + (later - kept_inputs) * block
+
+
+def _block_bytes(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, trainable: Trainable,
+                 sharded: bool) -> int:
+    """What one block that is not checkpointed saves for backward, its weight copies included (not under FSDP)."""
     block = block_activation_bytes(cfg, n_tokens, batch, strategies.precision, True, trainable,
                                    strategies.attention_kernel)
-    block += 0 if sharded else cast_copy_bytes(cfg, strategies.precision, trainable)
-    return kept_inputs * n_tokens * cfg.dim * a + (later - kept_inputs) * block
+    return block + (0 if sharded else cast_copy_bytes(cfg, strategies.precision, trainable))
 
 
 def _gathered_note(n_bytes: int, what: str) -> str:

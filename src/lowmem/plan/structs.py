@@ -1,6 +1,6 @@
 """What the planner produces: a Plan with every strategy resolved, its reasons, and a memory report."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -11,6 +11,18 @@ from lowmem.spec.structs import AdamW, AdamW8bit, OptimizerSpec, RunSpec
 _STRUCT = {"frozen": True, "kw_only": True, "forbid_unknown_fields": True}
 
 PLAN_FORMAT = "lowmem.plan/1"
+CHECKPOINTING_PATTERN = r"^(off|full|selective|every-[24]|first-[1-9][0-9]*)$"
+
+
+def checkpointed(value: str, layer: int) -> bool:
+    """Whether activation checkpointing `value` recomputes block `layer` (in part, for selective)."""
+    if value == "off":
+        return False
+    if value.startswith("first-"):
+        return layer < int(value.removeprefix("first-"))
+    if value.startswith("every-"):
+        return layer % int(value.removeprefix("every-")) == 0
+    return True  # full, selective
 
 
 class Strategies(msgspec.Struct, **_STRUCT):
@@ -19,9 +31,10 @@ class Strategies(msgspec.Struct, **_STRUCT):
     # mixed-bf16 / fp16: fp32 master weights, gradients and optimizer states, blocks computed in bf16 / fp16
     # (fp16 with dynamic loss scaling)
     precision: Literal["fp32", "bf16", "mixed-bf16", "fp16"]
-    # "every-k": blocks 0, k, 2k, ... keep only their input and are recomputed in backward; the rest save all.
+    # "first-n": blocks 0..n-1 keep only their input and are recomputed in backward; the rest save all (the
+    # planner's ladder between off and full). "every-k": blocks 0, k, 2k, ... do (plans written before first-n).
     # "selective": every block keeps its input and its matmul/attention outputs; elementwise ops are recomputed
-    activation_checkpointing: Literal["off", "every-4", "every-2", "selective", "full"]
+    activation_checkpointing: Annotated[str, msgspec.Meta(pattern=CHECKPOINTING_PATTERN)]
     cross_entropy: Literal["standard", "chunked", "fused"]
     # saved activations of at least offload_min_bytes wait for backward in pinned host memory, up to
     # offload_max_host_bytes per forward (the rest stay on the device); both 0 without offloading

@@ -262,8 +262,9 @@ class TrainSpec(Spec, kw_only=True):
 class StrategySpec(Spec, kw_only=True):
     """Per-strategy override: `auto` lets the planner decide, `on`/`off` force it.
 
-    `activation_checkpointing = "on"` checkpoints every block; `auto` may also choose every 2nd / 4th block or
-    `selective` (matmul and attention outputs kept, elementwise ops recomputed). `compile = "auto"` compiles the
+    `activation_checkpointing = "on"` checkpoints every block; `auto` may also choose the first n blocks (about a
+    quarter, a half, three quarters, all but the last) or `selective` (matmul and attention outputs kept,
+    elementwise ops recomputed). `compile = "auto"` compiles the
     block only when the run's steps repay the compile time.
 
     Two strategies trade exactness or speed for memory, so `auto` uses them only when no plan without them

@@ -15,7 +15,7 @@ from lowmem import hostmem
 from lowmem.native import NativeBuildError
 from lowmem.nn.llama import AdaptedWeight
 from lowmem.nn.loss import CE_IMPLEMENTATIONS
-from lowmem.plan.structs import Plan, Strategies, run_optimizer
+from lowmem.plan.structs import Plan, Strategies, checkpointed, run_optimizer
 from lowmem.train.offload import ActivationOffload
 from lowmem.train.optim import backend_module
 
@@ -103,11 +103,11 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
     TorchDispatchMode is active (`LiveTensorTracker` measuring the first steps, FakeTensorMode) the block runs
     eager instead: dynamo would fall back to eager there anyway and then never compile that code again.
     activation_checkpointing: "full" checkpoints every block, "selective" every block with the matmul and
-    attention outputs saved (`SAVED_OPS`), "every-k" blocks 0, k, 2k, ... For "every-k" the seam recognizes
-    block i by its `layers.{i}.attn_norm` tensor, or `attn_post_norm` without pre-norms (OLMo 2): the first
-    weight `forward` passes (`block_param_names`); a norm is never adapted or quantized, so it is the very
-    tensor in `params`; or by `layer=i` from a caller that knows it (FSDP's seam,
-    whose gathered weights are other tensors). A block it cannot place is checkpointed: the safe side.
+    attention outputs saved (`SAVED_OPS`), "first-n" blocks 0..n-1, "every-k" blocks 0, k, 2k, ... For those two
+    the seam recognizes block i by its `layers.{i}.attn_norm` tensor, or `attn_post_norm` without pre-norms
+    (OLMo 2): the first weight `forward` passes (`block_param_names`); a norm is never adapted or quantized, so
+    it is the very tensor in `params`; or by `layer=i` from a caller that knows it (FSDP's seam, whose gathered
+    weights are other tensors). A block it cannot place is checkpointed: the safe side.
     """
     value = strategies.activation_checkpointing
     master, compute = param_dtype(strategies), compute_dtype(strategies)
@@ -115,7 +115,7 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
     if value == "off" and not cast and not strategies.compile:
         return None
     checkpoint = {"full": _checkpointed, "selective": _selective}.get(value)
-    k = int(value.removeprefix("every-")) if value.startswith("every-") else 0
+    some = value.startswith(("first-", "every-"))
     layer_of = {id(t): int(name.split(".")[1]) for name, t in (params or {}).items()
                 if name.startswith("layers.") and name.endswith((".attn_norm", ".attn_post_norm"))}
     compiled = torch.compile(_call, dynamic=False) if strategies.compile else _call
@@ -128,9 +128,9 @@ def block_runner(strategies: Strategies, params: dict[str, torch.Tensor] | None 
             h = h.to(compute)  # the embedding's output (fp32) at block 0; already there afterwards
         if checkpoint is not None:
             return checkpoint(fn, h, *tensors)
-        if k:
+        if some:
             layer = layer_of.get(id(tensors[0])) if layer is None else layer
-            if layer is None or layer % k == 0:
+            if layer is None or checkpointed(value, layer):
                 return _checkpointed(fn, h, *tensors)
         return fn(h, *tensors)
 
