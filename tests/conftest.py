@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny run spec on the shipped corpus, with one tokenizer/data cache per test session."""
 
-import msgspec
 import pytest
 
 from lowmem.spec import decode_spec
@@ -40,14 +39,3 @@ def tiny_spec(data_cache):
 
     return make
 
-
-def forced(p, **strategies):
-    """The plan with strategies the spec cannot force (selective or partial checkpointing), its memory re-estimated
-    as the planner would."""
-    from lowmem.plan.estimate import estimate_memory
-    from lowmem.plan.planner import trainable_shapes
-
-    s = msgspec.structs.replace(p.strategies, **strategies)
-    shapes, trainable = trainable_shapes(p.spec, p.model)
-    memory = estimate_memory(p.model, s, p.spec.train, p.spec.optimizer, shapes, trainable)
-    return msgspec.structs.replace(p, strategies=s, memory=memory)

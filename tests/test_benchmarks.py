@@ -136,3 +136,14 @@ def test_checkpoint_digest_smoke():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "save_checkpoint, with digests" in result.stdout
+
+
+def test_partial_checkpointing_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/partial_checkpointing.py"), "--smoke",
+                             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["checkpointing"]: r for r in json.loads((tmp_path / "partial_checkpointing_smoke.json").read_text())}
+    assert set(rows) == {"off", "first-1", "full"}
+    assert rows["first-1"]["max_loss_diff"] < 1e-5 and rows["full"]["max_loss_diff"] < 1e-5
+    assert "| lora | first-1 |" in (tmp_path / "partial_checkpointing_smoke.md").read_text()

@@ -5,10 +5,9 @@ import json
 
 import pytest
 
-from lowmem.plan import plan
+from lowmem.plan import plan, with_strategies
 from lowmem.plan.estimate import flops_per_token
 from lowmem.train import execute
-from tests.conftest import forced
 
 MATRIX = list(itertools.product(["fp32", "bf16"], ["off", "on"], [1, 2]))
 # method x loss x adapter dropout, fp32, no checkpointing
@@ -119,7 +118,7 @@ def test_mixed_precision_and_selective_planned_within_5_percent(tiny_spec, tmp_p
     spec = tiny_spec("train.steps=2", "train.seq_len=256", f"memory.precision={precision}", f"method.kind={method}",
                      "memory.strategies.activation_checkpointing=off", "memory.strategies.fused_cross_entropy=on",
                      "memory.strategies.chunked_cross_entropy=off", "output.save_final=false")
-    p = forced(plan(spec, "cpu"), activation_checkpointing=checkpointing)
+    p = with_strategies(plan(spec, "cpu"), activation_checkpointing=checkpointing)
     execute(p, tmp_path, progress=False)
     report = json.loads((tmp_path / "memory.json").read_text())
     # full checkpointing with the fused loss at 256 tokens is planned 5.5% high in fp32 too (the fitted term for
@@ -131,7 +130,7 @@ def test_mixed_precision_and_selective_planned_within_5_percent(tiny_spec, tmp_p
 
 def test_selective_costs_fewer_flops_than_full(tiny_spec):
     p = plan(tiny_spec(), "cpu")
-    flops = {v: flops_per_token(p.model, forced(p, activation_checkpointing=v).strategies, 128)
+    flops = {v: flops_per_token(p.model, with_strategies(p, activation_checkpointing=v).strategies, 128)
              for v in ("off", "selective", "full")}
     assert flops["off"] < flops["selective"] < flops["full"]
 

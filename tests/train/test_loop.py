@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem.plan import plan
+from lowmem.plan import plan, with_strategies
 from lowmem.spec.structs import ScheduleSpec
 from lowmem.train import execute
 from lowmem.train.optim import lr_at
-from tests.conftest import forced
 
 
 def _losses(run_dir):
@@ -222,7 +221,7 @@ def test_partial_checkpointing_changes_no_numbers_and_sits_between_off_and_full(
         p = plan(spec, "cpu")
         # partial checkpointing cannot be forced from the spec (on means full): put it in the plan as the planner
         # would, re-estimated
-        p = forced(p, activation_checkpointing=value)
+        p = with_strategies(p, activation_checkpointing=value)
         execute(p, tmp_path / value, progress=False)
         report = json.loads((tmp_path / value / "memory.json").read_text())
         peaks[value], planned[value] = report["measured_peak_bytes"], report["planned_peak_bytes"]

@@ -4,13 +4,13 @@ import sys
 import types
 
 from lowmem.plan.hardware import PROFILES, HardwareProfile, detect_local, resolve_hardware
-from lowmem.plan.planner import PlanError, plan, resolve_model
+from lowmem.plan.planner import PlanError, plan, resolve_model, with_strategies
 from lowmem.plan.render import render_plan
 from lowmem.plan.structs import PLAN_FORMAT, Component, Decision, MemoryReport, Plan, Strategies
 
 __all__ = [
     "PLAN_FORMAT", "PROFILES", "Component", "Decision", "HardwareProfile", "MemoryReport", "Plan", "PlanError",
-    "Strategies", "detect_local", "plan", "render_plan", "resolve_hardware", "resolve_model",
+    "Strategies", "detect_local", "plan", "render_plan", "resolve_hardware", "resolve_model", "with_strategies",
 ]
 
 

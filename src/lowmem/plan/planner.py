@@ -122,6 +122,19 @@ def plan(spec: RunSpec, hardware: HardwareProfile | str | None = None, world_siz
     )
 
 
+def with_strategies(p: Plan, **changes) -> Plan:
+    """`p` with some strategies set by hand, its memory and tokens/s re-estimated as the search estimates a
+    candidate: for benchmarks and tests that pin a value the spec cannot force (partial or selective
+    checkpointing) and compare. The decisions and alternatives stay the search's."""
+    strategies = msgspec.structs.replace(p.strategies, **changes)
+    trainable, what_trains = trainable_shapes(p.spec, p.model)
+    evaluated = _evaluate(p.spec, p.model, p.hardware, p.world_size, strategies, trainable, what_trains)
+    if evaluated is None:
+        raise PlanError(f"{changes} cannot be sharded over {p.world_size} FSDP2 processes")
+    _, memory, tokens_per_s = evaluated
+    return msgspec.structs.replace(p, strategies=strategies, memory=memory, tokens_per_s=tokens_per_s)
+
+
 def _check_spec(spec: RunSpec, hw: HardwareProfile, world_size: int) -> None:
     """Refuse, before any estimate, a spec this version or `hw` cannot run (each check names the fields)."""
     _check_supported(spec)
