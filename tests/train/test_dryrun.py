@@ -13,6 +13,7 @@ from lowmem.plan import Component, MemoryReport, plan
 from lowmem.spec.units import format_bytes
 from lowmem.train.dryrun import render_trace_comparison, trace_memory
 from lowmem.train.loop import execute
+from lowmem.train.memory import status_bytes
 
 # the configurations execute measures; each forces its strategies so the planner cannot pick others
 CONFIGS = {
@@ -66,13 +67,6 @@ def test_peak_phase_is_the_optimizer_step_when_it_dominates(tiny_spec):
     assert traced.by_name()["gradients"] == traced.by_name()["parameters"]
 
 
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/self/status")
-
-
 def test_real_size_preset_traces_without_allocating(tiny_spec, tmp_path):
     spec = tiny_spec("model.preset=llama3.2-1b", "data.tokenizer.vocab_size=128256", "train.seq_len=512",
                      "train.micro_batch=1", "memory.precision=bf16", "method.kind=lora",
@@ -83,11 +77,11 @@ def test_real_size_preset_traces_without_allocating(tiny_spec, tmp_path):
     if not clear_refs.exists():
         pytest.skip("needs Linux /proc to reset the peak RSS")
     clear_refs.write_text("5")  # reset VmHWM, the peak resident set size, to the current one
-    rss_before = _vm_kib("VmRSS") * 1024
+    rss_before = status_bytes("VmRSS")
     start = time.perf_counter()
     traced = trace_memory(p)
     elapsed = time.perf_counter() - start
-    rss_growth = _vm_kib("VmHWM") * 1024 - rss_before
+    rss_growth = status_bytes("VmHWM") - rss_before
     assert rss_growth < model_bytes / 10, f"tracing grew the RSS by {rss_growth / 2**20:.0f} MiB"
     assert elapsed < 30  # about 7 s on two shared cores
     assert not (tmp_path / "cache").exists()  # no tokenizer trained, no data read

@@ -411,16 +411,17 @@ class ProcessPeak:
     def start(self) -> None:
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self.baseline = _status_bytes("VmRSS")
+            self.baseline = status_bytes("VmRSS")
         except OSError:
             self.baseline = None
 
     def read(self) -> int | None:
-        peak = _status_bytes("VmHWM") if self.baseline is not None else None
+        peak = status_bytes("VmHWM") if self.baseline is not None else None
         return None if peak is None else peak - self.baseline
 
 
-def _status_bytes(field: str) -> int | None:
+def status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None where there is no such file."""
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:
