@@ -120,8 +120,8 @@ FINAL_NORM_GRADS = 3
 # o 7.25 fp32 (first-3, first-5: 1.25 more than with checkpointing off, whose final norm's phase stands as fitted
 # above). The adapters' figure falls as more projections are adapted (their saved dropout inputs are freed inside
 # that backward; checkpointing off: 12 with wq alone, 6.0 with q, k, v, o, 3.2 with all seven). So: full 3.6 fp32
-# tensors, adapters 7.5 of the compute dtype, fitted on the default targets: within 0.5 MiB on quickstart-5m
-# (first-3, first-5), over-counting where more projections are adapted.
+# tensors, adapters 7.5 of the compute dtype, fitted on the default targets: within 0.7% of the measured peak on
+# quickstart-5m (benchmarks/partial_checkpointing.py), over-counting where more projections are adapted.
 LAST_BLOCK_BACKWARD_GRADS = {"full": 3.6, "adapters": 7.5}
 
 # activation_offloading (lowmem.train.offload). Saved tensors under OFFLOAD_MIN_BYTES stay on the device: a copy's
@@ -692,9 +692,8 @@ def estimate_memory(
 
     These phases can hold the peak: the start of backward (all activations and the loss tensors alive), the final
     norm's backward and, under partial checkpointing, the last block's (all activations and the gradients flowing
-    back), a checkpointed block's
-    recompute inside backward, and the optimizer step (all gradients alive plus the update's
-    temporaries). With `world_size` > 1 the bytes are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch`
+    back), a checkpointed block's recompute inside backward, and the optimizer step (all gradients alive plus the
+    update's temporaries). With `world_size` > 1 the bytes are one process's under FSDP2 (`fsdp_bytes`): `train.micro_batch`
     is per process, so activations are not divided. Offloaded activations and a host optimizer's tensors are
     counted in `MemoryReport.host`, not on the device.
     """
@@ -987,19 +986,33 @@ def _backward_start(step: StepBytes) -> MemoryReport:
 def _final_norm_backward(step: StepBytes) -> MemoryReport:
     """Just after the loss's backward: every saved activation, the head's gradient and the (N, D) gradients that
     the final norm's backward makes. It holds the peak when the loss's own tensors are small (fused CE)."""
+    return _flowing_back(step, step.flowing_grads, f"{FINAL_NORM_GRADS} (N, D) fp32 gradients of the final norm's "
+                         "backward", "final norm's backward")
+
+
+def _last_block_backward(step: StepBytes) -> MemoryReport:
+    """Under partial checkpointing, the last block's backward (it is not checkpointed): every saved activation
+    still alive, the head's gradient, and the gradients of the block's inputs and intermediates
+    (`LAST_BLOCK_BACKWARD_GRADS`)."""
+    return _flowing_back(step, step.last_block_grads, "the gradients of the last block's backward",
+                         "last block's backward")
+
+
+def _flowing_back(step: StepBytes, flowing: int, what: str, phase: str) -> MemoryReport:
+    """A phase of backward before any recompute: every saved activation, the head's gradient (or the accumulated
+    ones) and `flowing` bytes of gradients on their way back."""
     s = step
     grads = max(s.grads_in_backward, s.head_grad)
-    peak = s.params + s.gathered + s.opt + grads + s.acts + s.flowing_grads + s.batch
+    peak = s.params + s.gathered + s.opt + grads + s.acts + flowing + s.batch
     components = (
         Component(name="parameters", bytes=s.params + s.gathered,
                   note=s.params_note + _gathered_note(s.gathered, "root and one block")),
         Component(name="gradients", bytes=grads, note="output head and accumulated"),
         Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
-        Component(name="activations", bytes=s.acts + s.flowing_grads,
-                  note=s.acts_note + f"; + {FINAL_NORM_GRADS} (N, D) fp32 gradients of the final norm's backward"),
+        Component(name="activations", bytes=s.acts + flowing, note=s.acts_note + "; + " + what),
         Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
     )
-    return MemoryReport(components=components, peak_bytes=peak, peak_phase="final norm's backward", host=s.host)
+    return MemoryReport(components=components, peak_bytes=peak, peak_phase=phase, host=s.host)
 
 
 def _backward_order(cfg: ModelConfig, strategies: Strategies, n_tokens: int, batch: int, trainable: Trainable,
@@ -1022,31 +1035,13 @@ def _backward_order(cfg: ModelConfig, strategies: Strategies, n_tokens: int, bat
             "last_block_grads": last_block}
 
 
-def _last_block_backward(step: StepBytes) -> MemoryReport:
-    """Under partial checkpointing, the last block's backward (it is not checkpointed): every saved activation
-    still alive, the head's gradient, and the gradients of the block's inputs and intermediates
-    (`LAST_BLOCK_BACKWARD_GRADS`)."""
-    s = step
-    grads = max(s.grads_in_backward, s.head_grad)
-    peak = s.params + s.gathered + s.opt + grads + s.acts + s.last_block_grads + s.batch
-    components = (
-        Component(name="parameters", bytes=s.params + s.gathered,
-                  note=s.params_note + _gathered_note(s.gathered, "root and one block")),
-        Component(name="gradients", bytes=grads, note="output head and accumulated"),
-        Component(name="optimizer_state", bytes=s.opt, note=s.opt_note),
-        Component(name="activations", bytes=s.acts + s.last_block_grads,
-                  note=s.acts_note + "; + the gradients of the last block's backward"),
-        Component(name="batch", bytes=s.batch, note=_BATCH_NOTE),
-    )
-    return MemoryReport(components=components, peak_bytes=peak, peak_phase="last block's backward", host=s.host)
-
-
 def _block_recompute(step: StepBytes) -> MemoryReport:
     """A checkpointed block recomputed inside backward: its activations and gradients beside the kept inputs.
 
     Of the blocks recomputed the peak is at one end: the first (the last checkpointed block: every kept input
-    alive, the head's gradient made, and those of the blocks after it, which have freed what they saved) or the last (block 0: the later blocks' inputs freed, their gradients all made). In
-    between the bytes move linearly from one to the other. Gradients win for large blocks: llama3.2-1b, full
+    alive, the head's gradient made, and those of the blocks after it, which have freed what they saved) or the
+    last (block 0: the later blocks' inputs freed, their gradients all made). In between the bytes move linearly
+    from one to the other. Gradients win for large blocks: llama3.2-1b, full
     bf16 at 4 x 2,048 tokens, makes 116 MiB of gradient per block and frees a 32 MiB input.
     """
     s = step
