@@ -15,9 +15,9 @@ The hooks must be registered before torch asks for them, i.e. before `import tor
 library (and the torch libraries it links to, with ctypes) into a process that has not imported torch yet. So
 fake CUDA runs in a child process: `run(target, *args)` starts `python -m lowmem.fakecuda TARGET` with the
 arguments as JSON on stdin (or ARGS_JSON after TARGET), which enables the shim, imports `module:function` (or
-`path/file.py:function`) and calls it with the arguments; the function's JSON-able return value comes back. The shim is compiled once per torch version by
-`lowmem.native` (a C++ compiler and ninja, a dependency, are needed; about 2 s) into `$LOWMEM_CACHE` or
-`~/.cache/lowmem`.
+`path/file.py:function`) and calls it with the arguments; the function's JSON-able return value comes back.
+The shim is compiled once per torch version by `lowmem.native` (a C++ compiler and ninja, a dependency, are
+needed; about 2 s) into `$LOWMEM_CACHE` or `~/.cache/lowmem`.
 
 On a torch built with CUDA none of this is needed: fake CUDA tensors work there already (`is_needed()`).
 """

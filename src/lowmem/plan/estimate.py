@@ -1022,7 +1022,7 @@ def _backward_order(cfg: ModelConfig, strategies: Strategies, n_tokens: int, bat
     they made (freed, and made, before the first recompute), and the last block's backward gradients under
     partial checkpointing (`LAST_BLOCK_BACKWARD_GRADS`)."""
     after_last = unchecked_after_last_checkpointed(cfg, strategies)
-    if checkpointed(strategies.activation_checkpointing, cfg.n_layers - 1) or not checkpointed_layers(cfg, strategies):
+    if not after_last:
         last_block = 0  # the last block recomputed, or checkpointing off (the final norm's phase, fitted there)
     elif trainable.full:
         last_block = int(LAST_BLOCK_BACKWARD_GRADS["full"] * n_tokens * cfg.dim * FP32)

@@ -101,8 +101,8 @@ def _glossary(p: Plan) -> list[str]:
     return [
         TAGS_LEGEND,
         "  first-n: blocks 0..n-1 keep only their input and are recomputed in backward, the later ones save "
-        "everything (every-k, in older plans: blocks 0, k, 2k, ...); full: every block does; selective: every block keeps its input and its matmul and attention outputs and recomputes the "
-        "elementwise ops",
+        "everything (every-k, in older plans: blocks 0, k, 2k, ...); full: every block does; selective: every "
+        "block keeps its input and its matmul and attention outputs and recomputes the elementwise ops",
         "  opt-in-bwd: optimizer_in_backward, each parameter stepped (and its gradient freed) as soon as backward "
         "makes its gradient",
         f"  logits: N tokens = the rows run at once x train.seq_len = {rows} x {p.spec.train.seq_len} = "

@@ -264,8 +264,8 @@ class StrategySpec(Spec, kw_only=True):
 
     `activation_checkpointing = "on"` checkpoints every block; `auto` may also choose the first n blocks (about a
     quarter, a half, three quarters, all but the last) or `selective` (matmul and attention outputs kept,
-    elementwise ops recomputed). `compile = "auto"` compiles the
-    block only when the run's steps repay the compile time.
+    elementwise ops recomputed). `compile = "auto"` compiles the block only when the run's steps repay the
+    compile time.
 
     Two strategies trade exactness or speed for memory, so `auto` uses them only when no plan without them
     fits: `micro_batch_split` runs each micro-batch of `train.micro_batch` rows as 2, 4, ... smaller pieces
