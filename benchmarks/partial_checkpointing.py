@@ -13,7 +13,6 @@ same rounds, at 1 torch thread. Losses are compared with checkpointing off: chec
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _spec import spec_text  # noqa: E402
+from peers import cpu_model  # noqa: E402
 
 from lowmem.plan import plan, with_strategies  # noqa: E402
 from lowmem.spec import decode_spec, format_bytes  # noqa: E402
@@ -76,7 +76,7 @@ def to_markdown(rows: list[dict], size_name: str, repeat: int) -> str:
     lines = [f"## Partial activation checkpointing: {size['preset']}, micro-batch {size['micro_batch']} x "
              f"{size['seq_len']}, fused CE, fp32",
              "",
-             f"CPU: {_cpu()}, torch {torch.__version__}, 1 torch thread; tokens/s the median of {repeat} "
+             f"CPU: {cpu_model()}, torch {torch.__version__}, 1 torch thread; tokens/s the median of {repeat} "
              "interleaved rounds, each over the run's steps. measured = peak live tensor bytes (weights included); "
              "traced = `lowmem plan --trace`. Loss diff: the largest per-step difference from checkpointing off.",
              "",
@@ -90,13 +90,6 @@ def to_markdown(rows: list[dict], size_name: str, repeat: int) -> str:
             f"{r['planned_bytes'] / r['measured_bytes'] - 1:+.1%} | {r['estimated_tokens_per_s']:,.0f} | "
             f"{r['median_tokens_per_s']:,.0f} | {r['speed_vs_full']:.2f}x | {r['max_loss_diff']:.1e} |")
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
