@@ -42,21 +42,25 @@ METHODS = {"smoke": ("lora",), "full": ("full", "lora", "qlora")}
 def run_rows(size_name: str, repeat: int, cache: Path) -> list[dict]:
     size = SIZES[size_name]
     text = spec_text("partial", size, cache, "fp32")
+    plans = {}  # (method, value) -> the plan each round runs
+    for method in METHODS[size_name]:
+        base = plan(decode_spec(text, "toml", overrides=[f"method.kind={method}",
+                                                         "memory.strategies.fused_cross_entropy=on"]))
+        for value in VALUES[size_name]:
+            plans[method, value] = with_strategies(base, activation_checkpointing=value)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(repeat):
-            for method in METHODS[size_name]:
-                base = plan(decode_spec(text, "toml", overrides=[f"method.kind={method}",
-                                                                 "memory.strategies.fused_cross_entropy=on"]))
-                for value in VALUES[size_name]:
-                    p = with_strategies(base, activation_checkpointing=value)
-                    result = execute(p, Path(tmp) / f"{method}-{value}-{round_}", progress=False)
-                    row = rows.setdefault((method, value), {
+            for (method, value), p in plans.items():
+                run_dir = Path(tmp) / f"{method}-{value}-{round_}"
+                result = execute(p, run_dir, progress=False)
+                if round_ == 0:  # memory, the trace and the losses are the same every round
+                    rows[method, value] = {
                         "method": method, "checkpointing": value, "planned_bytes": p.memory.peak_bytes,
                         "planned_phase": p.memory.peak_phase, "traced_bytes": trace_memory(p).peak_bytes,
                         "measured_bytes": result.measured_peak_bytes, "estimated_tokens_per_s": p.tokens_per_s,
-                        "tokens_per_s": [], "losses": _losses(Path(tmp) / f"{method}-{value}-{round_}")})
-                    row["tokens_per_s"].append(result.tokens_per_s)
+                        "tokens_per_s": [], "losses": _losses(run_dir)}
+                rows[method, value]["tokens_per_s"].append(result.tokens_per_s)
     out = list(rows.values())
     for row in out:
         row["median_tokens_per_s"] = statistics.median(row["tokens_per_s"])
